@@ -1,0 +1,15 @@
+"""moeprune: task-agnostic expert pruning and merging for Mixture-of-Experts language models."""
+
+from .api import PruneConfig, PruneResult, model_info, prune
+from .arch import FAMILIES, MoePruneError, moe_layout
+from .calibration import calibration_tokens, collect
+from .checkpoint import load
+from .methods import METHODS, get_method
+from .plan import LayerPlan, Plan
+from .stats import LayerStats, Stats
+from .surgery import apply_plan
+
+__version__ = "0.1.0"
+__all__ = ["FAMILIES", "METHODS", "LayerPlan", "LayerStats", "MoePruneError", "Plan", "PruneConfig", "PruneResult",
+           "Stats", "apply_plan", "calibration_tokens", "collect", "get_method", "load", "model_info", "moe_layout",
+           "prune"]

@@ -1,0 +1,148 @@
+"""Where the routed experts live, per model family.
+
+A family is data, not a subclass: attribute names, config field names and routing quirks of one
+transformers 5.x model type. Every family stores its routed experts fused in one `experts` module
+whose tensors all carry the expert index on axis 0, and a router whose forward returns
+`(router_logits, topk_weights, topk_indices)`. moeprune relies on exactly that contract, so adding a
+family is one `Family(...)` entry below.
+
+    layout = moe_layout(model)      # -> Layout with one MoeLayer per MoE decoder layer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+
+class MoePruneError(ValueError):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    n_experts_field: str                 # config field holding the routed expert count
+    top_k_field: str = "num_experts_per_tok"
+    block: str = "mlp"                   # decoder-layer attribute holding the MoE block
+    router: str = "gate"                 # MoE-block attribute holding the router
+    experts: str = "experts"             # MoE-block attribute holding the fused routed experts
+    shared: tuple[str, ...] = ()         # shared experts (and their gates): never touched
+    # router tensors that hold one entry per expert, with the axis of the expert index
+    router_tensors: tuple[tuple[str, int], ...] = (("weight", 0),)
+    scoring: Literal["softmax", "sigmoid"] = "softmax"   # how router logits become probabilities
+    # gate_up layout: "halves" = gate_up_proj [E, 2I, H], gate rows then up rows (down_proj [E, H, I]);
+    # "interleaved_t" = gate_up_proj [E, H, 2I] with gate/up interleaved on the last axis, down_proj [E, I, H]
+    gate_up: Literal["halves", "interleaved_t"] = "halves"
+    group_fields: tuple[str, str] | None = None          # (n_group, topk_group) config fields
+    # which decoder layers are MoE, from the config alone (used by `info` and checked against the model)
+    is_moe_layer: Callable[[object, int], bool] = lambda c, i: True
+
+
+def _every_step(c, i: int) -> bool:  # Qwen2-MoE / Qwen3-MoE
+    return i not in (c.mlp_only_layers or []) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+
+
+def _after_dense(c, i: int) -> bool:  # DeepSeek / GLM
+    return i >= (c.first_k_dense_replace or 0)
+
+
+def _ernie(c, i: int) -> bool:
+    end = c.moe_layer_end_index if c.moe_layer_end_index >= 0 else c.num_hidden_layers - 1
+    return (i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= end
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in [
+    Family("mixtral", "num_local_experts"),
+    Family("qwen2_moe", "num_experts", shared=("shared_expert", "shared_expert_gate"), is_moe_layer=_every_step),
+    Family("qwen3_moe", "num_experts", is_moe_layer=_every_step),
+    Family("olmoe", "num_experts"),
+    Family("deepseek_v2", "n_routed_experts", shared=("shared_experts",), group_fields=("n_group", "topk_group"),
+           is_moe_layer=_after_dense),
+    Family("deepseek_v3", "n_routed_experts", shared=("shared_experts",), scoring="sigmoid",
+           router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+           group_fields=("n_group", "topk_group"), is_moe_layer=_after_dense),
+    Family("glm4_moe", "n_routed_experts", shared=("shared_experts",), scoring="sigmoid",
+           router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+           group_fields=("n_group", "topk_group"), is_moe_layer=_after_dense),
+    Family("ernie4_5_moe", "moe_num_experts", top_k_field="moe_k", shared=("shared_experts",),
+           router_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)), is_moe_layer=_ernie),
+    Family("phimoe", "num_local_experts", router="router"),
+    Family("gpt_oss", "num_local_experts", router="router", router_tensors=(("weight", 0), ("bias", 0)),
+           gate_up="interleaved_t"),
+]}
+
+
+@dataclass
+class MoeLayer:
+    """One MoE decoder layer: live references into the model."""
+    index: int                 # decoder layer index
+    block: nn.Module           # the MoE block (router + experts + shared experts)
+    router: nn.Module
+    experts: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.experts.parameters())).shape[0]
+
+
+@dataclass
+class Layout:
+    """The MoE layers of one model and the family that describes them."""
+    family: Family
+    config: object             # the model's PretrainedConfig (updated in place by surgery)
+    layers: list[MoeLayer] = field(default_factory=list)
+
+    @property
+    def top_k(self) -> int:
+        return int(getattr(self.config, self.family.top_k_field))
+
+    def by_index(self) -> dict[int, MoeLayer]:
+        return {layer.index: layer for layer in self.layers}
+
+
+def get_tensor(module: nn.Module, dotted: str) -> torch.Tensor | None:
+    """`module.a.b` by name, or None if absent."""
+    *path, name = dotted.split(".")
+    for part in path:
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return getattr(module, name, None)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise MoePruneError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
+    return layers
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise MoePruneError(
+            f"no MoE layers found: model type {model_type!r} is not a supported MoE family. "
+            f"Supported: {', '.join(sorted(FAMILIES))}. A dense model has no experts to prune; "
+            "for a new MoE family add one Family(...) entry in moeprune/arch.py."
+        )
+    return FAMILIES[model_type]
+
+
+def moe_layout(model: nn.Module) -> Layout:
+    """Find every MoE layer of a transformers causal LM; raise MoePruneError if there is none."""
+    family = family_of(model.config)
+    layout = Layout(family, model.config)
+    for i, decoder_layer in enumerate(decoder_layers(model)):
+        block = getattr(decoder_layer, family.block, None)
+        experts = getattr(block, family.experts, None) if block is not None else None
+        if experts is None or not hasattr(experts, "gate_up_proj"):
+            continue
+        layout.layers.append(MoeLayer(i, block, getattr(block, family.router), experts))
+    if not layout.layers:
+        raise MoePruneError(f"no MoE layers found in this {family.model_type} model (it has no routed experts)")
+    return layout

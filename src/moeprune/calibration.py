@@ -1,0 +1,232 @@
+"""Calibration: text sources -> token batches -> the layer-by-layer statistics pass.
+
+Text specs (`--calib`):
+    demo                    the embedded calibration shards, all domains
+    demo:code,math          only these domains of them
+    PATH                    a .txt or .jsonl file ("text" field), or a folder of them
+    hf:NAME[:CONFIG][:SPLIT]  a `datasets` dataset (online, or a local dataset folder as NAME)
+    random                  random token ids (smoke tests; needs no tokenizer)
+
+The pass (`collect`) runs the model one decoder layer at a time on the cached hidden states of all
+calibration batches, as llm-compressor's sequential pipeline does: only one layer boundary's
+activations are held, which is the path that scales to checkpoints larger than memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import demo
+from .arch import Layout, MoeLayer, MoePruneError, decoder_layers
+from .stats import LayerStats, Stats
+
+
+# ---------------------------------------------------------------- text -> tokens
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if "text" not in row:
+                    raise MoePruneError(f"{path}:{n}: a .jsonl calibration file needs a \"text\" field per line")
+                docs.append(row["text"])
+        return docs
+    return [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
+def load_texts(spec: str) -> list[str]:
+    """The documents named by a calibration spec (see the module docstring)."""
+    if spec == "demo" or spec.startswith("demo:"):
+        available = demo.domains("calib")
+        if not available:
+            raise MoePruneError("the embedded demo calibration shards are missing from this installation")
+        wanted = spec.split(":", 1)[1].split(",") if ":" in spec else available
+        unknown = sorted(set(wanted) - set(available))
+        if unknown:
+            raise MoePruneError(f"unknown demo domain(s) {unknown}; available: {', '.join(available)}")
+        return [doc for d in wanted for doc in _read_file(demo.shard("calib", d))]
+    if spec.startswith("hf:"):
+        return _load_hf(spec[3:])
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise MoePruneError(f"calibration folder {path} holds no .txt or .jsonl files")
+        return [doc for f in files for doc in _read_file(f)]
+    if path.is_file():
+        if path.suffix not in (".txt", ".jsonl"):
+            raise MoePruneError(f"calibration file {path} must be .txt or .jsonl")
+        return _read_file(path)
+    raise MoePruneError(f"calibration source {spec!r} not found: give demo, demo:DOMAINS, a .txt/.jsonl file or "
+                        "folder, hf:NAME[:CONFIG][:SPLIT], or random")
+
+
+def _load_hf(rest: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a core dependency
+        raise MoePruneError("hf: calibration needs the `datasets` package: pip install datasets") from e
+    name, config, split = (rest.split(":") + [None, None])[:3]
+    ds = datasets.load_dataset(name, config or None, split=split or "train")
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def calibration_tokens(spec: str, tokenizer, samples: int, seq_len: int, seed: int,
+                       vocab_size: int | None = None) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens [samples, seq_len], chosen at seeded random from the text."""
+    if samples < 1 or seq_len < 2:
+        raise MoePruneError("--samples must be >= 1 and --seq-len >= 2")
+    rng = random.Random(seed)
+    if spec == "random":
+        if vocab_size is None:
+            raise MoePruneError("random calibration needs the model's vocabulary size")
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size, (samples, seq_len), generator=g)
+    if tokenizer is None:
+        raise MoePruneError(f"calibration on {spec!r} needs a tokenizer, and the model folder has none; "
+                            "add tokenizer files to it or use --calib random")
+    docs = load_texts(spec)
+    rng.shuffle(docs)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + sep)
+    windows = len(stream) // seq_len
+    if windows < samples:
+        raise MoePruneError(f"calibration text {spec!r} has {len(stream)} tokens, enough for {windows} windows of "
+                            f"{seq_len}; lower --samples ({samples}) or --seq-len, or give more text")
+    picks = sorted(rng.sample(range(windows), samples))
+    return torch.tensor([stream[w * seq_len:(w + 1) * seq_len] for w in picks], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- the statistics pass
+
+def expert_output(layer: MoeLayer, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """E_i(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""
+    n = x.shape[0]
+    index = torch.full((n, 1), expert, dtype=torch.long, device=x.device)
+    weight = torch.ones((n, 1), dtype=x.dtype, device=x.device)
+    return layer.experts(x, index, weight)
+
+
+def route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own routing of x [n, d]: (logits [n, E], top-k weights [n, k], top-k indices [n, k])."""
+    logits, weights, indices = router(x)
+    return logits.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), indices.reshape(x.shape[0], -1)
+
+
+def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    logits = logits.double()
+    return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+class _Observer:
+    """Accumulates one MoE layer's statistics from the inputs of its MoE block, batch after batch."""
+
+    def __init__(self, layer: MoeLayer, scoring: str, top_k: int, sample_positions: torch.Tensor):
+        E = layer.num_experts
+        self.layer, self.scoring, self.top_k = layer, scoring, top_k
+        self.sample_positions = sample_positions          # sorted flat token positions over the calibration set
+        self.offset = 0                                   # flat position of the current batch's first token
+        self.tokens = 0
+        z = lambda: torch.zeros(E, dtype=torch.float64)   # noqa: E731
+        self.counts, self.prob_sum, self.weight_sum, self.reap_sum = z(), z(), z(), z()
+        self.inputs, self.logits, self.outputs = [], [], []
+
+    @torch.no_grad()
+    def __call__(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        x = hidden.reshape(-1, hidden.shape[-1])                          # (B*T, d)
+        logits, weights, indices = route(self.layer.router, x)
+        E = self.counts.numel()
+        self.counts += torch.bincount(indices.flatten().cpu(), minlength=E).double()
+        self.prob_sum += probabilities(logits, self.scoring).sum(0).cpu()
+        self.weight_sum.index_add_(0, indices.flatten().cpu(), weights.flatten().double().cpu())
+        for e in indices.unique().tolist():
+            tok, slot = torch.where(indices == e)
+            norms = expert_output(self.layer, x[tok], e).double().norm(dim=-1)
+            self.reap_sum[e] += (weights[tok, slot].double() * norms).sum().cpu()
+        # the seeded sample of tokens that falls into this batch
+        lo, hi = self.offset, self.offset + x.shape[0]
+        local = self.sample_positions[(self.sample_positions >= lo) & (self.sample_positions < hi)] - lo
+        if local.numel():
+            xs = x[local.to(x.device)]
+            self.inputs.append(xs.float().cpu())
+            self.logits.append(logits[local.to(x.device)].float().cpu())
+            self.outputs.append(torch.stack([expert_output(self.layer, xs, e).float().cpu() for e in range(E)]))
+        self.offset = hi
+        self.tokens += x.shape[0]
+
+    def result(self) -> LayerStats:
+        return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
+                          prob_sum=self.prob_sum, weight_sum=self.weight_sum, reap_sum=self.reap_sum,
+                          inputs=torch.cat(self.inputs), logits=torch.cat(self.logits),
+                          outputs=torch.cat(self.outputs, dim=1))
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs = args, kwargs
+
+
+def _first_layer_inputs(model, layers, input_ids: torch.Tensor, batch_size: int):
+    """Run the model up to decoder layer 0 for every batch; return [(hidden, kwargs)] for the layers."""
+    def stop(module, args, kwargs):
+        raise _Captured(args, kwargs)
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    device = next(model.parameters()).device
+    cached = []
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Captured as c:
+                args, kwargs = c.args_, dict(c.kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                kwargs.pop("past_key_values", None)
+                cached.append((hidden, kwargs))
+    finally:
+        handle.remove()
+    return cached
+
+
+@torch.no_grad()
+def collect(model, layout: Layout, input_ids: torch.Tensor, *, sample_tokens: int = 512, batch_size: int = 8,
+            seed: int = 0, model_name: str = "", calibration: dict | None = None, progress: bool = True) -> Stats:
+    """The layer-by-layer statistics pass over calibration tokens [N, L]."""
+    layers = decoder_layers(model)
+    moe = layout.by_index()
+    total = input_ids.numel()
+    n = min(sample_tokens, total)
+    positions = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    cached = _first_layer_inputs(model, layers, input_ids, batch_size)
+    stats: dict[int, LayerStats] = {}
+    last = max(moe)                                      # nothing after the last MoE layer is needed
+    bar = tqdm(range(last + 1), desc="calibration", unit="layer", disable=not progress)
+    for i in bar:
+        observer = None
+        if i in moe:
+            observer = _Observer(moe[i], layout.family.scoring, layout.top_k, positions)
+            handle = moe[i].block.register_forward_pre_hook(observer, with_kwargs=True)
+        try:
+            outputs = []
+            for hidden, kwargs in cached:
+                out = layers[i](hidden, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+            cached = [(h, kw) for h, (_, kw) in zip(outputs, cached)]
+        finally:
+            if observer is not None:
+                handle.remove()
+        if observer is not None:
+            stats[i] = observer.result()
+    meta = {"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]), "seed": seed,
+            "sample_tokens": n, **(calibration or {})}
+    return Stats(layout.family.model_type, model_name, meta, stats)

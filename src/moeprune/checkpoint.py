@@ -1,0 +1,128 @@
+"""Loading models by name or path, and saving standard checkpoints atomically.
+
+Names: `demo-mixtral`, `demo-fine` (embedded), `tiny:<family>` (a tiny random model built here),
+a local folder, or a Hugging Face hub id (when online). The output is written to a temporary
+folder beside the destination and renamed into place, so a failure never leaves half a checkpoint,
+and the input model is never written to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import demo
+from .arch import MoePruneError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object | None
+    name: str                   # what the user asked for
+    path: Path | None           # local folder it came from (None for tiny models and hub ids)
+
+
+def resolve(spec: str | None) -> tuple[str, Path | None]:
+    """(name, local folder or None) for a model spec; raises a clear error for a missing path."""
+    spec = spec or demo.DEFAULT_MODEL
+    if spec.startswith("tiny:"):
+        return spec, None
+    if (p := demo.model_path(spec)) is not None:
+        return spec, p
+    if spec in ("demo-mixtral", "demo-fine"):
+        raise MoePruneError(f"the demo model {spec!r} is not in this installation; pass a MODEL path, or "
+                            "tiny:mixtral for a tiny random model")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MoePruneError(f"{path} is not a model folder: it has no config.json")
+        return spec, path.resolve()
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise MoePruneError(f"model path {spec!r} not found")
+    return spec, None
+
+
+def load(spec: str | None, dtype: str = "auto", device: str = "cpu") -> Loaded:
+    name, path = resolve(spec)
+    if dtype not in DTYPES:
+        raise MoePruneError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if name.startswith("tiny:"):
+        from .tiny import tiny_model
+        model = tiny_model(name[5:])
+        if dtype != "auto":
+            model = model.to(DTYPES[dtype])
+        return Loaded(model.to(device), None, name, None)
+    source = str(path) if path is not None else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise MoePruneError(f"could not load model {name!r}: {e}. Is it a local folder, or is the machine "
+                            "online for a hub id?") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return Loaded(model.to(device).eval(), tokenizer, name, path)
+
+
+def folder_bytes(path: Path | None) -> int | None:
+    if path is None or not path.exists():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) or None
+
+
+def check_output(out: str | Path, overwrite: bool, source: Path | None) -> Path:
+    """Validate the output folder before any work is done."""
+    out = Path(out).expanduser().resolve()
+    if source is not None and (out == source or source in out.parents or out in source.parents):
+        raise MoePruneError(f"--out {out} overlaps the input model folder {source}; choose another folder")
+    if out.exists() and not overwrite:
+        raise MoePruneError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise MoePruneError(f"--out {out} exists and is not a folder")
+    return out
+
+
+class AtomicFolder:
+    """`with AtomicFolder(out) as tmp:` write into tmp; on success tmp replaces out, on error it is removed."""
+
+    def __init__(self, out: Path, overwrite: bool = False):
+        self.out, self.overwrite = Path(out), overwrite
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            if not self.overwrite:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise MoePruneError(f"--out {self.out} appeared while pruning; not replacing it")
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """A standard checkpoint: transformers writes the experts in the hub's per-expert layout."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,131 @@
+"""moeprune's command line: prune, info, methods (and eval). A thin layer over moeprune.api.
+
+    moeprune info [MODEL]
+    moeprune methods
+    moeprune prune [MODEL] --method NAME (--keep K | --ratio R) --out DIR [...]
+
+Flags of `prune` are generated from api.PruneConfig and from every method's options dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .api import PruneConfig, model_info, prune
+from .arch import MoePruneError, moe_layout
+from .checkpoint import load
+from .methods import METHODS
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(parser, cls, skip=(), default_none: bool = False, seen: set | None = None) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (seen is not None and f.name in seen):
+            continue
+        if seen is not None:
+            seen.add(f.name)
+        hint = hints[f.name]
+        help_ = f.metadata.get("help", "")
+        default = None if default_none else f.default
+        if hint is bool:
+            parser.add_argument(_flag(f.name), action="store_true", default=None if default_none else False, help=help_)
+            continue
+        kwargs: dict = {"default": default, "help": help_}
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+            kwargs["type"] = type(typing.get_args(hint)[0])
+        else:
+            base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            kwargs["type"] = base[0] if base[0] in (int, float, str) else str
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _method_option_names() -> set[str]:
+    return {f.name for m in METHODS.values() for f in dataclasses.fields(m.options)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeprune", description="Prune and merge the experts of MoE language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model's routed experts and save a standard checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="model name or path (default: demo-mixtral)")
+    _add_dataclass_flags(p, PruneConfig, skip={"model"})
+    group = p.add_argument_group("method options (each applies only to the methods that take it)")
+    seen: set[str] = set()
+    for m in METHODS.values():
+        _add_dataclass_flags(group, m.options, default_none=True, seen=seen)
+
+    i = sub.add_parser("info", help="describe a model's MoE layers and parameter counts")
+    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("methods", help="list the pruning methods")
+    return parser
+
+
+def cmd_prune(args) -> int:
+    config_names = {f.name for f in dataclasses.fields(PruneConfig)}
+    cfg = PruneConfig(**{k: v for k, v in vars(args).items() if k in config_names})
+    options = {k: v for k, v in vars(args).items() if k in _method_option_names() and v is not None}
+    if cfg.out is None:
+        raise MoePruneError("--out DIR is required: the folder to write the pruned checkpoint to")
+    result = prune(cfg, **options)
+    r = result.report
+    b, a = r["before"]["parameters"], r["after"]["parameters"]
+    print(f"\n{r['method']}: {r['experts_before']} -> {next(iter(r['keep_per_layer'].values()))} experts per "
+          f"MoE layer; parameters {b['total']:,} -> {a['total']:,} ({a['total'] / b['total']:.1%})")
+    print(f"saved to {result.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    loaded = load(args.model)
+    info = {"model": loaded.name, **model_info(loaded.model, moe_layout(loaded.model))}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    p = info["parameters"]
+    print(f"model              {info['model']}")
+    print(f"family             {info['family']}")
+    print(f"decoder layers     {info['decoder_layers']} ({len(info['moe_layers'])} MoE: {info['moe_layers']})")
+    print(f"routed experts     {info['experts_per_layer']} per MoE layer, top-{info['top_k']}")
+    print(f"shared experts     {', '.join(info['shared_experts']) or 'none'}")
+    print(f"parameters         {p['total']:,} total, {p['routed_experts']:,} in routed experts, "
+          f"{p['active_per_token']:,} active per token")
+    print(f"dtype              {info['dtype']}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    width = max(map(len, METHODS))
+    for m in METHODS.values():
+        print(f"{m.name:<{width}}  {m.summary}")
+        if m.paper:
+            print(f"{'':<{width}}  source: {m.paper}")
+        opts = [f.name.replace("_", "-") for f in dataclasses.fields(m.options)]
+        if opts:
+            print(f"{'':<{width}}  options: {', '.join('--' + o for o in opts)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods}[args.command]
+    try:
+        return handler(args)
+    except MoePruneError as e:
+        print(f"moeprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

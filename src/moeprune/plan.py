@@ -1,0 +1,100 @@
+"""A plan: what becomes of the experts of each MoE layer. Plain data, saved as JSON.
+
+Output expert j of a layer is the weighted sum of the original experts in `groups[j]`; a pure
+selection is groups of one with weight 1. The router rule says how the router rows of a group
+become one: "weighted" (the same weighted sum) or "representative" (the representative's row).
+A plan can be saved, inspected, edited and applied again without recalibrating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .arch import MoePruneError
+
+RouterRule = Literal["weighted", "representative"]
+Align = Literal["none", "weights", "activations"]
+ROUTER_RULES: tuple[str, ...] = ("weighted", "representative")
+ALIGN_MODES: tuple[str, ...] = ("none", "weights", "activations")
+
+
+@dataclass
+class LayerPlan:
+    num_experts: int                     # E before pruning (checked against the model)
+    groups: list[list[int]]              # original expert ids per output expert
+    weights: list[list[float]]           # merge weight of each member, summing to 1 per group
+    representatives: list[int]           # one member per group (router row, alignment target)
+    info: dict = field(default_factory=dict)   # method diagnostics (e.g. NAEE's reconstruction error)
+
+    @property
+    def keep(self) -> int:
+        return len(self.groups)
+
+    @classmethod
+    def selection(cls, num_experts: int, kept: list[int], **info) -> "LayerPlan":
+        kept = sorted(int(e) for e in kept)
+        return cls(num_experts, [[e] for e in kept], [[1.0] for _ in kept], kept, info)
+
+    def validate(self, where: str = "") -> None:
+        seen: set[int] = set()
+        if not self.groups:
+            raise MoePruneError(f"{where}: a plan must keep at least one expert")
+        if not (len(self.groups) == len(self.weights) == len(self.representatives)):
+            raise MoePruneError(f"{where}: groups, weights and representatives differ in length")
+        for g, w, r in zip(self.groups, self.weights, self.representatives):
+            if not g or len(g) != len(w):
+                raise MoePruneError(f"{where}: group {g} has {len(w)} weights")
+            if any(e < 0 or e >= self.num_experts for e in g):
+                raise MoePruneError(f"{where}: group {g} names an expert outside 0..{self.num_experts - 1}")
+            if seen & set(g) or len(set(g)) != len(g):
+                raise MoePruneError(f"{where}: expert(s) {sorted(seen & set(g))} appear in two groups")
+            seen |= set(g)
+            if r not in g:
+                raise MoePruneError(f"{where}: representative {r} is not in its group {g}")
+            if any(x < 0 for x in w) or not math.isclose(sum(w), 1.0, abs_tol=1e-5):
+                raise MoePruneError(f"{where}: merge weights {w} must be >= 0 and sum to 1")
+
+
+@dataclass
+class Plan:
+    method: str
+    options: dict
+    layers: dict[int, LayerPlan]
+    router: RouterRule = "weighted"
+    align: Align = "none"
+    model_type: str = ""
+
+    def validate(self, top_k: int | None = None) -> None:
+        if self.router not in ROUTER_RULES:
+            raise MoePruneError(f"unknown router rule {self.router!r}; choose one of {ROUTER_RULES}")
+        if self.align not in ALIGN_MODES:
+            raise MoePruneError(f"unknown alignment {self.align!r}; choose one of {ALIGN_MODES}")
+        for i, lp in self.layers.items():
+            lp.validate(f"plan layer {i}")
+
+    def keep_per_layer(self) -> dict[int, int]:
+        return {i: lp.keep for i, lp in self.layers.items()}
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["layers"] = {str(i): v for i, v in d["layers"].items()}
+        return json.dumps(d, indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        layers = {int(i): LayerPlan(**v) for i, v in d.pop("layers").items()}
+        plan = cls(layers=layers, **d)
+        plan.validate()
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        return cls.from_json(Path(path).read_text())

@@ -1,0 +1,117 @@
+"""Apply a plan to the weights: one expert per group, router rows combined, config updated.
+
+Every tensor of the fused experts module carries the expert index on axis 0, and the family lists
+the router tensors with their expert axis, so one weighted sum serves every family. Merging is done
+in float32 (float64 accumulation for the weights) and cast back to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .align import align_to
+from .arch import Layout, MoeLayer, MoePruneError, get_tensor
+from .plan import LayerPlan, Plan
+from .stats import Stats
+
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    *path, name = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _merge(rows: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    acc = sum(w * r.double() for w, r in zip(weights, rows))
+    return acc.to(rows[0].dtype)
+
+
+def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, inputs: torch.Tensor | None) -> None:
+    family = layout.family
+    if lp.num_experts != layer.num_experts:
+        raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
+                            f"{layer.num_experts}: the plan was made for another model")
+    names = [n for n, _ in layer.experts.named_parameters(recurse=False)]
+    original = {n: getattr(layer.experts, n).detach() for n in names}
+    expert = lambda e: {n: original[n][e] for n in names}   # noqa: E731  one expert's tensors
+    merged: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for group, weights, rep in zip(lp.groups, lp.weights, lp.representatives):
+        members = [expert(e) for e in group]
+        if plan.align != "none" and len(group) > 1:
+            members = [m if e == rep else align_to(layer, expert(rep), m, family.gate_up, plan.align, inputs)
+                       for e, m in zip(group, members)]
+        for n in names:
+            merged[n].append(_merge([m[n] for m in members], weights))
+    for n in names:
+        _set_tensor(layer.experts, n, torch.stack(merged[n]).contiguous())
+
+    for name, axis in family.router_tensors:
+        t = get_tensor(layer.router, name)
+        if t is None:
+            continue
+        t = t.detach()
+        if plan.router == "representative":
+            rows = [t.select(axis, r) for r in lp.representatives]
+        else:
+            rows = [_merge([t.select(axis, e) for e in g], w) for g, w in zip(lp.groups, lp.weights)]
+        _set_tensor(layer.router, name, torch.stack(rows, dim=axis).contiguous())
+
+    k = lp.keep
+    for module in [layer.block, layer.router, layer.experts]:
+        for attr in _COUNT_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, k)
+        if isinstance(getattr(module, "top_k", None), int):
+            module.top_k = min(module.top_k, k)
+
+
+def _group_routing(layout: Layout, keep: int) -> None:
+    """DeepSeek/GLM group-limited routing needs K divisible by n_group; else fall back to one group."""
+    if layout.family.group_fields is None:
+        return
+    n_field, topk_field = layout.family.group_fields
+    n_group = getattr(layout.config, n_field, None) or 1
+    if keep % n_group == 0 and getattr(layout.config, topk_field, 1) <= n_group:
+        return
+    warnings.warn(f"{keep} experts per layer is not divisible by {n_field}={n_group}: "
+                  f"group-limited routing falls back to {n_field}={topk_field}=1", stacklevel=3)
+    setattr(layout.config, n_field, 1)
+    setattr(layout.config, topk_field, 1)
+    for layer in layout.layers:
+        for attr in ("num_group", "topk_group", "n_group"):
+            if isinstance(getattr(layer.router, attr, None), int):
+                setattr(layer.router, attr, 1)
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, layout: Layout, plan: Plan, stats: Stats | None = None) -> None:
+    """Prune/merge the model in place according to `plan`; the config is updated to match."""
+    plan.validate()
+    by_index = layout.by_index()
+    if set(plan.layers) != set(by_index):
+        raise MoePruneError(f"the plan covers layers {sorted(plan.layers)}, the model's MoE layers are "
+                            f"{sorted(by_index)}: the plan was made for another model")
+    keeps = set(plan.keep_per_layer().values())
+    if len(keeps) != 1:
+        raise MoePruneError(f"transformers configs hold one expert count for all layers; this plan keeps {keeps}")
+    keep = keeps.pop()
+    if plan.align == "activations" and stats is None:
+        raise MoePruneError("--align activations needs calibration statistics (pass stats to apply_plan)")
+    for i, lp in plan.layers.items():
+        inputs = stats.layers[i].inputs if (stats is not None and plan.align == "activations") else None
+        merge_layer(by_index[i], lp, plan, layout, inputs)
+    cfg = layout.config
+    setattr(cfg, layout.family.n_experts_field, keep)
+    top_k = getattr(cfg, layout.family.top_k_field)
+    if top_k > keep:
+        setattr(cfg, layout.family.top_k_field, keep)
+    _group_routing(layout, keep)
