@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 
 from . import demo
 from .arch import Layout, MoePruneError, moe_layout
-from .calibration import calibration_tokens, collect
+from .calibration import calibration_tokens, check_spec, collect
 from .checkpoint import AtomicFolder, Loaded, check_output, folder_bytes, load, resolve, save_model
 from .methods import get_method
 from .plan import Plan
@@ -156,6 +157,10 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         method.make_options(**method_options)           # bad options fail before the model is loaded
     elif method_options:
         raise MoePruneError("method options do not apply with --plan (the plan already fixes them)")
+    if cfg.calib is not None:
+        check_spec(cfg.calib)
+    if cfg.quiet:
+        transformers.utils.logging.disable_progress_bar()
     loaded = stages.run("load", load, cfg.model, cfg.dtype, cfg.device)
     model = loaded.model
     layout = moe_layout(model)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import demo
 from .arch import Layout, MoeLayer, MoePruneError, decoder_layers
+from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats, Stats
 
 
@@ -39,6 +40,17 @@ def _read_file(path: Path) -> list[str]:
                 docs.append(row["text"])
         return docs
     return [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
+def check_spec(spec: str) -> None:
+    """Fail early, before any model is loaded, on a calibration source that cannot exist."""
+    if spec == "random" or spec.startswith("hf:"):
+        return
+    if spec == "demo" or spec.startswith("demo:"):
+        load_texts(spec)
+        return
+    if not Path(spec).exists():
+        load_texts(spec)            # raises the "not found" message
 
 
 def load_texts(spec: str) -> list[str]:
@@ -227,6 +239,10 @@ def collect(model, layout: Layout, input_ids: torch.Tensor, *, sample_tokens: in
                 handle.remove()
         if observer is not None:
             stats[i] = observer.result()
+            # model-centric similarity needs the weights, which a method never sees: derive it now
+            reps = weight_representation(moe[i].experts, layout.family.gate_up)
+            for name, fn in SIMILARITIES.items():
+                stats[i].cache[f"similarity/{name}/weight"] = fn(reps).float()
     meta = {"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]), "seed": seed,
             "sample_tokens": n, **(calibration or {})}
     return Stats(layout.family.model_type, model_name, meta, stats)

@@ -1,0 +1,77 @@
+"""Partition E experts into exactly K groups from a similarity matrix S. Deterministic; ties by expert id.
+
+    agglomerative  average linkage on distance 1 - S, merged until K clusters remain
+    spectral       spectral embedding of the graph max(S, 0), then average linkage on the embedding
+    anchors        the K most used experts are anchors; every other expert joins its most similar anchor
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _order(groups: list[list[int]]) -> list[list[int]]:
+    """Groups sorted internally and by their smallest member: a canonical form."""
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+def agglomerative(sim: torch.Tensor, k: int) -> list[list[int]]:
+    """Average-linkage agglomerative clustering, cut at exactly k clusters (Lance-Williams updates)."""
+    s = sim.double().numpy().copy()
+    E = s.shape[0]
+    groups: dict[int, list[int]] = {i: [i] for i in range(E)}
+    avg = s.copy()
+    np.fill_diagonal(avg, -np.inf)
+    while len(groups) > k:
+        ids = sorted(groups)
+        sub = avg[np.ix_(ids, ids)]
+        flat = int(np.argmax(sub))            # first maximum in row-major order: ties go to the lowest ids
+        a, b = ids[flat // len(ids)], ids[flat % len(ids)]
+        a, b = min(a, b), max(a, b)
+        na, nb = len(groups[a]), len(groups[b])
+        for c in ids:
+            if c not in (a, b):
+                avg[a, c] = avg[c, a] = (na * avg[a, c] + nb * avg[b, c]) / (na + nb)
+        groups[a] += groups.pop(b)
+        avg[b, :] = avg[:, b] = -np.inf
+    return _order(list(groups.values()))
+
+
+def spectral(sim: torch.Tensor, k: int) -> list[list[int]]:
+    """Normalised spectral embedding (k leading eigenvectors) of max(S, 0), grouped by average linkage."""
+    w = sim.double().clamp_min(0).numpy()
+    d = w.sum(1)
+    inv = 1.0 / np.sqrt(np.maximum(d, 1e-12))
+    norm_affinity = inv[:, None] * w * inv[None, :]
+    vals, vecs = np.linalg.eigh(norm_affinity)
+    emb = vecs[:, -k:]
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = emb * np.sign(emb[np.argmax(np.abs(emb), axis=0), range(k)])    # fix eigenvector signs
+    return agglomerative(torch.from_numpy(emb @ emb.T), k)
+
+
+def anchors(sim: torch.Tensor, k: int, usage: torch.Tensor) -> list[list[int]]:
+    """The k most used experts anchor the groups; each other expert joins its most similar anchor."""
+    E = sim.shape[0]
+    anchor_ids = sorted(range(E), key=lambda e: (-float(usage[e]), e))[:k]
+    groups = {a: [a] for a in anchor_ids}
+    for e in range(E):
+        if e not in groups:
+            best = max(anchor_ids, key=lambda a: (float(sim[e, a]), -a))
+            groups[best].append(e)
+    return _order(list(groups.values()))
+
+
+def group(method: str, sim: torch.Tensor, k: int, usage: torch.Tensor | None = None) -> list[list[int]]:
+    if not 1 <= k <= sim.shape[0]:
+        raise ValueError(f"cannot make {k} groups of {sim.shape[0]} experts")
+    if method == "agglomerative":
+        return agglomerative(sim, k)
+    if method == "spectral":
+        return spectral(sim, k)
+    if method == "anchors":
+        if usage is None:
+            raise ValueError("anchor grouping needs expert usage")
+        return anchors(sim, k, usage)
+    raise ValueError(f"unknown grouping {method!r}")

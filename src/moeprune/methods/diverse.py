@@ -1,0 +1,86 @@
+"""The paper's method: group similar experts, merge each group ("diverse"), or keep one per group.
+
+Zhang et al., "Diversifying the Expert Knowledge for Task-Agnostic Pruning in Sparse
+Mixture-of-Experts" (arXiv:2407.09590, ACL 2025 Findings). Per layer:
+  1. represent each expert: its outputs on the calibration sample (data-centric) or its weights;
+  2. similarity matrix S (linear CKA or cosine);
+  3. partition into K groups of similar experts;
+  4. representative r = the most routed member; merge weights a_i = softmax_i(S_ri / tau);
+  5. merged expert and router row = sum_i a_i W_i (or the representative's router row).
+"diverse-prune" keeps each group's representative and drops the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..grouping import group
+from ..plan import LayerPlan
+from ..similarity import SIMILARITIES
+from ..stats import LayerStats
+from . import Method, register
+
+PAPER = "Zhang et al., Diversifying the Expert Knowledge for Task-Agnostic Pruning in Sparse MoE, arXiv:2407.09590"
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    representation: Literal["output", "weight"] = "output"
+    similarity: Literal["cka", "cosine"] = "cka"
+    grouping: Literal["agglomerative", "spectral", "anchors"] = "agglomerative"
+
+
+@dataclass(frozen=True)
+class DiverseOptions(GroupOptions):
+    tau: float = 1.0
+    router: Literal["weighted", "representative"] = "weighted"
+    align: Literal["none", "weights", "activations"] = "none"
+
+
+def similarity(ls: LayerStats, representation: str, kind: str) -> torch.Tensor:
+    """[E, E] similarity of a layer's experts, computed once and cached with the statistics."""
+    key = f"similarity/{kind}/{representation}"
+    if representation == "weight":
+        if key not in ls.cache:
+            raise ValueError("these statistics carry no weight similarity; recollect them")
+        return ls.cache[key].double()
+    return ls.cached(key, lambda: SIMILARITIES[kind](ls.outputs).float()).double()
+
+
+def representative(members: list[int], counts: torch.Tensor) -> int:
+    """The member routed most often; ties go to the lowest id."""
+    return min(members, key=lambda e: (-float(counts[e]), e))
+
+
+def merge_weights(sim: torch.Tensor, rep: int, members: list[int], tau: float) -> list[float]:
+    """softmax over members i of S[rep, i] / tau."""
+    if tau <= 0:
+        raise ValueError(f"--tau must be > 0, got {tau}")
+    logits = torch.tensor([float(sim[rep, i]) for i in members], dtype=torch.float64) / tau
+    return torch.softmax(logits, dim=0).tolist()
+
+
+def _groups(ls: LayerStats, keep: int, o: GroupOptions):
+    sim = similarity(ls, o.representation, o.similarity)
+    groups = group(o.grouping, sim, keep, usage=ls.counts)
+    return sim, groups, [representative(g, ls.counts) for g in groups]
+
+
+def diverse(ls: LayerStats, keep: int, o: DiverseOptions, seed: int) -> LayerPlan:
+    sim, groups, reps = _groups(ls, keep, o)
+    weights = [merge_weights(sim, r, g, o.tau) for g, r in zip(groups, reps)]
+    return LayerPlan(ls.num_experts, groups, weights, reps)
+
+
+def diverse_prune(ls: LayerStats, keep: int, o: GroupOptions, seed: int) -> LayerPlan:
+    _, groups, reps = _groups(ls, keep, o)
+    return LayerPlan.selection(ls.num_experts, reps, groups=groups)
+
+
+register(Method("diverse", "group experts by output similarity (CKA), merge each group with its router rows",
+                PAPER, diverse, DiverseOptions))
+register(Method("diverse-prune", "group experts as `diverse` does, keep each group's most used member",
+                PAPER, diverse_prune, GroupOptions))

@@ -1,0 +1,60 @@
+"""Expert similarity: linear CKA and cosine, on expert outputs (data-centric) or weights (model-centric).
+
+Pure tensor functions, float64 throughout. Linear CKA of O_i, O_j (n x d, columns centred):
+
+    CKA = ||O_j^T O_i||_F^2 / (||O_i^T O_i||_F ||O_j^T O_j||_F)
+
+computed through Gram matrices (||Y^T X||_F^2 = <X X^T, Y Y^T>_F) on whichever side is smaller.
+It is invariant to orthogonal transforms and isotropic scaling of either side, which is what makes it
+a fair comparison of two experts' feature spaces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x - x.mean(dim=-2, keepdim=True)
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear CKA between two representations of the same n samples: a [n, p], b [n, q]."""
+    a, b = _centre(a), _centre(b)
+    cross = (b.T @ a).square().sum()
+    return float(cross / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-300))
+
+
+def cka_matrix(reps: torch.Tensor) -> torch.Tensor:
+    """[E, E] linear CKA between every pair of reps [E, n, p] (each expert's n x p representation)."""
+    x = _centre(reps)
+    E, n, p = x.shape
+    grams = x @ x.transpose(1, 2) if n <= p else x.transpose(1, 2) @ x     # [E, m, m], m = min(n, p)
+    flat = grams.reshape(E, -1)
+    hsic = flat @ flat.T                                                     # <K_i, K_j>_F
+    diag = hsic.diagonal().clamp_min(1e-300).sqrt()
+    s = hsic / (diag[:, None] * diag[None, :])
+    return s.clamp(-1.0, 1.0).fill_diagonal_(1.0)
+
+
+def cosine_matrix(reps: torch.Tensor) -> torch.Tensor:
+    """[E, E] cosine similarity of the flattened reps [E, ...]."""
+    flat = reps.reshape(reps.shape[0], -1).double()
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return (flat @ flat.T).clamp(-1.0, 1.0).fill_diagonal_(1.0)
+
+
+def weight_representation(experts, gate_up_layout: str) -> torch.Tensor:
+    """[E, H, 3I]: per expert, its gate, up and down weights as H x neuron matrices (model-centric).
+
+    The hidden axis is shared by all experts, so CKA over it compares experts without assuming that
+    their intermediate neurons correspond (CKA is invariant to permuting the neuron axis).
+    """
+    gu, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+    if gate_up_layout == "halves":          # gate_up [E, 2I, H], down [E, H, I]
+        return torch.cat([gu.transpose(1, 2), down], dim=2)
+    return torch.cat([gu, down.transpose(1, 2)], dim=2)    # gate_up [E, H, 2I], down [E, I, H]
+
+
+SIMILARITIES = {"cka": cka_matrix, "cosine": cosine_matrix}

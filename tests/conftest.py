@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models of every family, routing pinned by hand, and a no-litter guard."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.arch import FAMILIES, moe_layout
+from moeprune.tiny import tiny_model
+
+ALL_FAMILIES = sorted(FAMILIES)
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_litter():
+    """Fail a test that leaves files in the system temp folder (tests write under tmp_path only)."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(os.listdir(tmp))
+    yield
+    after = set(os.listdir(tmp))
+    new = {n for n in after - before if n.startswith(("moeprune", ".moeprune", "tmp_moeprune"))}
+    assert not new, f"test left files behind: {new}"
+
+
+def pin_routing(model, kept: list[int], scale: float = 20.0, level: float = 100.0):
+    """Make the dropped experts unreachable for every token, by construction.
+
+    Hidden coordinate 0 is set to a large constant in every embedding and nothing writes to it
+    (row 0 of every o_proj / down_proj is zeroed), so the router input's coordinate 0 is positive
+    for every token. Dropped experts get router weight -scale on it (logit about -scale*sqrt(d)),
+    kept experts 0: their probability is ~0 and they never reach the top-k.
+    """
+    layout = moe_layout(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = level
+        for name, p in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                if p.dim() == 3:      # fused experts: halves [E, H, I]; gpt_oss [E, I, H]
+                    (p[:, :, 0] if layout.family.gate_up == "interleaved_t" else p[:, 0, :]).zero_()
+                elif p.dim() == 2 and "down_proj_bias" in name:
+                    p[:, 0] = 0
+                elif p.dim() == 2:
+                    p[0, :] = 0
+                else:
+                    p[0] = 0
+        dropped = [e for e in range(layout.layers[0].num_experts) if e not in kept]
+        for layer in layout.layers:
+            w = layer.router.weight
+            w[:, 0] = 0.0
+            w[dropped, 0] = -scale
+    return layout
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def make(model_type: str, **kw):
+    return tiny_model(model_type, **kw)
