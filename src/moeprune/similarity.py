@@ -30,9 +30,14 @@ def cka_matrix(reps: torch.Tensor) -> torch.Tensor:
     """[E, E] linear CKA between every pair of reps [E, n, p] (each expert's n x p representation)."""
     x = _centre(reps)
     E, n, p = x.shape
-    grams = x @ x.transpose(1, 2) if n <= p else x.transpose(1, 2) @ x     # [E, m, m], m = min(n, p)
-    flat = grams.reshape(E, -1)
-    hsic = flat @ flat.T                                                     # <K_i, K_j>_F
+    if n <= p:                                   # sample side: <K_i, K_j>_F with K = X X^T [n, n]
+        flat = (x @ x.transpose(1, 2)).reshape(E, -1)
+        hsic = flat @ flat.T
+    else:                                        # feature side: ||X_j^T X_i||_F^2, one [p, p] product per pair
+        hsic = torch.empty(E, E, dtype=torch.float64)
+        for i in range(E):
+            for j in range(i, E):
+                hsic[i, j] = hsic[j, i] = (x[j].T @ x[i]).square().sum()
     diag = hsic.diagonal().clamp_min(1e-300).sqrt()
     s = hsic / (diag[:, None] * diag[None, :])
     return s.clamp(-1.0, 1.0).fill_diagonal_(1.0)

@@ -1,0 +1,196 @@
+"""The paper's method: CKA, grouping, merge weights, router rule, neuron alignment."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make
+from moeprune.align import align_to, match, neuron_activations, neuron_features, permute_expert
+from moeprune.arch import moe_layout
+from moeprune.calibration import collect, expert_output
+from moeprune.grouping import agglomerative, anchors, group, spectral
+from moeprune.methods import get_method
+from moeprune.methods.diverse import merge_weights
+from moeprune.similarity import cka_matrix, cosine_matrix, linear_cka
+from moeprune.surgery import apply_plan
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cka_identity_and_invariances(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    y = torch.randn(50, 9, generator=g, dtype=torch.float64) + x[:, :9] * 0.5
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    scale = float(torch.rand(1, generator=g)) * 10 + 0.1
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    base = linear_cka(x, y)
+    assert 0 < base < 1
+    assert linear_cka(x @ q, y) == pytest.approx(base, abs=1e-10)       # orthogonal transform
+    assert linear_cka(scale * x, y) == pytest.approx(base, abs=1e-10)   # isotropic scaling
+    assert linear_cka(x + 3.0, y) == pytest.approx(base, abs=1e-10)     # centring
+
+
+def test_cka_matrix_matches_pairwise_on_both_gram_sides():
+    g = torch.Generator().manual_seed(0)
+    for n, d in [(20, 7), (6, 30)]:
+        reps = torch.randn(4, n, d, generator=g)
+        m = cka_matrix(reps)
+        for i in range(4):
+            for j in range(4):
+                assert float(m[i, j]) == pytest.approx(linear_cka(reps[i], reps[j]), abs=1e-9)
+    assert torch.allclose(cosine_matrix(torch.eye(3)), torch.eye(3, dtype=torch.float64))
+
+
+def _blocks(sizes, noise=0.05, seed=0):
+    """A similarity matrix with len(sizes) clear blocks, shuffled ids."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([b for b, s in enumerate(sizes) for _ in range(s)])
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    sim = (labels[:, None] == labels[None, :]).double() * 0.8 + 0.1
+    sim = sim + noise * torch.rand(len(labels), len(labels), generator=g, dtype=torch.float64)
+    sim = (sim + sim.T) / 2
+    sim.fill_diagonal_(1.0)
+    truth = sorted((sorted(torch.where(labels == b)[0].tolist()) for b in range(len(sizes))), key=lambda x: x[0])
+    return sim, truth
+
+
+@pytest.mark.parametrize("how", ["agglomerative", "spectral"])
+def test_grouping_recovers_blocks(how):
+    sim, truth = _blocks([3, 2, 3])
+    assert group(how, sim, 3) == truth
+    assert all(len(group(how, sim, k)) == k for k in range(1, 9))       # always exactly K groups
+
+
+def test_anchor_grouping_uses_usage():
+    sim, truth = _blocks([4, 4])
+    usage = torch.arange(8, dtype=torch.float64)          # the most used expert of each block anchors it
+    groups = anchors(sim, 2, usage)
+    assert groups == truth
+
+
+def test_grouping_is_deterministic_under_ties():
+    sim = torch.ones(6, 6, dtype=torch.float64)
+    assert agglomerative(sim, 3) == agglomerative(sim.clone(), 3)
+    assert spectral(sim, 2) == spectral(sim.clone(), 2)
+
+
+def test_merge_weights_are_a_softmax_of_similarity():
+    sim = torch.tensor([[1.0, 0.8, 0.2], [0.8, 1.0, 0.1], [0.2, 0.1, 1.0]], dtype=torch.float64)
+    for tau in (0.1, 1.0, 5.0):
+        w = merge_weights(sim, 0, [0, 1, 2], tau)
+        expect = torch.softmax(torch.tensor([1.0, 0.8, 0.2], dtype=torch.float64) / tau, 0)
+        assert sum(w) == pytest.approx(1.0) and torch.allclose(torch.tensor(w, dtype=torch.float64), expect)
+    with pytest.raises(ValueError):
+        merge_weights(sim, 0, [0, 1], 0.0)
+
+
+def prototype_model(seed=0, noise=0.15):
+    """A Mixtral whose 8 experts are noisy copies of 3 prototypes (router rows copied likewise)."""
+    model = make("mixtral", seed=seed)
+    layout = moe_layout(model)
+    proto_of = [0, 1, 2, 0, 1, 2, 0, 1]
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in layout.layers:
+            for p in list(layer.experts.parameters()) + [layer.router.weight]:
+                base = p[:3].clone()
+                for e, k in enumerate(proto_of):
+                    p[e] = base[k] + noise * base[k].std() * torch.randn(base[k].shape, generator=g)
+    return model, layout, [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
+def test_prototypes_are_recovered_and_merging_beats_keeping_one():
+    model, layout, truth = prototype_model()
+    tokens = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, layout, tokens, sample_tokens=128, progress=False)
+    reference = model(tokens).logits
+    errors = {}
+    for name in ("diverse", "diverse-prune"):
+        plan = get_method(name).plan(stats, keep=3)
+        if name == "diverse":
+            for lp in plan.layers.values():
+                assert lp.groups == truth
+                for w in lp.weights:
+                    assert sum(w) == pytest.approx(1.0)
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, moe_layout(pruned), plan, stats)
+        errors[name] = float((pruned(tokens).logits - reference).square().mean())
+    assert errors["diverse"] < errors["diverse-prune"]
+
+
+def test_representative_is_the_most_routed_member_and_router_rule_recorded():
+    model, layout, truth = prototype_model(seed=1)
+    tokens = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, layout, tokens, sample_tokens=64, progress=False)
+    for rule in ("weighted", "representative"):
+        plan = get_method("diverse").plan(stats, keep=3, router=rule)
+        assert plan.router == rule
+        for i, lp in plan.layers.items():
+            counts = stats.layers[i].counts
+            for g, r in zip(lp.groups, lp.representatives):
+                assert r == min(g, key=lambda e: (-float(counts[e]), e))
+        pruned = copy.deepcopy(model)
+        pl = moe_layout(pruned)
+        apply_plan(pruned, pl, plan, stats)
+        w = layout.layers[0].router.weight
+        lp = plan.layers[0]
+        got = pl.layers[0].router.weight[0]
+        expect = (w[lp.representatives[0]] if rule == "representative"
+                  else sum(a * w[e] for e, a in zip(lp.groups[0], lp.weights[0])))
+        assert torch.allclose(got, expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("mode", ["weights", "activations"])
+def test_alignment_recovers_a_permutation_and_merging_is_identity(family, mode):
+    model = make(family)
+    layout = moe_layout(model)
+    layer = layout.layers[0]
+    lay = layout.family.gate_up
+    ref = {n: p[2].detach().clone() for n, p in layer.experts.named_parameters()}
+    inter = ref["down_proj"].shape[1] if lay == "halves" else ref["down_proj"].shape[0]
+    perm = torch.randperm(inter, generator=torch.Generator().manual_seed(3))
+    shuffled = permute_expert(ref, perm, lay)
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    if mode == "weights":
+        found = match(neuron_features(ref, lay), neuron_features(shuffled, lay))
+    else:
+        found = match(neuron_activations(layer, ref, x, lay), neuron_activations(layer, shuffled, x, lay))
+    assert torch.equal(perm[found], torch.arange(inter))          # the permutation is undone exactly
+    aligned = align_to(layer, ref, shuffled, lay, mode, x)
+    for n in ref:
+        assert torch.allclose(aligned[n], ref[n])
+    # the shuffled copy computes the same function; merged with its original after alignment: identity
+    with torch.no_grad():
+        for n, p in layer.experts.named_parameters():
+            p[5] = shuffled[n]
+    want = expert_output(layer, x, 2)
+    assert torch.allclose(expert_output(layer, x, 5), want, atol=1e-5)
+    from moeprune.plan import LayerPlan, Plan
+    groups = [[0], [1], [2, 5], [3], [4], [6], [7]]
+    plan = Plan("t", {}, {l.index: LayerPlan(8, groups, [[1.0], [1.0], [0.5, 0.5]] + [[1.0]] * 4,
+                                              [0, 1, 2, 3, 4, 6, 7]) for l in layout.layers}, align=mode)
+    stats = collect(model, layout, torch.randint(3, 256, (1, 16)), sample_tokens=16, progress=False) \
+        if mode == "activations" else None
+    if stats is not None:      # align on the same tokens the test checks
+        for ls in stats.layers.values():
+            ls.inputs = x
+    apply_plan(model, layout, plan, stats)
+    assert torch.allclose(expert_output(layer, x, 2), want, atol=1e-5)
+
+
+def test_every_option_combination_plans(tmp_path):
+    model = make("qwen3_moe")
+    layout = moe_layout(model)
+    stats = collect(model, layout, torch.randint(3, 256, (2, 16)), sample_tokens=32, progress=False)
+    for rep in ("output", "weight"):
+        for sim in ("cka", "cosine"):
+            for grouping in ("agglomerative", "spectral", "anchors"):
+                plan = get_method("diverse").plan(stats, keep=4, representation=rep, similarity=sim,
+                                                  grouping=grouping)
+                assert all(lp.keep == 4 for lp in plan.layers.values())
+    with pytest.raises(Exception, match="grouping"):
+        get_method("diverse").plan(stats, keep=4, grouping="hierarchical")
