@@ -194,3 +194,32 @@ def test_every_option_combination_plans(tmp_path):
                 assert all(lp.keep == 4 for lp in plan.layers.values())
     with pytest.raises(Exception, match="grouping"):
         get_method("diverse").plan(stats, keep=4, grouping="hierarchical")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_fitted_merge_reproduces_the_group_better_than_averaging(family):
+    """The least-squares down projection can only lower the weighted error the average has (D_avg is feasible)."""
+    from moeprune.calibration import probabilities
+    model = make(family)
+    layout = moe_layout(model)
+    tokens = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, layout, tokens, sample_tokens=96, progress=False)
+    groups = [[0, 1, 2], [3], [4], [5], [6, 7]]
+    errors = {}
+    for merge in ("average", "fit"):
+        from moeprune.plan import LayerPlan, Plan
+        lps = {i: LayerPlan(8, groups, [[1 / 3] * 3, [1.0], [1.0], [1.0], [0.5, 0.5]], [0, 3, 4, 5, 6])
+               for i in stats.layers}
+        pruned = copy.deepcopy(model)
+        pl = moe_layout(pruned)
+        apply_plan(pruned, pl, Plan("t", {}, lps, merge=merge), stats)
+        total = 0.0
+        for layer in pl.layers:
+            ls = stats.layers[layer.index]
+            p = probabilities(ls.logits, layout.family.scoring)[:, [0, 1, 2]]
+            w = p.sum(1)
+            target = torch.einsum("tg,gtd->td", p, ls.outputs[[0, 1, 2]].double()) / w[:, None]
+            out = expert_output(layer, ls.inputs, 0).double()
+            total += float((w[:, None] * (out - target).square()).sum())
+        errors[merge] = total
+    assert errors["fit"] < errors["average"]

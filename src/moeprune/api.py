@@ -36,7 +36,7 @@ from .surgery import apply_plan
 class PruneConfig:
     """Options of `moeprune prune`; the CLI flags are generated from these fields."""
     model: str | None = field(default=None, metadata={"help": "model name or path (default: demo-mixtral)"})
-    method: str = field(default="frequency", metadata={"help": "pruning method, see `moeprune methods`"})
+    method: str = field(default="diverse", metadata={"help": "pruning method, see `moeprune methods`"})
     keep: int | None = field(default=None, metadata={"help": "routed experts to keep per MoE layer"})
     ratio: float | None = field(default=None, metadata={"help": "fraction of routed experts to keep (instead of --keep)"})
     out: str | None = field(default=None, metadata={"help": "output folder for the pruned checkpoint"})
@@ -170,7 +170,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     stats = None
     if cfg.plan is not None:
         plan = Plan.load(cfg.plan)
-        if plan.align == "activations":
+        if plan.needs_stats:
             stats = stages.run("calibrate", calibrate, loaded, layout, cfg)
     else:
         keep = resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)

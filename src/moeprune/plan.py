@@ -18,8 +18,10 @@ from .arch import MoePruneError
 
 RouterRule = Literal["weighted", "representative"]
 Align = Literal["none", "weights", "activations"]
+Merge = Literal["average", "fit"]
 ROUTER_RULES: tuple[str, ...] = ("weighted", "representative")
 ALIGN_MODES: tuple[str, ...] = ("none", "weights", "activations")
+MERGE_MODES: tuple[str, ...] = ("average", "fit")
 
 
 @dataclass
@@ -66,13 +68,21 @@ class Plan:
     layers: dict[int, LayerPlan]
     router: RouterRule = "weighted"
     align: Align = "none"
+    merge: Merge = "average"         # "fit": down projection refitted to the group's outputs (least squares)
     model_type: str = ""
+
+    @property
+    def needs_stats(self) -> bool:
+        """Applying this plan needs the calibration sample (activation alignment, fitted merge)."""
+        return self.align == "activations" or self.merge == "fit"
 
     def validate(self, top_k: int | None = None) -> None:
         if self.router not in ROUTER_RULES:
             raise MoePruneError(f"unknown router rule {self.router!r}; choose one of {ROUTER_RULES}")
         if self.align not in ALIGN_MODES:
             raise MoePruneError(f"unknown alignment {self.align!r}; choose one of {ALIGN_MODES}")
+        if self.merge not in MERGE_MODES:
+            raise MoePruneError(f"unknown merge {self.merge!r}; choose one of {MERGE_MODES}")
         for i, lp in self.layers.items():
             lp.validate(f"plan layer {i}")
 

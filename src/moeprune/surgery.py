@@ -12,10 +12,13 @@ import warnings
 import torch
 from torch import nn
 
-from .align import align_to
+from .align import align_to, neuron_activations
 from .arch import Layout, MoeLayer, MoePruneError, get_tensor
+from .calibration import probabilities
 from .plan import LayerPlan, Plan
-from .stats import Stats
+from .stats import LayerStats, Stats
+
+FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -35,7 +38,33 @@ def _merge(rows: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return acc.to(rows[0].dtype)
 
 
-def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, inputs: torch.Tensor | None) -> None:
+def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int], ls: LayerStats,
+             layout: Layout) -> torch.Tensor:
+    """Refit the merged expert's down projection to reproduce its group on the calibration sample.
+
+    Gate and up stay the (aligned) average; the down projection D solves a ridge-regularised weighted
+    least squares  min_D sum_t w_t ||D h_t - y_t||^2 + lam ||D - D_avg||^2, where h_t are the merged
+    expert's intermediate activations, y_t the router-probability-weighted mean of the members'
+    outputs and w_t the group's router probability on token t. No gradients, one solve per group.
+    """
+    probs = probabilities(ls.logits, layout.family.scoring)[:, group]            # [n, g]
+    w = probs.sum(1)                                                              # [n]
+    target = torch.einsum("tg,gtd->td", probs, ls.outputs[group].double()) / w.clamp_min(1e-12)[:, None]
+    h = neuron_activations(layer, merged, ls.inputs, layout.family.gate_up).T    # [n, I]
+    halves = layout.family.gate_up == "halves"
+    d0 = merged["down_proj"].double() if halves else merged["down_proj"].double().T   # [d, I]
+    if "down_proj_bias" in merged:
+        target = target - merged["down_proj_bias"].double()
+    hw = h * w[:, None]
+    gram = h.T @ hw                                                               # [I, I]
+    lam = FIT_RIDGE * gram.trace() / gram.shape[0] + 1e-8
+    rhs = target.T @ hw + lam * d0                                                # [d, I]
+    d = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs.T).T
+    d = d.to(merged["down_proj"].dtype)
+    return d if halves else d.T
+
+
+def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: LayerStats | None) -> None:
     family = layout.family
     if lp.num_experts != layer.num_experts:
         raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
@@ -43,14 +72,18 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, inpu
     names = [n for n, _ in layer.experts.named_parameters(recurse=False)]
     original = {n: getattr(layer.experts, n).detach() for n in names}
     expert = lambda e: {n: original[n][e] for n in names}   # noqa: E731  one expert's tensors
+    inputs = ls.inputs if ls is not None else None
     merged: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for group, weights, rep in zip(lp.groups, lp.weights, lp.representatives):
         members = [expert(e) for e in group]
         if plan.align != "none" and len(group) > 1:
             members = [m if e == rep else align_to(layer, expert(rep), m, family.gate_up, plan.align, inputs)
                        for e, m in zip(group, members)]
+        one = {n: _merge([m[n] for m in members], weights) for n in names}
+        if plan.merge == "fit" and len(group) > 1:
+            one["down_proj"] = fit_down(layer, one, group, ls, layout)
         for n in names:
-            merged[n].append(_merge([m[n] for m in members], weights))
+            merged[n].append(one[n])
     for n in names:
         _set_tensor(layer.experts, n, torch.stack(merged[n]).contiguous())
 
@@ -104,11 +137,10 @@ def apply_plan(model: nn.Module, layout: Layout, plan: Plan, stats: Stats | None
     if len(keeps) != 1:
         raise MoePruneError(f"transformers configs hold one expert count for all layers; this plan keeps {keeps}")
     keep = keeps.pop()
-    if plan.align == "activations" and stats is None:
-        raise MoePruneError("--align activations needs calibration statistics (pass stats to apply_plan)")
+    if plan.needs_stats and stats is None:
+        raise MoePruneError("this plan (activation alignment or fitted merge) needs the calibration statistics")
     for i, lp in plan.layers.items():
-        inputs = stats.layers[i].inputs if (stats is not None and plan.align == "activations") else None
-        merge_layer(by_index[i], lp, plan, layout, inputs)
+        merge_layer(by_index[i], lp, plan, layout, stats.layers[i] if stats is not None else None)
     cfg = layout.config
     setattr(cfg, layout.family.n_experts_field, keep)
     top_k = getattr(cfg, layout.family.top_k_field)

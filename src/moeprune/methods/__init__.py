@@ -51,6 +51,7 @@ class Method:
         opts = dataclasses.asdict(options)
         plan = Plan(method=self.name, options={**opts, "keep": keep, "seed": seed}, layers=layers,
                     router=opts.get("router", "weighted"), align=opts.get("align", "none"),
+                    merge=opts.get("merge", "average"),
                     model_type=stats.model_type)
         plan.options["planning_seconds"] = round(time.perf_counter() - start, 4)
         plan.validate()
@@ -83,4 +84,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import selection, diverse  # noqa: E402,F401  (registers the methods)
+from . import selection, diverse, naee, msmoe, hcsmoe  # noqa: E402,F401  (registers the methods)

@@ -38,6 +38,7 @@ class DiverseOptions(GroupOptions):
     tau: float = 1.0
     router: Literal["weighted", "representative"] = "weighted"
     align: Literal["none", "weights", "activations"] = "none"
+    merge: Literal["average", "fit"] = "average"
 
 
 def similarity(ls: LayerStats, representation: str, kind: str) -> torch.Tensor:
