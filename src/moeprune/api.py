@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import resource
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from .calibration import calibration_tokens, check_spec, collect
 from .checkpoint import AtomicFolder, Loaded, check_output, folder_bytes, load, resolve, save_model
 from .methods import get_method
 from .plan import Plan
+from .report import write_report
 from .stats import Stats
 from .surgery import apply_plan
 
@@ -56,6 +56,13 @@ class PruneConfig:
                                                           "bfloat16, float16"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     no_eval: bool = field(default=False, metadata={"help": "skip the before/after evaluation"})
+    eval_domains: str | None = field(default=None, metadata={
+        "help": "comma-separated evaluation texts: demo domain names, .txt/.jsonl files, NAME=PATH "
+                "(default: the demo held-out shards)"})
+    eval_tasks: str | None = field(default=None, metadata={
+        "help": "comma-separated multiple-choice tasks: demo task names or .jsonl files (default: the demo tasks)"})
+    eval_max_tokens: int | None = field(default=16384, metadata={"help": "evaluation tokens per domain (0: all)"})
+    eval_limit: int | None = field(default=100, metadata={"help": "questions per multiple-choice task (0: all)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
@@ -146,6 +153,17 @@ def calibrate(loaded: Loaded, layout: Layout, cfg: PruneConfig) -> Stats:
     return stats
 
 
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v.strip()]
+
+
+def evaluation(model, tokenizer, cfg: PruneConfig) -> dict:
+    from .evaluate import evaluate_model
+    return evaluate_model(model, tokenizer, domains=_names(cfg.eval_domains), tasks=_names(cfg.eval_tasks),
+                          batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
+                          task_limit=cfg.eval_limit or None, progress=not cfg.quiet)
+
+
 def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     """Load, calibrate, plan, apply, (evaluate,) save. Validates everything it can before heavy work."""
     stages = Stages()
@@ -176,8 +194,11 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         keep = resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
         stats = stages.run("calibrate", calibrate, loaded, layout, cfg)
         plan = stages.run("plan", method.plan, stats, keep, cfg.seed, **method_options)
+    do_eval = not cfg.no_eval and loaded.tokenizer is not None
+    before = stages.run("eval_before", evaluation, model, loaded.tokenizer, cfg) if do_eval else None
     stages.run("apply", apply_plan, model, layout, plan, stats)
     info_after = model_info(model, layout)
+    after = stages.run("eval_after", evaluation, model, loaded.tokenizer, cfg) if do_eval else None
 
     report = {
         "model": loaded.name, "method": plan.method, "options": plan.options, "router": plan.router,
@@ -186,13 +207,16 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         "calibration": stats.calibration if stats is not None else None,
         "bytes_on_disk": {"before": folder_bytes(source)},
     }
+    if do_eval:
+        from .evaluate import evaluation_section
+        report["evaluation"] = evaluation_section(before, after)
     if out is not None:
         with AtomicFolder(out, cfg.overwrite) as tmp:
             stages.run("save", save_model, model, loaded.tokenizer, tmp)
             plan.save(tmp / "plan.json")
             report["bytes_on_disk"]["after"] = folder_bytes(tmp)
             report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}
-            (tmp / "report.json").write_text(json.dumps(report, indent=1))
+            write_report(tmp, report, stats, plan)
     report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}
     if cfg.plan_out:
         plan.save(cfg.plan_out)

@@ -18,7 +18,9 @@ import typing
 from .api import PruneConfig, model_info, prune
 from .arch import MoePruneError, moe_layout
 from .checkpoint import load
+from .evaluate.command import add_eval_parser, cmd_eval
 from .methods import METHODS
+from .report import summary_table
 
 
 def _flag(name: str) -> str:
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("methods", help="list the pruning methods")
+    add_eval_parser(sub)
     return parser
 
 
@@ -81,9 +84,10 @@ def cmd_prune(args) -> int:
     result = prune(cfg, **options)
     r = result.report
     b, a = r["before"]["parameters"], r["after"]["parameters"]
+    print("\n" + summary_table(r))
     print(f"\n{r['method']}: {r['experts_before']} -> {next(iter(r['keep_per_layer'].values()))} experts per "
           f"MoE layer; parameters {b['total']:,} -> {a['total']:,} ({a['total'] / b['total']:.1%})")
-    print(f"saved to {result.out}")
+    print(f"saved to {result.out} (report: {result.out / 'report.md'})")
     return 0
 
 
@@ -119,7 +123,7 @@ def cmd_methods(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods}[args.command]
+    handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods, "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except MoePruneError as e:

@@ -1,0 +1,131 @@
+"""Evaluation: perplexity per domain, multiple-choice accuracy, and (optionally) lm-evaluation-harness.
+
+    evaluate_model(model, tokenizer)        -> {"perplexity": {domain: {ppl, nll, tokens}}, "tasks": {...}, ...}
+    compare(before, after)                  -> per-domain ratio pruned / full, mean and worst domain, task deltas
+
+Defaults are the embedded demo evaluation shards (held out from calibration) and the demo tasks.
+See perplexity.py, multiple_choice.py and lm_eval_bridge.py for what each number means.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from ..arch import MoePruneError
+from .multiple_choice import load_task, multiple_choice, resolve_tasks, task_accuracy
+from .perplexity import domain_perplexity, perplexity, resolve_domains
+
+__all__ = ["compare", "domain_perplexity", "evaluate_model", "evaluation_section", "lm_eval_tasks", "load_task",
+           "multiple_choice", "perplexity", "resolve_domains", "resolve_tasks", "task_accuracy", "write_task_yaml"]
+
+
+def lm_eval_tasks(*args, **kwargs):
+    """See lm_eval_bridge.lm_eval_tasks (imported lazily: lm-eval is an optional extra)."""
+    from .lm_eval_bridge import lm_eval_tasks as run
+    return run(*args, **kwargs)
+
+
+def write_task_yaml(*args, **kwargs):
+    """See lm_eval_bridge.write_task_yaml."""
+    from .lm_eval_bridge import write_task_yaml as write
+    return write(*args, **kwargs)
+
+
+def _split(names) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = [names]
+    return [n.strip() for item in names for n in str(item).split(",") if n.strip()]
+
+
+def _run_lm_eval(model, tokenizer, names: list[str], task_dir, batch_size: int, limit) -> dict:
+    """lm-eval tasks by name; a name that is one of our JSONL tasks (demo name or .jsonl path) gets a YAML."""
+    ours, theirs = {}, []
+    for name in names:
+        try:
+            ours.update(resolve_tasks([name]))
+        except MoePruneError:
+            theirs.append(name)
+    dirs = [str(Path(task_dir).expanduser())] if task_dir else []
+    with tempfile.TemporaryDirectory(prefix="moeprune-lmeval-") as tmp:
+        for name, path in ours.items():
+            write_task_yaml(path, tmp, name=name)
+        if ours:
+            dirs.append(tmp)
+        return lm_eval_tasks(model, tokenizer, [*ours, *theirs], task_dir=dirs or None, limit=limit,
+                             batch_size=batch_size)
+
+
+def evaluate_model(model, tokenizer, domains=None, tasks=None, lm_eval=None, lm_eval_dir=None, seq_len: int = 256,
+                   stride: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
+                   task_limit: int | None = None, progress: bool = True) -> dict:
+    """Everything the report needs about one model.
+
+    domains: None = the demo evaluation shards; [] = no perplexity; else see perplexity.resolve_domains.
+    tasks: None = the demo multiple-choice tasks (none if absent); [] = none; else see resolve_tasks.
+    lm_eval: lm-eval task names (list or comma-separated); our JSONL task names/paths are run through lm-eval
+    too via a generated YAML. lm_eval_dir: a folder of extra local lm-eval YAML tasks.
+    Returns {"perplexity": {...}, "tasks": {...}, "lm_eval": {...} (when asked), "settings": {...}, "seconds": s}.
+    """
+    if tokenizer is None:
+        raise MoePruneError("evaluation needs the model's tokenizer, and the model has none; add tokenizer files "
+                            "to the model folder, or skip the evaluation (--no-eval)")
+    start = time.perf_counter()
+    ppl = domain_perplexity(model, tokenizer, domains, seq_len, stride, batch_size, max_tokens, progress) \
+        if domains is None or len(domains) else {}
+    acc = task_accuracy(model, tokenizer, tasks, batch_size, task_limit, progress) \
+        if tasks is None or len(tasks) else {}
+    out = {"perplexity": ppl, "tasks": acc}
+    names = _split(lm_eval)
+    if names:
+        out["lm_eval"] = _run_lm_eval(model, tokenizer, names, lm_eval_dir, batch_size, task_limit)
+    out["settings"] = {"seq_len": seq_len, "stride": stride or seq_len, "max_tokens": max_tokens,
+                       "task_limit": task_limit}
+    out["seconds"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def compare(before: dict | None, after: dict) -> dict:
+    """Per domain ppl before/after and ratio after/before; mean (arithmetic and geometric) and worst ratio;
+    per task acc and acc_norm before/after; lm-eval metrics before/after. Without `before`, after only."""
+    before = before or {}
+    out: dict = {"perplexity": {}, "tasks": {}}
+    ratios = {}
+    for d, a in after.get("perplexity", {}).items():
+        row = {"before": None, "after": a["ppl"], "ratio": None}
+        b = before.get("perplexity", {}).get(d)
+        if b is not None:
+            row["before"] = b["ppl"]
+            row["ratio"] = ratios[d] = a["ppl"] / b["ppl"]
+        out["perplexity"][d] = row
+    if ratios:
+        worst = max(ratios, key=ratios.get)
+        out["mean_ratio"] = sum(ratios.values()) / len(ratios)
+        out["geomean_ratio"] = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+        out["worst"] = {"domain": worst, "ratio": ratios[worst]}
+    pa = [v["ppl"] for v in after.get("perplexity", {}).values()]
+    if pa:
+        out["mean_ppl_after"] = sum(pa) / len(pa)
+    pb = [before["perplexity"][d]["ppl"] for d in ratios]
+    if pb:
+        out["mean_ppl_before"] = sum(pb) / len(pb)
+    for t, a in after.get("tasks", {}).items():
+        b = before.get("tasks", {}).get(t, {})
+        out["tasks"][t] = {"acc_before": b.get("acc"), "acc_after": a["acc"], "acc_norm_before": b.get("acc_norm"),
+                           "acc_norm_after": a["acc_norm"], "n": a["n"], "chance": a["chance"]}
+    if "lm_eval" in after:
+        out["lm_eval"] = {}
+        for t, metrics in after["lm_eval"].items():
+            b = before.get("lm_eval", {}).get(t, {})
+            out["lm_eval"][t] = {m: {"before": b.get(m), "after": v} for m, v in metrics.items()
+                                 if m != "n" and not m.endswith("_stderr")}
+    return out
+
+
+def evaluation_section(before: dict | None, after: dict) -> dict:
+    """The report's "evaluation" entry: {"before", "after", "comparison"}."""
+    return {"before": before, "after": after, "comparison": compare(before, after)}
