@@ -187,3 +187,13 @@ def test_group_routing_falls_back_when_k_not_divisible():
         apply_plan(model, layout, plan_for(layout, [[e] for e in range(5)]))
     assert model.config.n_group == 1 and model.config.topk_group == 1
     assert model(torch.arange(3, 10)[None]).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "deepseek_v2"])
+def test_group_routing_falls_back_for_groups_of_one(family):
+    """K == n_group would leave one expert per group; V3/GLM score groups by their top-2 sum."""
+    model = make(family)
+    layout = moe_layout(model)
+    with pytest.warns(UserWarning, match="group-limited routing falls back"):
+        apply_plan(model, layout, plan_for(layout, [[0], [5]]))
+    assert model.config.n_group == 1 and model(torch.arange(3, 10)[None]).logits.isfinite().all()

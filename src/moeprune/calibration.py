@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import demo
 from .arch import Layout, MoeLayer, MoePruneError, decoder_layers
+from .routing import routing_rule
 from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats, Stats
 
@@ -239,6 +240,7 @@ def collect(model, layout: Layout, input_ids: torch.Tensor, *, sample_tokens: in
                 handle.remove()
         if observer is not None:
             stats[i] = observer.result()
+            stats[i].routing = routing_rule(moe[i], layout.family)
             # model-centric similarity needs the weights, which a method never sees: derive it now
             reps = weight_representation(moe[i].experts, layout.family.gate_up)
             for name, fn in SIMILARITIES.items():

@@ -11,7 +11,7 @@ another K needs no model run. Similarity matrices are derived once and cached wi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,9 @@ class LayerStats:
     logits: torch.Tensor            # [n, E] float32, router logits on the sample
     outputs: torch.Tensor           # [E, n, d] float32, every routed expert's output on the sample
     cache: dict[str, torch.Tensor] = field(default_factory=dict)   # derived matrices, e.g. "similarity/cka/output"
+    # the layer's routing rule as data (routing.routing_rule), so that routing restricted to a subset of
+    # experts can be replayed on `logits` without the model (NAEE); {} in statistics from before it existed
+    routing: dict = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -73,7 +76,7 @@ class Stats:
                 tensors[f"{i}.{name}"] = getattr(ls, name).contiguous()
             for key, value in ls.cache.items():
                 tensors[f"{i}.cache.{key}"] = value.contiguous()
-            meta[str(i)] = {"top_k": ls.top_k, "tokens": ls.tokens}
+            meta[str(i)] = {"top_k": ls.top_k, "tokens": ls.tokens, "routing": ls.routing}
         save_file(tensors, str(folder / "stats.safetensors"))
         header = {"version": STATS_VERSION, "model_type": self.model_type, "model": self.model,
                   "calibration": self.calibration, "layers": meta}
@@ -91,6 +94,7 @@ class Stats:
             i = int(key)
             cache = {k[len(f"{i}.cache."):]: v for k, v in tensors.items() if k.startswith(f"{i}.cache.")}
             layers[i] = LayerStats(layer=i, top_k=meta["top_k"], tokens=meta["tokens"], cache=cache,
+                                   routing=meta.get("routing", {}),
                                    **{name: tensors[f"{i}.{name}"] for name in _TENSORS})
         return cls(header["model_type"], header["model"], header["calibration"], layers)
 

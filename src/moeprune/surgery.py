@@ -16,6 +16,7 @@ from .align import align_to, neuron_activations
 from .arch import Layout, MoeLayer, MoePruneError, get_tensor
 from .calibration import probabilities
 from .plan import LayerPlan, Plan
+from .routing import group_routing_after
 from .stats import LayerStats, Stats
 
 FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
@@ -108,14 +109,15 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
 
 
 def _group_routing(layout: Layout, keep: int) -> None:
-    """DeepSeek/GLM group-limited routing needs K divisible by n_group; else fall back to one group."""
+    """Keep DeepSeek/GLM group-limited routing valid for `keep` experts (see routing.group_routing_after)."""
     if layout.family.group_fields is None:
         return
     n_field, topk_field = layout.family.group_fields
-    n_group = getattr(layout.config, n_field, None) or 1
-    if keep % n_group == 0 and getattr(layout.config, topk_field, 1) <= n_group:
+    n_group, topk_group = getattr(layout.config, n_field, None) or 1, getattr(layout.config, topk_field, None) or 1
+    new = group_routing_after(keep, n_group, topk_group)
+    if new == (n_group, topk_group):
         return
-    warnings.warn(f"{keep} experts per layer is not divisible by {n_field}={n_group}: "
+    warnings.warn(f"{keep} experts per layer cannot form {n_field}={n_group} groups of at least 2: "
                   f"group-limited routing falls back to {n_field}={topk_field}=1", stacklevel=3)
     setattr(layout.config, n_field, 1)
     setattr(layout.config, topk_field, 1)

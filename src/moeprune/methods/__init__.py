@@ -84,4 +84,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import selection, diverse  # noqa: E402,F401  (registers the methods)
+from . import selection, diverse, naee, msmoe, hcsmoe  # noqa: E402,F401  (registers the methods)

@@ -1,0 +1,151 @@
+"""Routing as data: recompute a layer's top-k routing from cached router logits, for any subset of experts.
+
+NAEE (and any method that scores a subset of experts by the output of the pruned layer) needs the
+routing the pruned model will do: the router keeps only the rows of the kept experts, so softmax,
+top-k, renormalisation and group limits all act on the kept experts alone. A method never sees the
+model, so the calibration pass records each layer's routing rule as plain data (`routing_rule`),
+and `restricted_routing` replays it on the cached logits [n, E]. Restricting the logits to a subset
+is exact, because a router's logit for an expert depends only on that expert's row (and bias).
+
+The rule, per family (transformers 5.x router code):
+    mixtral                 softmax, top-k, renormalise
+    qwen2_moe/qwen3_moe/olmoe  softmax, top-k, renormalise if norm_topk_prob
+    deepseek_v2             softmax, (group-limited: best max-score groups) top-k, x routed_scaling_factor
+    deepseek_v3, glm4_moe   sigmoid, choice on sigmoid + correction bias within the best groups (sum of
+                            the top-2 scores per group), weights = sigmoid, renormalise if norm_topk_prob,
+                            x routed_scaling_factor
+    ernie4_5_moe            softmax, choice on softmax + correction bias, weights = softmax, renormalise
+    phimoe                  sparsemixer: top-1, then top-1 of the rest, each weighted by a softmax over the
+                            experts within 2 x jitter_eps (relative) of it
+    gpt_oss                 top-k of the logits, softmax over those k
+
+Group-limited routing of a subset follows what surgery does to the pruned model: the kept experts, in
+id order, form n_group consecutive groups when n_group divides their number; otherwise routing falls
+back to one group (surgery._group_routing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import Family, MoeLayer, MoePruneError, get_tensor
+
+SELECT = ("topk", "sparsemixer")
+
+
+def routing_rule(layer: MoeLayer, family: Family) -> dict:
+    """The routing rule of one MoE layer as JSON-able data, read from its router module."""
+    r = layer.router
+    rule = {"scoring": family.scoring, "select": "topk", "topk_softmax": False, "renormalize": False,
+            "norm_min": 1e-20, "scale": 1.0, "correction_bias": None, "n_group": 1, "topk_group": 1,
+            "group_score": "max", "jitter_eps": 0.0}
+    mt = family.model_type
+    if mt == "mixtral":
+        rule["renormalize"] = True
+    elif mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        rule["renormalize"] = bool(r.norm_topk_prob)
+    elif mt == "deepseek_v2":
+        rule["scale"] = float(r.routed_scaling_factor)
+        if r.topk_method == "group_limited_greedy":
+            rule.update(n_group=int(r.num_group), topk_group=int(r.topk_group), group_score="max")
+        elif r.topk_method != "greedy":
+            raise MoePruneError(f"deepseek_v2 topk_method {r.topk_method!r} is not supported")
+    elif mt in ("deepseek_v3", "glm4_moe"):
+        rule.update(renormalize=bool(r.norm_topk_prob), scale=float(r.routed_scaling_factor),
+                    correction_bias=r.e_score_correction_bias.detach().float().flatten().tolist(),
+                    n_group=int(r.num_group), topk_group=int(r.topk_group), group_score="top2_sum")
+    elif mt == "ernie4_5_moe":
+        bias = get_tensor(r, "moe_statics.e_score_correction_bias")
+        rule.update(renormalize=True, norm_min=float(r.norm_min),
+                    correction_bias=bias.detach().float().flatten().tolist())
+    elif mt == "phimoe":
+        rule.update(select="sparsemixer", jitter_eps=float(r.router_jitter_noise))
+    elif mt == "gpt_oss":
+        rule["topk_softmax"] = True
+    else:
+        raise MoePruneError(f"no routing rule for model type {mt!r}; add one in moeprune/routing.py")
+    return rule
+
+
+def group_routing_after(keep: int, n_group: int, topk_group: int) -> tuple[int, int]:
+    """(n_group, topk_group) of group-limited routing once `keep` experts remain per layer.
+
+    The kept experts, in id order, form n_group consecutive groups. That needs n_group to divide
+    `keep` and at least 2 experts per group (DeepSeek-V3/GLM score a group by its top-2 sum); else
+    routing falls back to one group. Surgery and the replayed routing both follow this one rule.
+    """
+    if n_group > 1 and keep % n_group == 0 and keep // n_group >= 2 and topk_group <= n_group:
+        return n_group, topk_group
+    return 1, 1
+
+
+def _group_mask(choice: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """[..., K] bool: the experts in each token's best `topk_group` of `n_group` consecutive groups."""
+    *lead, K = choice.shape
+    grouped = choice.reshape(*lead, n_group, K // n_group)
+    if group_score == "max":
+        scores = grouped.max(dim=-1).values
+    else:   # "top2_sum"; a group of one expert scores that expert alone
+        scores = grouped.topk(min(2, K // n_group), dim=-1).values.sum(dim=-1)
+    best = scores.topk(topk_group, dim=-1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
+    return mask.unsqueeze(-1).expand(*lead, n_group, K // n_group).reshape(*lead, K)
+
+
+def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's top-2 sparsemixer in inference mode (transformers' `sparsemixer`, training=False)."""
+    weights, indices = [], []
+    scores = logits
+    for _ in range(2):
+        top, idx = scores.max(dim=-1, keepdim=True)
+        factor = logits.abs().clamp(min=top)
+        masked = scores.masked_fill((top - logits) / factor > 2 * eps, float("-inf"))
+        weights.append(torch.softmax(masked, dim=-1).gather(-1, idx))
+        indices.append(idx)
+        scores = scores.scatter(-1, idx, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
+
+
+def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of a layer pruned to `subset`, replayed on its router logits [n, E] (float64).
+
+    `subset`: expert ids (any order), or a LongTensor [B, K] of B subsets at once.
+    Returns (weights [n, k], indices [n, k]), or [B, n, k] each for B subsets, with indices in the
+    original expert ids and k = min(top_k, K) (2 for PhiMoE's sparsemixer). Column order within a row
+    is not meaningful (some routers use unsorted top-k).
+    """
+    if not routing:
+        raise MoePruneError("these statistics carry no routing rule; recollect them with this version of moeprune")
+    batched = torch.is_tensor(subset) and subset.dim() == 2
+    ids = (subset if batched else torch.as_tensor([int(e) for e in subset], dtype=torch.long)[None]).sort(-1).values
+    B, K = ids.shape
+    n = logits.shape[0]
+    k = min(top_k, K)
+    x = logits.double().T[ids].transpose(1, 2)                           # [B, n, K]
+
+    def done(weights: torch.Tensor, local: torch.Tensor):
+        """local positions in the subset -> original expert ids; drop the batch axis for one subset."""
+        indices = ids.unsqueeze(1).expand(B, n, K).gather(-1, local)
+        return (weights, indices) if batched else (weights[0], indices[0])
+
+    if routing["select"] == "sparsemixer":
+        if K < 2:
+            raise MoePruneError("PhiMoE's sparsemixer routes every token to 2 experts; keep at least 2")
+        return done(*_sparsemixer(x, routing["jitter_eps"]))
+    if routing["topk_softmax"]:                                           # GPT-OSS
+        top, local = x.topk(k, dim=-1)
+        return done(torch.softmax(top, dim=-1), local)
+    scores = torch.sigmoid(x) if routing["scoring"] == "sigmoid" else torch.softmax(x, dim=-1)
+    choice = scores
+    if routing["correction_bias"] is not None:
+        choice = scores + torch.tensor(routing["correction_bias"], dtype=torch.float64)[ids].unsqueeze(1)
+    n_group, topk_group = group_routing_after(K, routing["n_group"], routing["topk_group"])
+    if n_group > 1:
+        keep = _group_mask(choice, n_group, topk_group, routing["group_score"])
+        # DeepSeek-V2 masks with 0 (softmax scores are >= 0), DeepSeek-V3/GLM with -inf
+        choice = choice.masked_fill(~keep, 0.0 if routing["group_score"] == "max" else float("-inf"))
+    local = choice.topk(k, dim=-1).indices
+    weights = scores.gather(-1, local)
+    if routing["renormalize"]:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(routing["norm_min"])
+    return done(weights * routing["scale"], local)
