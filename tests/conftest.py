@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 from moeprune.arch import FAMILIES, moe_layout
 from moeprune.tiny import tiny_model
@@ -68,3 +70,36 @@ def tokens():
 
 def make(model_type: str, **kw):
     return tiny_model(model_type, **kw)
+
+
+# ---------------------------------------------------------------- tiny tokenizers built in the tests
+
+WORDS = ["<pad>", "<unk>", "<eos>", "<bos>", "the", "cat", "dog", "elephant", "sat", "ran", "is", "a", "big",
+         "on", "mat", "red", "blue", "green", "fish", "bird"]
+V = {w: i for i, w in enumerate(WORDS)}
+VOCAB = 256                                    # the tiny models' vocabulary
+
+
+def word_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over WORDS; with bos=True it prepends <bos> like Llama's."""
+    tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    kwargs = {}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", V["<bos>"])])
+        kwargs["bos_token"] = "<bos>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                   **kwargs)
+
+
+CHARS = ["<pad>", "<unk>", "<eos>", "<bos>", *"abcdefghijklmnopqrstuvwxyz0123456789 \n.,?:'"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, whitespace included: scores see every space and newline."""
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>")

@@ -16,8 +16,6 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from moeprune import demo
 from moeprune.arch import MoePruneError
@@ -37,35 +35,7 @@ from moeprune.tiny import tiny_model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-WORDS = ["<pad>", "<unk>", "<eos>", "<bos>", "the", "cat", "dog", "elephant", "sat", "ran", "is", "a", "big",
-         "on", "mat", "red", "blue", "green", "fish", "bird"]
-V = {w: i for i, w in enumerate(WORDS)}
-VOCAB = 256                                    # the tiny models' vocabulary
-
-
-def word_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over WORDS; with bos=True it prepends <bos> like Llama's."""
-    tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    kwargs = {}
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", V["<bos>"])])
-        kwargs["bos_token"] = "<bos>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-                                   **kwargs)
-
-
-CHARS = ["<pad>", "<unk>", "<eos>", "<bos>", *"abcdefghijklmnopqrstuvwxyz0123456789 \n.,?:'"]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, whitespace included: scores see every space and newline."""
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<bos>")
+from conftest import CHARS, V, VOCAB, WORDS, char_tokenizer, word_tokenizer  # noqa: E402,F401
 
 
 def bigram_model(table: dict[int, dict[int, float]] | None = None):
