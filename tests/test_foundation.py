@@ -197,3 +197,14 @@ def test_group_routing_falls_back_for_groups_of_one(family):
     with pytest.warns(UserWarning, match="group-limited routing falls back"):
         apply_plan(model, layout, plan_for(layout, [[0], [5]]))
     assert model.config.n_group == 1 and model(torch.arange(3, 10)[None]).logits.isfinite().all()
+
+
+def test_pruned_model_trains_with_the_router_loss(family, tokens):
+    """output_router_logits=True makes the causal-LM head compute the load-balancing loss over E experts."""
+    model = make(family, output_router_logits=True)
+    layout = moe_layout(model)
+    apply_plan(model, layout, plan_for(layout, [[0, 3], [1], [2], [4, 7], [5], [6]]))
+    out = model(tokens, labels=tokens)
+    assert out.loss.isfinite()
+    assert getattr(out, "aux_loss", None) is None or out.aux_loss.isfinite()   # DeepSeek/GLM have no aux loss
+    assert getattr(model, "num_experts", 6) == 6

@@ -99,13 +99,6 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
             rows = [_merge([t.select(axis, e) for e in g], w) for g, w in zip(lp.groups, lp.weights)]
         _set_tensor(layer.router, name, torch.stack(rows, dim=axis).contiguous())
 
-    k = lp.keep
-    for module in [layer.block, layer.router, layer.experts]:
-        for attr in _COUNT_ATTRS:
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, k)
-        if isinstance(getattr(module, "top_k", None), int):
-            module.top_k = min(module.top_k, k)
 
 
 def _group_routing(layout: Layout, keep: int) -> None:
@@ -127,6 +120,19 @@ def _group_routing(layout: Layout, keep: int) -> None:
                 setattr(layer.router, attr, 1)
 
 
+def _update_attributes(model: nn.Module, before: int, keep: int) -> None:
+    """Every module attribute that holds the expert count or top-k (MoE blocks, routers, experts, and the
+    causal-LM head's load-balancing loss) follows the new expert count."""
+    for module in model.modules():
+        for attr in _COUNT_ATTRS:
+            if getattr(module, attr, None) == before and isinstance(getattr(module, attr), int):
+                setattr(module, attr, keep)
+        for attr in ("top_k", "num_experts_per_tok"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > keep:
+                setattr(module, attr, keep)
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, layout: Layout, plan: Plan, stats: Stats | None = None) -> None:
     """Prune/merge the model in place according to `plan`; the config is updated to match."""
@@ -139,10 +145,12 @@ def apply_plan(model: nn.Module, layout: Layout, plan: Plan, stats: Stats | None
     if len(keeps) != 1:
         raise MoePruneError(f"transformers configs hold one expert count for all layers; this plan keeps {keeps}")
     keep = keeps.pop()
+    before = layout.layers[0].num_experts
     if plan.needs_stats and stats is None:
         raise MoePruneError("this plan (activation alignment or fitted merge) needs the calibration statistics")
     for i, lp in plan.layers.items():
         merge_layer(by_index[i], lp, plan, layout, stats.layers[i] if stats is not None else None)
+    _update_attributes(model, before, keep)
     cfg = layout.config
     setattr(cfg, layout.family.n_experts_field, keep)
     top_k = getattr(cfg, layout.family.top_k_field)
