@@ -116,3 +116,14 @@ def test_same_command_twice_gives_the_same_checkpoint(tiny_dir, tmp_path, capsys
         assert run(capsys, "prune", tiny_dir, "--keep", 5, "--method", "random", "--calib", "random",
                    "--samples", 2, "--seq-len", 16, "--out", tmp_path / name, "--quiet", "--no-eval")[0] == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_auto_dtype_computes_in_float32_and_saves_in_the_checkpoint_dtype(tmp_path):
+    src = tmp_path / "bf16"
+    make("qwen2_moe").to(torch.bfloat16).save_pretrained(src)
+    result = api.prune(api.PruneConfig(model=str(src), keep=6, method="frequency", out=str(tmp_path / "o"),
+                                       calib="random", samples=2, seq_len=16, quiet=True, no_eval=True))
+    assert next(result.model.parameters()).dtype == torch.bfloat16      # cast back for saving
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

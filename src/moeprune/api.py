@@ -52,8 +52,8 @@ class PruneConfig:
     plan: str | None = field(default=None, metadata={"help": "apply this plan.json instead of planning"})
     plan_out: str | None = field(default=None, metadata={"help": "also write the plan to this file"})
     stats_cache: str | None = field(default=None, metadata={"help": "folder to save/reuse calibration statistics"})
-    dtype: str = field(default="auto", metadata={"help": "dtype to load, compute and save in: auto, float32, "
-                                                          "bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": "dtype to compute and save in: float32, bfloat16, float16; "
+                                                          "auto: float32 on the CPU, saved in the checkpoint's dtype"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     no_eval: bool = field(default=False, metadata={"help": "skip the before/after evaluation"})
     eval_domains: str | None = field(default=None, metadata={
@@ -212,7 +212,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         report["evaluation"] = evaluation_section(before, after)
     if out is not None:
         with AtomicFolder(out, cfg.overwrite) as tmp:
-            stages.run("save", save_model, model, loaded.tokenizer, tmp)
+            stages.run("save", save_model, model, loaded.tokenizer, tmp, loaded.save_dtype)
             plan.save(tmp / "plan.json")
             report["bytes_on_disk"]["after"] = folder_bytes(tmp)
             report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import demo
 from .arch import MoePruneError
@@ -29,6 +29,7 @@ class Loaded:
     tokenizer: object | None
     name: str                   # what the user asked for
     path: Path | None           # local folder it came from (None for tiny models and hub ids)
+    save_dtype: torch.dtype | None = None   # the dtype to write the pruned checkpoint in
 
 
 def resolve(spec: str | None) -> tuple[str, Path | None]:
@@ -53,6 +54,9 @@ def resolve(spec: str | None) -> tuple[str, Path | None]:
 
 
 def load(spec: str | None, dtype: str = "auto", device: str = "cpu") -> Loaded:
+    """Load a model for pruning. dtype "auto": float32 on the CPU (its bfloat16 kernels are slow, and
+    statistics want the precision), the checkpoint's own dtype elsewhere; either way the pruned
+    checkpoint is saved in the checkpoint's own dtype. An explicit dtype is used for both."""
     name, path = resolve(spec)
     if dtype not in DTYPES:
         raise MoePruneError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -63,8 +67,12 @@ def load(spec: str | None, dtype: str = "auto", device: str = "cpu") -> Loaded:
             model = model.to(DTYPES[dtype])
         return Loaded(model.to(device), None, name, None)
     source = str(path) if path is not None else name
+    compute = DTYPES[dtype]
+    if dtype == "auto" and torch.device(device).type == "cpu":
+        compute = torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        own = AutoConfig.from_pretrained(source).dtype           # the checkpoint's own dtype, before loading
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute)
     except OSError as e:
         raise MoePruneError(f"could not load model {name!r}: {e}. Is it a local folder, or is the machine "
                             "online for a hub id?") from e
@@ -72,7 +80,9 @@ def load(spec: str | None, dtype: str = "auto", device: str = "cpu") -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return Loaded(model.to(device).eval(), tokenizer, name, path)
+    own = getattr(torch, own) if isinstance(own, str) else own
+    save_dtype = DTYPES[dtype] if dtype != "auto" else (own if isinstance(own, torch.dtype) else None)
+    return Loaded(model.to(device).eval(), tokenizer, name, path, save_dtype)
 
 
 def folder_bytes(path: Path | None) -> int | None:
@@ -121,8 +131,10 @@ class AtomicFolder:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
+def save_model(model, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> None:
     """A standard checkpoint: transformers writes the experts in the hub's per-expert layout."""
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = model.to(dtype)
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
