@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmarks: the task-agnostic protocol on the embedded demo data.
+
+Calibration uses a mix that leaves two domains out (UNSEEN); every domain is evaluated on its
+held-out shard. For choosing options, each seen domain's calibration shard is split by document
+into a calibration part and a validation part, so nothing is tuned on the evaluation shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from moeprune import demo
+from moeprune.arch import moe_layout
+from moeprune.calibration import calibration_tokens, collect
+from moeprune.evaluate.perplexity import domain_perplexity
+from moeprune.surgery import apply_plan
+
+UNSEEN = ["code", "math"]
+
+
+def seen_domains() -> list[str]:
+    return [d for d in demo.domains("calib") if d not in UNSEEN]
+
+
+def split_calibration(work: Path, valid_fraction: float = 0.2, seed: int = 0) -> tuple[Path, dict[str, Path]]:
+    """Write calib/<d>.txt and valid/<d>.txt for the seen domains (split by document, seeded)."""
+    calib, valid = work / "calib", work / "valid"
+    calib.mkdir(parents=True, exist_ok=True)
+    valid.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for d in seen_domains():
+        docs = [x for x in demo.shard("calib", d).read_text(encoding="utf-8").split("\n\n") if x.strip()]
+        idx = list(range(len(docs)))
+        random.Random(seed).shuffle(idx)
+        cut = max(1, int(len(docs) * valid_fraction))
+        (valid / f"{d}.txt").write_text("\n\n".join(docs[i] for i in sorted(idx[:cut])), encoding="utf-8")
+        (calib / f"{d}.txt").write_text("\n\n".join(docs[i] for i in sorted(idx[cut:])), encoding="utf-8")
+        out[d] = valid / f"{d}.txt"
+    return calib, out
+
+
+def eval_domains() -> dict[str, Path]:
+    return {d: demo.shard("eval", d) for d in demo.domains("eval")}
+
+
+def stats_for(model, tokenizer, calib_spec: str, samples: int, seq_len: int, seed: int, sample_tokens: int):
+    layout = moe_layout(model)
+    tokens = calibration_tokens(calib_spec, tokenizer, samples, seq_len, seed)
+    start = time.perf_counter()
+    stats = collect(model, layout, tokens, sample_tokens=sample_tokens, seed=seed, progress=False)
+    return stats, tokens, time.perf_counter() - start
+
+
+def pruned_copy(model, plan, stats):
+    pruned = copy.deepcopy(model)
+    start = time.perf_counter()
+    apply_plan(pruned, moe_layout(pruned), plan, stats)
+    return pruned, time.perf_counter() - start
+
+
+def ppl(model, tokenizer, domains: dict[str, Path], max_tokens: int) -> dict[str, float]:
+    with torch.no_grad():
+        res = domain_perplexity(model, tokenizer, domains, max_tokens=max_tokens, progress=False)
+    return {d: r["ppl"] for d, r in res.items()}
+
+
+def ratios(pruned: dict[str, float], full: dict[str, float]) -> dict[str, float]:
+    return {d: pruned[d] / full[d] for d in full}
+
+
+def summarise(r: dict[str, float]) -> dict[str, float]:
+    seen = [v for d, v in r.items() if d not in UNSEEN]
+    unseen = [v for d, v in r.items() if d in UNSEEN]
+    return {"mean": sum(r.values()) / len(r), "worst": max(r.values()),
+            "seen": sum(seen) / max(1, len(seen)), "unseen": sum(unseen) / max(1, len(unseen))}

@@ -1,0 +1,200 @@
+"""Benchmark every method on the demo models under the task-agnostic protocol; write docs/BENCHMARKS.md.
+
+    python benchmarks/compare.py                       # full run: 2 models x 2 sparsities x 3 seeds x all methods
+    python benchmarks/compare.py --seeds 0 --eval-tokens 4096 --models demo-mixtral   # a quick look
+
+Per model and calibration seed: one statistics pass on the seen-domain mix, then every registered
+method at both sparsities, each applied to a copy of the model and evaluated on every domain's
+held-out shard (seen and unseen reported apart) and on the multiple-choice tasks.
+Time per stage and peak memory (RSS) are recorded; results go to docs/benchmarks.json and the tables
+and plot to docs/BENCHMARKS.md and docs/img/quality_vs_sparsity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import UNSEEN, eval_domains, ppl, pruned_copy, ratios, seen_domains, split_calibration, stats_for, summarise  # noqa: E402
+
+from moeprune.arch import moe_layout  # noqa: E402
+from moeprune.checkpoint import load, save_model  # noqa: E402
+from moeprune.evaluate.multiple_choice import task_accuracy  # noqa: E402
+from moeprune.methods import METHODS  # noqa: E402
+
+KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [0.75, 0.5]}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mean_acc(acc: dict) -> float:
+    return statistics.mean(v["acc"] for v in acc.values()) if acc else float("nan")
+
+
+def run_model(name: str, args, calib_dir: Path) -> dict:
+    loaded = load(name, dtype="float32")      # CPU: float32 kernels are faster than bfloat16
+    model, tok = loaded.model, loaded.tokenizer
+    torch.manual_seed(0)
+    E = moe_layout(model).layers[0].num_experts
+    keeps = [k if isinstance(k, int) else round(E * k) for k in KEEPS.get(name, [0.75, 0.5])]
+    domains = eval_domains()
+    full = ppl(model, tok, domains, args.eval_tokens)
+    full_acc = task_accuracy(model, tok, limit=args.task_limit, progress=False)
+    result = {"model": name, "experts": E, "keeps": keeps, "full_ppl": full,
+              "full_acc": {t: v["acc"] for t, v in full_acc.items()}, "runs": []}
+    for seed in args.seeds:
+        stats, tokens, t_stats = stats_for(model, tok, str(calib_dir), args.samples, args.seq_len, seed,
+                                           args.sample_tokens)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in tokens.split(8):
+                model(input_ids=batch, use_cache=False)
+        t_forward = time.perf_counter() - start
+        print(f"[{name} seed {seed}] stats {t_stats:.1f}s, one forward {t_forward:.1f}s, peak {peak_mb():.0f} MB",
+              flush=True)
+        for method in args.methods:
+            for keep in keeps:
+                start = time.perf_counter()
+                plan = METHODS[method].plan(stats, keep, seed)
+                t_plan = time.perf_counter() - start
+                pruned, t_apply = pruned_copy(model, plan, stats)
+                with tempfile.TemporaryDirectory() as tmp:
+                    start = time.perf_counter()
+                    save_model(pruned, tok, Path(tmp))
+                    t_save = time.perf_counter() - start
+                p = ppl(pruned, tok, domains, args.eval_tokens)
+                acc = task_accuracy(pruned, tok, limit=args.task_limit, progress=False) if seed == args.seeds[0] \
+                    else None
+                r = ratios(p, full)
+                row = {"seed": seed, "method": method, "keep": keep, "ppl": p, "ratio": r, **summarise(r),
+                       "acc": {t: v["acc"] for t, v in acc.items()} if acc else None,
+                       "seconds": {"stats": t_stats, "plan": t_plan, "apply": t_apply, "save": t_save,
+                                   "forward": t_forward},
+                       "peak_rss_mb": peak_mb()}
+                result["runs"].append(row)
+                print(f"  {method:16s} keep {keep:2d}: mean {row['mean']:.3f} worst {row['worst']:.3f} "
+                      f"unseen {row['unseen']:.3f} plan {t_plan:.2f}s apply {t_apply:.2f}s", flush=True)
+                del pruned
+    return result
+
+
+def aggregate(result: dict) -> list[dict]:
+    rows = []
+    for keep in result["keeps"]:
+        for method in dict.fromkeys(r["method"] for r in result["runs"]):
+            runs = [r for r in result["runs"] if r["method"] == method and r["keep"] == keep]
+            if not runs:
+                continue
+            agg = {"method": method, "keep": keep}
+            for key in ("mean", "worst", "seen", "unseen"):
+                vals = [r[key] for r in runs]
+                agg[key] = statistics.mean(vals)
+                agg[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            accs = [r for r in runs if r["acc"]]
+            agg["acc"] = statistics.mean(accs[0]["acc"].values()) if accs else float("nan")
+            sec = lambda k: statistics.mean(r["seconds"][k] for r in runs)  # noqa: E731
+            agg.update(plan_s=sec("plan"), apply_s=sec("apply"), save_s=sec("save"), stats_s=sec("stats"),
+                       forward_s=sec("forward"), peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
+            agg["prune_vs_forward"] = (agg["stats_s"] + agg["plan_s"] + agg["apply_s"] + agg["save_s"]) / agg["forward_s"]
+            rows.append(agg)
+    return rows
+
+
+def markdown(results: list[dict], args, wall: float) -> str:
+    lines = ["# Benchmarks: every method, two sparsities, two models", "",
+             f"Command: `python benchmarks/compare.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}, "
+             f"torch {torch.__version__}; wall time {wall / 60:.1f} min.  ",
+             f"Calibration: {args.samples} x {args.seq_len} tokens from the seen domains "
+             f"({', '.join(seen_domains())}; 80% of each calibration shard, by document), seeds {args.seeds}. "
+             f"Unseen domains: {', '.join(UNSEEN)}. Evaluation: first {args.eval_tokens} tokens of every domain's "
+             "held-out shard; task accuracy on the multiple-choice tasks (first seed).", "",
+             "Perplexity ratio = pruned / full model (1.0 = nothing lost; lower is better). mean and worst over all "
+             "domains; seen/unseen: mean over those domains. +- is the standard deviation over calibration seeds.", ""]
+    for res in results:
+        lines += [f"## {res['model']} ({res['experts']} experts per layer)", "",
+                  "Full model perplexity: " + ", ".join(f"{d} {v:.2f}" for d, v in res["full_ppl"].items()) + "  ",
+                  "Full model task accuracy: " + ", ".join(f"{t} {v:.3f}" for t, v in res["full_acc"].items()), ""]
+        for keep in res["keeps"]:
+            rows = sorted((r for r in res["agg"] if r["keep"] == keep), key=lambda r: r["mean"])
+            lines += [f"### keep {keep} of {res['experts']}", "",
+                      "| method | mean ratio | worst domain | seen | unseen | task acc | plan s | apply s | save s |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for r in rows:
+                lines.append(f"| {r['method']} | {r['mean']:.3f} +- {r['mean_sd']:.3f} | {r['worst']:.3f} +- "
+                             f"{r['worst_sd']:.3f} | {r['seen']:.3f} | {r['unseen']:.3f} | {r['acc']:.3f} | "
+                             f"{r['plan_s']:.2f} | {r['apply_s']:.2f} | {r['save_s']:.2f} |")
+            lines.append("")
+        a = res["agg"][0]
+        lines += [f"Statistics pass {a['stats_s']:.1f} s; one plain forward over the same calibration tokens "
+                  f"{a['forward_s']:.2f} s; a whole prune (stats + plan + apply + save) is about "
+                  f"{a['prune_vs_forward']:.0f}x one forward. Peak RSS {max(r['peak_rss_mb'] for r in res['agg']):.0f} MB.",
+                  ""]
+    lines += ["![quality vs sparsity](img/quality_vs_sparsity.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for method in dict.fromkeys(r["method"] for r in res["agg"]):
+            pts = sorted((r["keep"] / res["experts"], r["mean"]) for r in res["agg"] if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                    linewidth=2.5 if method.startswith("diverse") else 1.2)
+        ax.set_title(res["model"])
+        ax.set_xlabel("fraction of experts kept")
+        ax.set_ylabel("mean perplexity ratio (pruned / full)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["demo-mixtral", "demo-fine"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--sample-tokens", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--task-limit", type=int, default=200)
+    ap.add_argument("--work", default="runs/bench")
+    ap.add_argument("--md", default="docs/BENCHMARKS.md")
+    ap.add_argument("--json", default="docs/benchmarks.json")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    calib_dir, _ = split_calibration(Path(args.work))
+    results = []
+    for name in args.models:
+        res = run_model(name, args, calib_dir)
+        res["agg"] = aggregate(res)
+        results.append(res)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    plot(results, Path(args.md).parent / "img" / "quality_vs_sparsity.png")
+    Path(args.md).write_text(markdown(results, args, time.perf_counter() - start))
+    print(f"wrote {args.md} and {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
