@@ -129,7 +129,7 @@ def test_perplexity_is_deterministic_and_batch_independent():
 
 
 def test_domains_errors(tmp_path, monkeypatch):
-    with pytest.raises(MoePruneError, match="neither a file nor a demo domain"):
+    with pytest.raises(MoePruneError, match="neither a .txt or .jsonl file nor a demo domain"):
         resolve_domains(["no-such-domain"])
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(MoePruneError, match=".txt or .jsonl"):

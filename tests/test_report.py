@@ -149,7 +149,7 @@ def test_eval_command_against_original(tmp_path, model_dir, texts, capsys):
     assert "](e_img/perplexity.png)" in md
     _assert_png(tmp_path / "e_img" / "perplexity.png")
     args = parser.parse_args(["eval", str(pruned), "--domains", "nonsense-domain"])
-    with pytest.raises(MoePruneError, match="neither a file nor a demo domain"):
+    with pytest.raises(MoePruneError, match="neither a .txt or .jsonl file nor a demo domain"):
         cmd_eval(args)
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import demo
 from ..arch import MoePruneError
+from .sources import named_files
 
 DEFAULT_MAX_LENGTH = 2048       # lm-eval's fallback when neither the config nor the tokenizer says
 
@@ -207,34 +208,7 @@ def resolve_tasks(tasks=None) -> dict[str, Path]:
     available = demo.task_files()
     if tasks is None:
         return dict(available)
-    if isinstance(tasks, dict):
-        out = {str(k): Path(v).expanduser() for k, v in tasks.items()}
-    else:
-        if isinstance(tasks, (str, Path)):
-            tasks = [tasks]
-        out = {}
-        for item in tasks:
-            item = str(item)
-            path = Path(item).expanduser()
-            if "=" in item and not path.exists():
-                name, p = item.split("=", 1)
-                out[name] = Path(p).expanduser()
-            elif path.is_dir():
-                files = sorted(path.glob("*.jsonl"))
-                if not files:
-                    raise MoePruneError(f"task folder {path} holds no .jsonl files")
-                out.update({p.stem: p for p in files})
-            elif path.exists():
-                out[path.stem] = path
-            elif item in available:
-                out[item] = available[item]
-            else:
-                hint = f"; demo tasks: {', '.join(available)}" if available else ""
-                raise MoePruneError(f"task {item!r} is neither a .jsonl file nor a demo task{hint}")
-    for name, path in out.items():
-        if not path.is_file():
-            raise MoePruneError(f"task file for {name!r} not found: {path}")
-    return out
+    return named_files(tasks, (".jsonl",), available, "task")
 
 
 def task_accuracy(model, tokenizer, tasks=None, batch_size: int = 8, limit: int | None = None,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import demo
 from ..arch import MoePruneError
+from .sources import named_files
 
 # ---------------------------------------------------------------- text -> token stream
 
@@ -158,38 +159,8 @@ def resolve_domains(domains=None) -> dict[str, Path]:
             raise MoePruneError("the embedded demo evaluation shards (moeprune/demo/data/eval/*.txt) are missing "
                                 "from this installation; name evaluation text with --domains FILE [FILE ...]")
         return {d: demo.shard("eval", d) for d in names}
-    if isinstance(domains, dict):
-        out = {str(k): Path(v).expanduser() for k, v in domains.items()}
-    else:
-        if isinstance(domains, (str, Path)):
-            domains = [domains]
-        out = {}
-        available = demo.domains("eval")
-        for item in domains:
-            item = str(item)
-            if "=" in item and not Path(item).exists():
-                name, path = item.split("=", 1)
-                out[name] = Path(path).expanduser()
-                continue
-            path = Path(item).expanduser()
-            if path.is_dir():
-                files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
-                if not files:
-                    raise MoePruneError(f"evaluation folder {path} holds no .txt or .jsonl files")
-                out.update({p.stem: p for p in files})
-            elif path.exists():
-                out[path.stem] = path
-            elif item in available:
-                out[item] = demo.shard("eval", item)
-            else:
-                hint = f"; demo domains: {', '.join(available)}" if available else ""
-                raise MoePruneError(f"evaluation domain {item!r} is neither a file nor a demo domain{hint}")
-    for name, path in out.items():
-        if not path.exists():
-            raise MoePruneError(f"evaluation text for domain {name!r} not found: {path}")
-        if path.is_file() and path.suffix not in (".txt", ".jsonl"):
-            raise MoePruneError(f"evaluation file {path} must be .txt or .jsonl")
-    return out
+    return named_files(domains, (".txt", ".jsonl"), {d: demo.shard("eval", d) for d in demo.domains("eval")},
+                       "domain")
 
 
 def domain_perplexity(model, tokenizer, domains=None, seq_len: int = 256, stride: int | None = None,
