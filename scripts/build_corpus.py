@@ -42,10 +42,8 @@ Re-running is cheap: downloads already present in ``<work>/raw`` are reused.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
-import os
 import random
 import re
 import subprocess
@@ -102,7 +100,11 @@ def fetch(work: Path) -> None:
     if not (deb / "usr/share/wordnet/data.noun").exists() or not (deb / "usr/share/doc/python3.11/html/_sources").exists():
         for pkg in ["wordnet-base", "python3.11-doc"]:
             if not list((raw / "deb").glob(pkg + "_*.deb")):
-                run(["apt-get", "download", pkg], cwd=raw / "deb")
+                try:
+                    run(["apt-get", "download", pkg], cwd=raw / "deb")
+                except subprocess.CalledProcessError:  # package lists not fetched yet
+                    run(["apt-get", "update"])
+                    run(["apt-get", "download", pkg], cwd=raw / "deb")
         for d in sorted((raw / "deb").glob("*.deb")):
             run(["dpkg", "-x", str(d), str(deb)])
 

@@ -326,6 +326,7 @@ def main() -> None:
                                 f"{h['mean']:.4f}"] + [f"{h[d]:.4f}" for d in DOMAINS])
                     print(f"upcycled model held-out {h['mean']:.3f}", flush=True)
                     save_ckpt()
+                    t_last = time.time()  # upcycling and evaluation are not training time
                     continue
                 break
             lr = lr_at(progress(), st["phase_step"], base_lr, args.warmup)
