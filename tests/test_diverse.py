@@ -108,9 +108,9 @@ def test_prototypes_are_recovered_and_merging_beats_keeping_one():
     stats = collect(model, layout, tokens, sample_tokens=128, progress=False)
     reference = model(tokens).logits
     errors = {}
-    for name in ("diverse", "diverse-prune"):
-        plan = get_method(name).plan(stats, keep=3)
-        if name == "diverse":
+    for name in ("diverse-paper", "diverse-prune"):
+        plan = get_method(name).plan(stats, keep=3, grouping="agglomerative")
+        if name == "diverse-paper":
             for lp in plan.layers.values():
                 assert lp.groups == truth
                 for w in lp.weights:
@@ -118,7 +118,7 @@ def test_prototypes_are_recovered_and_merging_beats_keeping_one():
         pruned = copy.deepcopy(model)
         apply_plan(pruned, moe_layout(pruned), plan, stats)
         errors[name] = float((pruned(tokens).logits - reference).square().mean())
-    assert errors["diverse"] < errors["diverse-prune"]
+    assert errors["diverse-paper"] < errors["diverse-prune"]
 
 
 def test_representative_is_the_most_routed_member_and_router_rule_recorded():
@@ -223,3 +223,12 @@ def test_fitted_merge_reproduces_the_group_better_than_averaging(family):
             total += float((w[:, None] * (out - target).square()).sum())
         errors[merge] = total
     assert errors["fit"] < errors["average"]
+
+
+def test_usage_weighting_multiplies_the_softmax_by_usage():
+    sim = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    usage = torch.tensor([30.0, 10.0], dtype=torch.float64)
+    w = merge_weights(sim, 0, [0, 1], 1.0, usage)
+    expect = torch.tensor([30 * torch.e ** 1.0, 10 * torch.e ** 0.5])
+    assert torch.allclose(torch.tensor(w), expect / expect.sum())
+    assert merge_weights(sim, 0, [0, 1], 1.0, torch.zeros(2)) == merge_weights(sim, 0, [0, 1], 1.0)
