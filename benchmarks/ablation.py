@@ -3,7 +3,8 @@
     python benchmarks/ablation.py                     # both demo models, the lower sparsity, seed 0
     python benchmarks/ablation.py --models demo-mixtral --keep 4
 
-Starting from the current defaults, each option is varied alone. Every variant is scored on a
+Starting from a base configuration (--base paper: the paper's description; --base current: today's
+defaults), each option is varied alone. Every variant is scored on a
 validation split of the calibration shards (seen domains; used to choose) and, for the record only,
 on every domain's held-out evaluation shard (seen and unseen apart). Writes docs/ABLATION.md and
 docs/ablation.json.
@@ -24,6 +25,8 @@ from moeprune.arch import moe_layout  # noqa: E402
 from moeprune.checkpoint import load  # noqa: E402
 from moeprune.methods import METHODS  # noqa: E402
 
+BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity"},   # the paper's description
+         "current": {}}                                                                # today's defaults
 VARIANTS = [
     {},
     {"representation": "weight"},
@@ -38,6 +41,8 @@ VARIANTS = [
     {"merge": "fit"},
     {"align": "weights", "merge": "fit"},
     {"grouping": "anchors", "align": "weights", "merge": "fit"},
+    {"grouping": "anchors", "weighting": "usage"},
+    {"grouping": "anchors", "weighting": "usage", "tau": 0.1},
 ]
 KEEP = {"demo-mixtral": 4, "demo-fine": 16}
 
@@ -50,6 +55,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["demo-mixtral", "demo-fine"])
     ap.add_argument("--keep", type=int, default=None)
+    ap.add_argument("--base", choices=list(BASES), default="paper", help="options every variant starts from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -76,7 +82,7 @@ def main() -> int:
                                                                            full_valid))["mean"],
                          **summarise(ratios(ppl(pruned, tok, evald, args.eval_tokens), full_eval))})
         for v in VARIANTS:
-            plan = METHODS["diverse"].plan(stats, keep, args.seed, **v)
+            plan = METHODS["diverse"].plan(stats, keep, args.seed, **{**BASES[args.base], **v})
             pruned, _ = pruned_copy(model, plan, stats)
             row = {"variant": label(v), "options": v,
                    "valid": summarise(ratios(ppl(pruned, tok, valid, args.eval_tokens), full_valid))["mean"],
