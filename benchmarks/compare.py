@@ -113,9 +113,18 @@ def aggregate(result: dict) -> list[dict]:
     return rows
 
 
+def command() -> str:
+    """This run's arguments, less a --render (which only re-draws a finished run)."""
+    argv = sys.argv[1:]
+    if "--render" in argv:
+        i = argv.index("--render")
+        argv = argv[:i] + argv[i + 2:]
+    return " ".join(argv)
+
+
 def markdown(results: list[dict], args, wall: float) -> str:
     lines = ["# Benchmarks: every method, two sparsities, two models", "",
-             f"Command: `python benchmarks/compare.py {' '.join(sys.argv[1:])}`  ",
+             f"Command: `python benchmarks/compare.py {command()}`  ",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}, "
              f"torch {torch.__version__}; wall time {wall / 60:.1f} min.  ",
              f"Calibration: {args.samples} x {args.seq_len} tokens from the seen domains "
@@ -137,6 +146,15 @@ def markdown(results: list[dict], args, wall: float) -> str:
                 lines.append(f"| {r['method']} | {r['mean']:.3f} +- {r['mean_sd']:.3f} | {r['worst']:.3f} +- "
                              f"{r['worst_sd']:.3f} | {r['seen']:.3f} | {r['unseen']:.3f} | {r['acc']:.3f} | "
                              f"{r['plan_s']:.2f} | {r['apply_s']:.2f} | {r['save_s']:.2f} |")
+            lines.append("")
+            domains = list(res["full_ppl"])
+            lines += [f"Per-domain perplexity ratio at keep {keep} (mean over seeds; * = unseen in calibration):", "",
+                      "| method | " + " | ".join(d + ("*" if d in UNSEEN else "") for d in domains) + " |",
+                      "| --- |" + " --- |" * len(domains)]
+            for r in rows:
+                runs = [x for x in res["runs"] if x["method"] == r["method"] and x["keep"] == keep]
+                lines.append(f"| {r['method']} | " + " | ".join(
+                    f"{statistics.mean(x['ratio'][d] for x in runs):.3f}" for d in domains) + " |")
             lines.append("")
         a = res["agg"][0]
         lines += [f"Statistics pass {a['stats_s']:.1f} s; one plain forward over the same calibration tokens "
@@ -181,7 +199,14 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench")
     ap.add_argument("--md", default="docs/BENCHMARKS.md")
     ap.add_argument("--json", default="docs/benchmarks.json")
+    ap.add_argument("--render", type=float, default=None, metavar="MINUTES",
+                    help="only re-render the Markdown and plot from --json (MINUTES: the wall time of that run)")
     args = ap.parse_args()
+    if args.render is not None:
+        results = json.loads(Path(args.json).read_text())
+        plot(results, Path(args.md).parent / "img" / "quality_vs_sparsity.png")
+        Path(args.md).write_text(markdown(results, args, args.render * 60))
+        return 0
     start = time.perf_counter()
     calib_dir, _ = split_calibration(Path(args.work))
     results = []

@@ -38,6 +38,7 @@ def test_cka_matrix_matches_pairwise_on_both_gram_sides():
     for n, d in [(20, 7), (6, 30)]:
         reps = torch.randn(4, n, d, generator=g)
         m = cka_matrix(reps)
+        assert torch.allclose(cka_matrix(reps, max_gram_entries=0), m, atol=1e-12)   # the per-pair path
         for i in range(4):
             for j in range(4):
                 assert float(m[i, j]) == pytest.approx(linear_cka(reps[i], reps[j]), abs=1e-9)

@@ -26,11 +26,14 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(cross / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-300))
 
 
-def cka_matrix(reps: torch.Tensor) -> torch.Tensor:
-    """[E, E] linear CKA between every pair of reps [E, n, p] (each expert's n x p representation)."""
+def cka_matrix(reps: torch.Tensor, max_gram_entries: int = 2**27) -> torch.Tensor:
+    """[E, E] linear CKA between every pair of reps [E, n, p] (each expert's n x p representation).
+
+    Sample-side Grams (E x n x n, one matrix product for all pairs) whenever they fit in
+    `max_gram_entries` float64 entries (1 GiB); else one [p, p] cross product per pair."""
     x = _centre(reps)
     E, n, p = x.shape
-    if n <= p:                                   # sample side: <K_i, K_j>_F with K = X X^T [n, n]
+    if E * n * n <= max_gram_entries:            # sample side: <K_i, K_j>_F with K = X X^T [n, n]
         flat = (x @ x.transpose(1, 2)).reshape(E, -1)
         hsic = flat @ flat.T
     else:                                        # feature side: ||X_j^T X_i||_F^2, one [p, p] product per pair
