@@ -52,7 +52,7 @@ def run_model(name: str, args, calib_dir: Path) -> dict:
     keeps = [k if isinstance(k, int) else round(E * k) for k in KEEPS.get(name, [0.75, 0.5])]
     domains = eval_domains()
     full = ppl(model, tok, domains, args.eval_tokens)
-    full_acc = task_accuracy(model, tok, limit=args.task_limit, progress=False)
+    full_acc = task_accuracy(model, tok, limit=args.task_limit, progress=False) if args.task_limit else {}
     result = {"model": name, "experts": E, "keeps": keeps, "full_ppl": full,
               "full_acc": {t: v["acc"] for t, v in full_acc.items()}, "runs": []}
     for seed in args.seeds:
@@ -76,8 +76,8 @@ def run_model(name: str, args, calib_dir: Path) -> dict:
                     save_model(pruned, tok, Path(tmp))
                     t_save = time.perf_counter() - start
                 p = ppl(pruned, tok, domains, args.eval_tokens)
-                acc = task_accuracy(pruned, tok, limit=args.task_limit, progress=False) if seed == args.seeds[0] \
-                    else None
+                acc = task_accuracy(pruned, tok, limit=args.task_limit, progress=False) \
+                    if seed == args.seeds[0] and args.task_limit else None
                 r = ratios(p, full)
                 row = {"seed": seed, "method": method, "keep": keep, "ppl": p, "ratio": r, **summarise(r),
                        "acc": {t: v["acc"] for t, v in acc.items()} if acc else None,
@@ -136,7 +136,8 @@ def markdown(results: list[dict], args, wall: float) -> str:
     for res in results:
         lines += [f"## {res['model']} ({res['experts']} experts per layer)", "",
                   "Full model perplexity: " + ", ".join(f"{d} {v:.2f}" for d, v in res["full_ppl"].items()) + "  ",
-                  "Full model task accuracy: " + ", ".join(f"{t} {v:.3f}" for t, v in res["full_acc"].items()), ""]
+                  "Full model task accuracy: " + (", ".join(f"{t} {v:.3f}" for t, v in res["full_acc"].items())
+                                                  or "not measured in this run (--task-limit 0)"), ""]
         for keep in res["keeps"]:
             rows = sorted((r for r in res["agg"] if r["keep"] == keep), key=lambda r: r["mean"])
             lines += [f"### keep {keep} of {res['experts']}", "",
@@ -144,7 +145,8 @@ def markdown(results: list[dict], args, wall: float) -> str:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for r in rows:
                 lines.append(f"| {r['method']} | {r['mean']:.3f} +- {r['mean_sd']:.3f} | {r['worst']:.3f} +- "
-                             f"{r['worst_sd']:.3f} | {r['seen']:.3f} | {r['unseen']:.3f} | {r['acc']:.3f} | "
+                             f"{r['worst_sd']:.3f} | {r['seen']:.3f} | {r['unseen']:.3f} | "
+                             f"{'-' if r['acc'] != r['acc'] else format(r['acc'], '.3f')} | "
                              f"{r['plan_s']:.2f} | {r['apply_s']:.2f} | {r['save_s']:.2f} |")
             lines.append("")
             domains = list(res["full_ppl"])
@@ -195,7 +197,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--sample-tokens", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--task-limit", type=int, default=200)
+    ap.add_argument("--task-limit", type=int, default=200, help="questions per task, first seed only (0: no tasks)")
     ap.add_argument("--work", default="runs/bench")
     ap.add_argument("--md", default="docs/BENCHMARKS.md")
     ap.add_argument("--json", default="docs/benchmarks.json")
