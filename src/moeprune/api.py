@@ -210,14 +210,14 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     if do_eval:
         from .evaluate import evaluation_section
         report["evaluation"] = evaluation_section(before, after)
+    # live references: the save stage below still lands in the report written beside the weights
+    report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}
     if out is not None:
         with AtomicFolder(out, cfg.overwrite) as tmp:
             stages.run("save", save_model, model, loaded.tokenizer, tmp, loaded.save_dtype)
             plan.save(tmp / "plan.json")
             report["bytes_on_disk"]["after"] = folder_bytes(tmp)
-            report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}
             write_report(tmp, report, stats, plan)
-    report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}
     if cfg.plan_out:
         plan.save(cfg.plan_out)
     return PruneResult(plan, stats, model, report, out)

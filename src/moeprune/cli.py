@@ -83,10 +83,9 @@ def cmd_prune(args) -> int:
         raise MoePruneError("--out DIR is required: the folder to write the pruned checkpoint to")
     result = prune(cfg, **options)
     r = result.report
-    b, a = r["before"]["parameters"], r["after"]["parameters"]
-    print("\n" + summary_table(r))
+    print("\n" + summary_table(r))          # ends with the parameter counts before/after
     print(f"\n{r['method']}: {r['experts_before']} -> {next(iter(r['keep_per_layer'].values()))} experts per "
-          f"MoE layer; parameters {b['total']:,} -> {a['total']:,} ({a['total'] / b['total']:.1%})")
+          "MoE layer")
     print(f"saved to {result.out} (report: {result.out / 'report.md'})")
     return 0
 
