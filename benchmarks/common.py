@@ -44,6 +44,24 @@ def split_calibration(work: Path, valid_fraction: float = 0.2, seed: int = 0) ->
     return calib, out
 
 
+def domain_out_folds(work: Path, calib: Path) -> dict[str, Path]:
+    """For each seen domain d, a calibration folder holding the other seen domains' calibration parts.
+
+    Validating a configuration calibrated without d on d's validation part simulates, on calibration
+    data alone, what the benchmark asks of a task-agnostic method: to hold up on domains it never saw.
+    """
+    folds = {}
+    for d in seen_domains():
+        fold = work / "folds" / d
+        fold.mkdir(parents=True, exist_ok=True)
+        for other in seen_domains():
+            target = fold / f"{other}.txt"
+            if other != d and not target.exists():
+                target.write_bytes((calib / f"{other}.txt").read_bytes())
+        folds[d] = fold
+    return folds
+
+
 def eval_domains() -> dict[str, Path]:
     return {d: demo.shard("eval", d) for d in demo.domains("eval")}
 

@@ -11,7 +11,7 @@ from conftest import make
 from moeprune.align import align_to, match, neuron_activations, neuron_features, permute_expert
 from moeprune.arch import moe_layout
 from moeprune.calibration import collect, expert_output
-from moeprune.grouping import agglomerative, anchors, group, spectral
+from moeprune.grouping import agglomerative, anchors, coverage, coverage_anchors, group, spectral
 from moeprune.methods import get_method
 from moeprune.methods.diverse import merge_weights
 from moeprune.similarity import cka_matrix, cosine_matrix, linear_cka
@@ -70,6 +70,39 @@ def test_anchor_grouping_uses_usage():
     usage = torch.arange(8, dtype=torch.float64)          # the most used expert of each block anchors it
     groups = anchors(sim, 2, usage)
     assert groups == truth
+
+
+def _distinct_minority():
+    """Experts 0-3 near copies (heavily used), 4-6 near copies (medium), 7 unlike all (rarely used)."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
+    sim = torch.where(labels[:, None] == labels[None, :], 0.95, 0.1).double()
+    sim.fill_diagonal_(1.0)
+    return sim, torch.tensor([10.0, 9, 8, 7, 5, 4, 3, 2], dtype=torch.float64)
+
+
+def test_coverage_keeps_a_distinct_expert_that_top_usage_drops():
+    sim, usage = _distinct_minority()
+    assert anchors(sim, 3, usage) == [[0, 3, 4, 5, 6, 7], [1], [2]]     # three copies of one function kept
+    assert coverage_anchors(sim, 3, usage) == [0, 4, 7]                 # one of each function kept
+    assert coverage(sim, 3, usage) == [[0, 1, 2, 3], [4, 5, 6], [7]]
+    assert group("coverage", sim, 3, usage) == coverage(sim, 3, usage)
+    assert coverage_anchors(sim, 1, usage) == [0]                       # one anchor: the heaviest block's
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coverage_greedy_is_within_its_guarantee_of_the_best_set(seed):
+    from itertools import combinations
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    sim = cosine_matrix(x).clamp_min(0)
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+
+    def value(chosen):
+        return float((w * sim[:, list(chosen)].max(1).values).sum())
+
+    best = max(value(c) for c in combinations(range(9), 3))
+    greedy = value(coverage_anchors(sim, 3, w))
+    assert greedy <= best + 1e-12 and greedy >= (1 - 1 / torch.e) * best
 
 
 def test_grouping_is_deterministic_under_ties():
@@ -183,13 +216,45 @@ def test_alignment_recovers_a_permutation_and_merging_is_identity(family, mode):
     assert torch.allclose(expert_output(layer, x, 2), want, atol=1e-5)
 
 
+def test_anchored_groupings_represent_each_group_by_its_anchor():
+    model, layout, truth = prototype_model(seed=2)
+    tokens = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, layout, tokens, sample_tokens=64, progress=False)
+    for grouping in ("anchors", "coverage"):
+        for saliency in ("frequency", "reap"):
+            plan = get_method("diverse").plan(stats, keep=3, grouping=grouping, saliency=saliency,
+                                              weighting="saliency", tau=0.1)
+            for i, lp in plan.layers.items():
+                ls = stats.layers[i]
+                score = ls.counts if saliency == "frequency" else ls.reap_saliency
+                if grouping == "anchors":       # the anchors are the K most salient experts
+                    top3 = sorted(range(8), key=lambda e: (-float(score[e]), e))[:3]
+                    assert sorted(lp.representatives) == sorted(top3)
+                else:
+                    assert sorted(lp.representatives) == coverage_anchors(get_sim(ls), 3, score)
+                    if saliency == "reap":      # similar saliencies: one anchor per prototype
+                        assert lp.groups == truth
+                for g, r, w in zip(lp.groups, lp.representatives, lp.weights):
+                    # merge weights follow saliency x softmax(S / tau): the anchor weighs most unless a
+                    # member is much more salient
+                    sal = torch.tensor([float(score[e]) for e in g], dtype=torch.float64)
+                    sim = torch.tensor([float(get_sim(ls)[r, e]) for e in g], dtype=torch.float64)
+                    expect = torch.softmax(sim / 0.1 + sal.clamp_min(1e-12).log(), 0)
+                    assert torch.allclose(torch.tensor(w, dtype=torch.float64), expect, atol=1e-9)
+
+
+def get_sim(ls):
+    from moeprune.methods.diverse import similarity
+    return similarity(ls, "output", "cka")
+
+
 def test_every_option_combination_plans(tmp_path):
     model = make("qwen3_moe")
     layout = moe_layout(model)
     stats = collect(model, layout, torch.randint(3, 256, (2, 16)), sample_tokens=32, progress=False)
     for rep in ("output", "weight"):
         for sim in ("cka", "cosine"):
-            for grouping in ("agglomerative", "spectral", "anchors"):
+            for grouping in ("agglomerative", "spectral", "anchors", "coverage"):
                 plan = get_method("diverse").plan(stats, keep=4, representation=rep, similarity=sim,
                                                   grouping=grouping)
                 assert all(lp.keep == 4 for lp in plan.layers.values())

@@ -2,7 +2,12 @@
 
     agglomerative  average linkage on distance 1 - S, merged until K clusters remain
     spectral       spectral embedding of the graph max(S, 0), then average linkage on the embedding
-    anchors        the K most used experts are anchors; every other expert joins its most similar anchor
+    anchors        the K most salient experts are anchors; every other expert joins its most similar anchor
+    coverage       K anchors chosen greedily so that every expert, weighted by its saliency, has a similar
+                   anchor (facility location: max sum_j w_j max_a S_ja); others join their most similar anchor
+
+`anchors` keeps what matters most; `coverage` keeps what matters *and* differs, which is the paper's
+aim: a dropped expert is only harmless when a kept one can stand in for it.
 """
 
 from __future__ import annotations
@@ -51,16 +56,54 @@ def spectral(sim: torch.Tensor, k: int) -> list[list[int]]:
     return agglomerative(torch.from_numpy(emb @ emb.T), k)
 
 
-def anchors(sim: torch.Tensor, k: int, usage: torch.Tensor) -> list[list[int]]:
-    """The k most used experts anchor the groups; each other expert joins its most similar anchor."""
-    E = sim.shape[0]
-    anchor_ids = sorted(range(E), key=lambda e: (-float(usage[e]), e))[:k]
+def top_anchors(score: torch.Tensor, k: int) -> list[int]:
+    """The k highest scores; ties go to the lower expert id."""
+    return sorted(range(score.numel()), key=lambda e: (-float(score[e]), e))[:k]
+
+
+def coverage_anchors(sim: torch.Tensor, k: int, weight: torch.Tensor) -> list[int]:
+    """Greedy facility location: repeatedly add the expert that most raises sum_j w_j max_{a in A} S_ja.
+
+    The objective is monotone submodular, so greedy is within 1 - 1/e of the best K-set. A heavy expert
+    is picked early; after that, an expert unlike every anchor so far gains its own weight, so distinct
+    experts survive even when their usage is modest, and near-copies of an anchor gain almost nothing.
+    """
+    s = sim.double().clamp(min=0.0)
+    w = weight.double().clamp(min=0.0)
+    if float(w.sum()) <= 0:
+        w = torch.ones_like(w)
+    cover = torch.zeros(s.shape[0], dtype=torch.float64)
+    chosen: list[int] = []
+    for _ in range(k):
+        gain = ((s - cover[:, None]).clamp(min=0.0) * w[:, None]).sum(0)     # gain[a] of adding anchor a
+        gain[chosen] = -1.0
+        best = int(torch.argmax(gain))                                        # first maximum: lowest id
+        chosen.append(best)
+        cover = torch.maximum(cover, s[:, best])
+    return sorted(chosen)
+
+
+def assign(sim: torch.Tensor, anchor_ids: list[int]) -> list[list[int]]:
+    """Groups around the anchors: every other expert joins its most similar anchor (ties: lower id)."""
     groups = {a: [a] for a in anchor_ids}
-    for e in range(E):
+    for e in range(sim.shape[0]):
         if e not in groups:
             best = max(anchor_ids, key=lambda a: (float(sim[e, a]), -a))
             groups[best].append(e)
     return _order(list(groups.values()))
+
+
+def anchors(sim: torch.Tensor, k: int, usage: torch.Tensor) -> list[list[int]]:
+    """The k most used (or salient) experts anchor the groups; each other expert joins its most similar anchor."""
+    return assign(sim, top_anchors(usage, k))
+
+
+def coverage(sim: torch.Tensor, k: int, weight: torch.Tensor) -> list[list[int]]:
+    return assign(sim, coverage_anchors(sim, k, weight))
+
+
+ANCHORED = {"anchors": lambda sim, k, score: top_anchors(score, k),
+            "coverage": coverage_anchors}
 
 
 def group(method: str, sim: torch.Tensor, k: int, usage: torch.Tensor | None = None) -> list[list[int]]:
@@ -70,8 +113,8 @@ def group(method: str, sim: torch.Tensor, k: int, usage: torch.Tensor | None = N
         return agglomerative(sim, k)
     if method == "spectral":
         return spectral(sim, k)
-    if method == "anchors":
+    if method in ANCHORED:
         if usage is None:
-            raise ValueError("anchor grouping needs expert usage")
-        return anchors(sim, k, usage)
+            raise ValueError(f"{method} grouping needs a per-expert saliency")
+        return assign(sim, ANCHORED[method](sim, k, usage))
     raise ValueError(f"unknown grouping {method!r}")

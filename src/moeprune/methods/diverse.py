@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from ..grouping import group
+from ..grouping import ANCHORED, assign, group
 from ..plan import LayerPlan
 from ..similarity import SIMILARITIES
 from ..stats import LayerStats
@@ -36,15 +36,19 @@ class GroupOptions:
     similarity: Literal["cka", "cosine"] = "cka"
     # defaults chosen on calibration validation data (docs/ABLATION.md): usage-aware anchors beat the
     # usage-blind agglomerative grouping by a wide margin on both demo models
-    grouping: Literal["agglomerative", "spectral", "anchors"] = "anchors"
+    grouping: Literal["agglomerative", "spectral", "anchors", "coverage"] = "anchors"
+    # what makes an expert worth keeping: how often it is routed (frequency); REAP's mean gate x output
+    # norm over its routed tokens (reap: blind to how often the calibration mix happens to need it); or
+    # their product, its expected share of the layer output per token (contribution)
+    saliency: Literal["frequency", "reap", "contribution"] = "frequency"
 
 
 @dataclass(frozen=True)
 class DiverseOptions(GroupOptions):
     tau: float = 0.1
     # merge weights: the paper's softmax of similarity to the representative, or that softmax times each
-    # member's routing frequency, so that a rarely used member cannot dilute a heavily used one
-    weighting: Literal["similarity", "usage"] = "usage"
+    # member's routing frequency (usage) or saliency, so that a minor member cannot dilute a major one
+    weighting: Literal["similarity", "usage", "saliency"] = "usage"
     router: Literal["weighted", "representative"] = "weighted"
     align: Literal["none", "weights", "activations"] = "none"
     merge: Literal["average", "fit"] = "average"
@@ -60,9 +64,13 @@ def similarity(ls: LayerStats, representation: str, kind: str) -> torch.Tensor:
     return ls.cached(key, lambda: SIMILARITIES[kind](ls.outputs).float()).double()
 
 
-def representative(members: list[int], counts: torch.Tensor) -> int:
-    """The member routed most often; ties go to the lowest id."""
-    return min(members, key=lambda e: (-float(counts[e]), e))
+def saliency(ls: LayerStats, kind: str) -> torch.Tensor:
+    return {"frequency": ls.counts, "reap": ls.reap_saliency, "contribution": ls.reap_sum}[kind].double()
+
+
+def representative(members: list[int], score: torch.Tensor) -> int:
+    """The member of highest saliency; ties go to the lowest id."""
+    return min(members, key=lambda e: (-float(score[e]), e))
 
 
 def merge_weights(sim: torch.Tensor, rep: int, members: list[int], tau: float,
@@ -79,14 +87,20 @@ def merge_weights(sim: torch.Tensor, rep: int, members: list[int], tau: float,
 
 
 def _groups(ls: LayerStats, keep: int, o: GroupOptions):
+    """Similarity, groups, and each group's representative (its anchor, for anchored groupings)."""
     sim = similarity(ls, o.representation, o.similarity)
-    groups = group(o.grouping, sim, keep, usage=ls.counts)
-    return sim, groups, [representative(g, ls.counts) for g in groups]
+    score = saliency(ls, o.saliency)
+    if o.grouping in ANCHORED:
+        anchor_ids = set(ANCHORED[o.grouping](sim, keep, score))
+        groups = assign(sim, sorted(anchor_ids))
+        return sim, groups, [next(e for e in g if e in anchor_ids) for g in groups]
+    groups = group(o.grouping, sim, keep)
+    return sim, groups, [representative(g, score) for g in groups]
 
 
 def diverse(ls: LayerStats, keep: int, o: DiverseOptions, seed: int) -> LayerPlan:
     sim, groups, reps = _groups(ls, keep, o)
-    usage = ls.counts if o.weighting == "usage" else None
+    usage = {"similarity": None, "usage": ls.counts, "saliency": saliency(ls, o.saliency)}[o.weighting]
     weights = [merge_weights(sim, r, g, o.tau, usage) for g, r in zip(groups, reps)]
     return LayerPlan(ls.num_experts, groups, weights, reps)
 
