@@ -36,6 +36,19 @@ KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [0.75, 0.5]}
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def parse_method(text: str) -> tuple[str, dict]:
+    """"diverse[saliency=frequency,tau=0.5]" -> ("diverse", {"saliency": "frequency", "tau": 0.5})."""
+    name, _, rest = text.partition("[")
+    options = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -68,7 +81,8 @@ def run_model(name: str, args, calib_dir: Path) -> dict:
         for method in args.methods:
             for keep in keeps:
                 start = time.perf_counter()
-                plan = METHODS[method].plan(stats, keep, seed)
+                base, options = parse_method(method)
+                plan = METHODS[base].plan(stats, keep, seed, **options)
                 t_plan = time.perf_counter() - start
                 pruned, t_apply = pruned_copy(model, plan, stats)
                 with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +205,9 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["demo-mixtral", "demo-fine"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["diverse[saliency=frequency]"],
+                    help="registered methods, or NAME[OPTION=VALUE,...] for a variant (default: all, and "
+                         "diverse with its previous default saliency)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)

@@ -155,17 +155,19 @@ def test_prototypes_are_recovered_and_merging_beats_keeping_one():
     assert errors["diverse-paper"] < errors["diverse-prune"]
 
 
-def test_representative_is_the_most_routed_member_and_router_rule_recorded():
+@pytest.mark.parametrize("saliency", ["frequency", "contribution"])
+def test_representative_is_the_most_salient_member_and_router_rule_recorded(saliency):
     model, layout, truth = prototype_model(seed=1)
     tokens = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     stats = collect(model, layout, tokens, sample_tokens=64, progress=False)
     for rule in ("weighted", "representative"):
-        plan = get_method("diverse").plan(stats, keep=3, router=rule)
+        plan = get_method("diverse").plan(stats, keep=3, router=rule, saliency=saliency)
         assert plan.router == rule
         for i, lp in plan.layers.items():
-            counts = stats.layers[i].counts
+            ls = stats.layers[i]
+            score = ls.counts if saliency == "frequency" else ls.reap_sum
             for g, r in zip(lp.groups, lp.representatives):
-                assert r == min(g, key=lambda e: (-float(counts[e]), e))
+                assert r == min(g, key=lambda e: (-float(score[e]), e))
         pruned = copy.deepcopy(model)
         pl = moe_layout(pruned)
         apply_plan(pruned, pl, plan, stats)

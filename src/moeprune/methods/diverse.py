@@ -1,15 +1,16 @@
 """The paper's method: group similar experts, merge each group ("diverse"), or keep one per group.
 
 Defaults differ from the paper's description where the ablation on the demo models says so
-(docs/ABLATION.md): the K most used experts anchor the groups, and merge weights multiply the
-paper's similarity softmax (tau 0.1) by routing frequency. `diverse-paper` keeps the description.
+(docs/ABLATION.md): the K experts of largest contribution (routing frequency x mean gate-weighted
+output norm) anchor the groups, and merge weights multiply the paper's similarity softmax (tau 0.1)
+by routing frequency. `diverse-paper` keeps the description.
 
 Zhang et al., "Diversifying the Expert Knowledge for Task-Agnostic Pruning in Sparse
 Mixture-of-Experts" (arXiv:2407.09590, ACL 2025 Findings). Per layer:
   1. represent each expert: its outputs on the calibration sample (data-centric) or its weights;
   2. similarity matrix S (linear CKA or cosine);
   3. partition into K groups of similar experts;
-  4. representative r = the most routed member; merge weights a_i = softmax_i(S_ri / tau);
+  4. representative r = the most salient member; merge weights a_i = softmax_i(S_ri / tau);
   5. merged expert and router row = sum_i a_i W_i (or the representative's router row).
 "diverse-prune" keeps each group's representative and drops the rest.
 """
@@ -40,7 +41,8 @@ class GroupOptions:
     # what makes an expert worth keeping: how often it is routed (frequency); REAP's mean gate x output
     # norm over its routed tokens (reap: blind to how often the calibration mix happens to need it); or
     # their product, its expected share of the layer output per token (contribution)
-    saliency: Literal["frequency", "reap", "contribution"] = "frequency"
+    # (chosen on domain-out validation of the calibration data, docs/ABLATION.md)
+    saliency: Literal["frequency", "reap", "contribution"] = "contribution"
 
 
 @dataclass(frozen=True)
@@ -115,5 +117,5 @@ register(Method("diverse", "group experts by output similarity (CKA), merge each
 register(Method("diverse-paper", "`diverse` as the paper describes it: agglomerative grouping, softmax(S/1) weights",
                 PAPER, diverse, DiverseOptions,
                 defaults={"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity"}))
-register(Method("diverse-prune", "group experts as `diverse` does, keep each group's most used member",
+register(Method("diverse-prune", "group experts as `diverse` does, keep each group's representative",
                 PAPER, diverse_prune, GroupOptions))
