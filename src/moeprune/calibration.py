@@ -111,7 +111,8 @@ def calibration_tokens(spec: str, tokenizer, samples: int, seq_len: int, seed: i
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for doc in docs:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + sep)
+        # whole documents, longer than the model's context on purpose: the windows are cut below
+        stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + sep)
     windows = len(stream) // seq_len
     if windows < samples:
         raise MoePruneError(f"calibration text {spec!r} has {len(stream)} tokens, enough for {windows} windows of "

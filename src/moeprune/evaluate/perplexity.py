@@ -50,7 +50,7 @@ def token_stream(tokenizer, docs: list[str], max_tokens: int | None = None) -> t
     stream: list[int] = []
     chunk = 64
     for i in range(0, len(docs), chunk):             # tokenise in chunks so that max_tokens can stop early
-        for ids in tokenizer(docs[i:i + chunk], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(docs[i:i + chunk], add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids + sep)
         if max_tokens is not None and len(stream) >= max_tokens:
             break
