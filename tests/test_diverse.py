@@ -168,6 +168,10 @@ def test_representative_is_the_most_salient_member_and_router_rule_recorded(sali
             score = ls.counts if saliency == "frequency" else ls.reap_sum
             for g, r in zip(lp.groups, lp.representatives):
                 assert r == min(g, key=lambda e: (-float(score[e]), e))
+        paper = get_method("diverse-paper").plan(stats, keep=3)      # the paper: the most routed member
+        for i, lp in paper.layers.items():
+            counts = stats.layers[i].counts
+            assert lp.representatives == [min(g, key=lambda e: (-float(counts[e]), e)) for g in lp.groups]
         pruned = copy.deepcopy(model)
         pl = moe_layout(pruned)
         apply_plan(pruned, pl, plan, stats)

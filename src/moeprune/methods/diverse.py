@@ -114,8 +114,9 @@ def diverse_prune(ls: LayerStats, keep: int, o: GroupOptions, seed: int) -> Laye
 
 register(Method("diverse", "group experts by output similarity (CKA), merge each group with its router rows",
                 PAPER, diverse, DiverseOptions))
-register(Method("diverse-paper", "`diverse` as the paper describes it: agglomerative grouping, softmax(S/1) weights",
+register(Method("diverse-paper", "`diverse` as the paper describes it: agglomerative grouping, softmax(S/1) weights, "
+                "the most used member represents its group",
                 PAPER, diverse, DiverseOptions,
-                defaults={"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity"}))
+                defaults={"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity", "saliency": "frequency"}))
 register(Method("diverse-prune", "group experts as `diverse` does, keep each group's representative",
                 PAPER, diverse_prune, GroupOptions))
