@@ -1,10 +1,11 @@
 """Ablation of the paper's method's options; chooses the defaults on calibration data only.
 
-    python benchmarks/ablation.py                                  # domain-out protocol, both models, both sparsities
+    python benchmarks/ablation.py                                  # step 3: domain-out, both models, both sparsities
+    python benchmarks/ablation.py --variants contribution --references     # step 3, second round
     python benchmarks/ablation.py --protocol in-domain --base paper --models demo-mixtral --keep 4
 
 Each variant changes some options of a base configuration (--base paper: the paper's description;
---base current: today's defaults). Two ways to score a variant, both on calibration data only:
+--base step2: the defaults before step 3 of docs/ABLATION.md; --base current: today's defaults). Two ways to score a variant, both on calibration data only:
 
   in-domain   calibrate on 80% of the seen domains' calibration shards, score the mean perplexity ratio
               (pruned / full) on the other 20% (`valid`).
@@ -34,8 +35,10 @@ from moeprune.arch import moe_layout  # noqa: E402
 from moeprune.checkpoint import load  # noqa: E402
 from moeprune.methods import METHODS  # noqa: E402
 
-BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity"},   # the paper's description
-         "current": {}}                                                                # today's defaults
+BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity",   # the paper's description
+                   "saliency": "frequency"},
+         "step2": {"saliency": "frequency"},   # the defaults step 3 of docs/ABLATION.md started from
+         "current": {}}                        # today's defaults
 VARIANTS = {
     "paper": [{}, {"representation": "weight"}, {"similarity": "cosine"}, {"grouping": "spectral"},
               {"grouping": "anchors"}, {"tau": 0.1}, {"tau": 0.02}, {"router": "representative"},
@@ -43,7 +46,7 @@ VARIANTS = {
               {"grouping": "anchors", "align": "weights", "merge": "fit"},
               {"grouping": "anchors", "weighting": "usage"},
               {"grouping": "anchors", "weighting": "usage", "tau": 0.1}],
-    "current": [{}, {"tau": 0.02}, {"tau": 0.5}, {"router": "representative"},
+    "step2": [{}, {"tau": 0.02}, {"tau": 0.5}, {"router": "representative"},
                 {"align": "weights", "merge": "fit"}, {"representation": "weight"},
                 {"saliency": "reap"}, {"saliency": "reap", "weighting": "saliency"},
                 {"grouping": "coverage"}, {"grouping": "coverage", "tau": 0.5},
@@ -52,6 +55,7 @@ VARIANTS = {
                 {"grouping": "coverage", "align": "weights", "merge": "fit"}],
     "contribution": [{"saliency": "contribution"}, {"grouping": "coverage", "saliency": "contribution"}],
 }
+VARIANTS["current"] = VARIANTS["step2"]
 REFERENCES = ["frequency", "reap", "naee", "msmoe"]
 KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [24, 16]}
 
@@ -65,7 +69,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["demo-mixtral", "demo-fine"])
     ap.add_argument("--keep", type=int, nargs="+", default=None, help="experts to keep (default: both sparsities)")
     ap.add_argument("--protocol", choices=["domain-out", "in-domain"], default="domain-out")
-    ap.add_argument("--base", choices=list(BASES), default="current", help="options every variant starts from")
+    ap.add_argument("--base", choices=list(BASES), default="step2", help="options every variant starts from")
     ap.add_argument("--variants", choices=list(VARIANTS), default=None, help="default: the base's own list")
     ap.add_argument("--references", nargs="*", default=REFERENCES, help="reference methods scored alongside")
     ap.add_argument("--seed", type=int, default=0)

@@ -49,6 +49,16 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name, options
 
 
+MARKER = "<!-- written by hand below this line; compare.py keeps it when it rewrites the tables -->"
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write the generated tables, keeping the hand-written discussion below MARKER in the old file."""
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(MARKER):] if MARKER in old else MARKER + "\n"
+    path.write_text(text.rstrip("\n") + "\n\n" + kept)
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -66,7 +76,7 @@ def run_model(name: str, args, calib_dir: Path) -> dict:
     domains = eval_domains()
     full = ppl(model, tok, domains, args.eval_tokens)
     full_acc = task_accuracy(model, tok, limit=args.task_limit, progress=False) if args.task_limit else {}
-    result = {"model": name, "experts": E, "keeps": keeps, "full_ppl": full,
+    result = {"model": name, "experts": E, "keeps": keeps, "full_ppl": full, "task_limit": args.task_limit,
               "full_acc": {t: v["acc"] for t, v in full_acc.items()}, "runs": []}
     for seed in args.seeds:
         stats, tokens, t_stats = stats_for(model, tok, str(calib_dir), args.samples, args.seq_len, seed,
@@ -177,8 +187,50 @@ def markdown(results: list[dict], args, wall: float) -> str:
                   f"{a['forward_s']:.2f} s; a whole prune (stats + plan + apply + save) is about "
                   f"{a['prune_vs_forward']:.0f}x one forward. Peak RSS {max(r['peak_rss_mb'] for r in res['agg']):.0f} MB.",
                   ""]
-    lines += ["![quality vs sparsity](img/quality_vs_sparsity.png)", ""]
+    task_limit = max((r.get("task_limit", args.task_limit) for r in results), default=args.task_limit)
+    lines += ["![quality vs sparsity](img/quality_vs_sparsity.png)", ""] + verdict(results, task_limit)
     return "\n".join(lines)
+
+
+def verdict(results: list[dict], task_limit: int, ours: str = "diverse") -> list[str]:
+    """Per setting and metric: the best baseline against `ours`, computed from the table, not written by hand.
+
+    Baselines are the other registered methods; variants of `ours` (NAME[...]) and its relatives
+    (diverse-prune, diverse-paper) are left out, so `ours` must beat the strongest outside method.
+    A gap smaller than the noise is marked: the larger seed standard deviation of the two for perplexity,
+    two binomial standard errors for accuracy (first seed only, task_limit questions per task).
+    """
+    metrics = [("mean", "mean ratio", min), ("worst", "worst domain", min), ("seen", "seen domains", min),
+               ("unseen", "unseen domains", min), ("acc", "task accuracy", max)]
+    lines = [f"## Does `{ours}` beat every baseline? (generated from the tables above)", "",
+             "| model | keep | metric | " + ours + " | best baseline | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for res in results:
+        for keep in res["keeps"]:
+            rows = {r["method"]: r for r in res["agg"] if r["keep"] == keep}
+            if ours not in rows:
+                continue
+            others = {m: r for m, r in rows.items() if not m.startswith(ours)}
+            for key, text, best in metrics:
+                values = {m: r[key] for m, r in others.items() if r[key] == r[key]}     # drop NaN (no tasks)
+                if not values or rows[ours][key] != rows[ours][key]:
+                    continue
+                top = best(values, key=values.get)
+                mine, theirs = rows[ours][key], values[top]
+                sd = rows[ours].get(key + "_sd", 0.0)
+                if key == "acc":
+                    n = task_limit * max(1, len(res["full_acc"]))
+                    noise = 2 * (theirs * (1 - theirs) / n) ** 0.5
+                else:
+                    noise = max(sd, others[top].get(key + "_sd", 0.0))
+                if round(mine, 3) == round(theirs, 3):
+                    word = "tie"
+                else:
+                    word = "**wins**" if (mine < theirs) == (best is min) else "loses"
+                    if abs(mine - theirs) <= noise:
+                        word += " (within noise)"
+                spread = f" +- {sd:.3f}" if sd else ""
+                lines.append(f"| {res['model']} | {keep} | {text} | {mine:.3f}{spread} | {top} {theirs:.3f} | {word} |")
+    return lines + [""]
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -217,24 +269,32 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench")
     ap.add_argument("--md", default="docs/BENCHMARKS.md")
     ap.add_argument("--json", default="docs/benchmarks.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="update --json: rerun only --methods, keep the other methods' rows of the earlier run")
     ap.add_argument("--render", type=float, default=None, metavar="MINUTES",
                     help="only re-render the Markdown and plot from --json (MINUTES: the wall time of that run)")
     args = ap.parse_args()
     if args.render is not None:
         results = json.loads(Path(args.json).read_text())
         plot(results, Path(args.md).parent / "img" / "quality_vs_sparsity.png")
-        Path(args.md).write_text(markdown(results, args, args.render * 60))
+        write_markdown(Path(args.md), markdown(results, args, args.render * 60))
         return 0
     start = time.perf_counter()
     calib_dir, _ = split_calibration(Path(args.work))
+    previous = {r["model"]: r for r in json.loads(Path(args.json).read_text())} if args.merge else {}
     results = []
     for name in args.models:
         res = run_model(name, args, calib_dir)
+        if name in previous:      # keep the earlier run's other methods; this run's methods replace theirs
+            old = previous.pop(name)
+            res["runs"] = [r for r in old["runs"] if r["method"] not in args.methods] + res["runs"]
+            res["full_acc"] = res["full_acc"] or old["full_acc"]
         res["agg"] = aggregate(res)
         results.append(res)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(results + list(previous.values()), indent=1))
+    results += list(previous.values())
     plot(results, Path(args.md).parent / "img" / "quality_vs_sparsity.png")
-    Path(args.md).write_text(markdown(results, args, time.perf_counter() - start))
+    write_markdown(Path(args.md), markdown(results, args, time.perf_counter() - start))
     print(f"wrote {args.md} and {args.json}")
     return 0
 
