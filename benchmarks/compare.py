@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -57,6 +58,16 @@ def write_markdown(path: Path, text: str) -> None:
     old = path.read_text() if path.exists() else ""
     kept = old[old.index(MARKER):] if MARKER in old else MARKER + "\n"
     path.write_text(text.rstrip("\n") + "\n\n" + kept)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def peak_mb() -> float:
@@ -149,7 +160,9 @@ def command() -> str:
 def markdown(results: list[dict], args, wall: float) -> str:
     lines = ["# Benchmarks: every method, two sparsities, two models", "",
              f"Command: `python benchmarks/compare.py {command()}`  ",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}, "
+             f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} torch threads, "
+             f"{os.cpu_count()} CPUs, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
+             f"Python {platform.python_version()}, "
              f"torch {torch.__version__}; wall time {wall / 60:.1f} min.  ",
              f"Calibration: {args.samples} x {args.seq_len} tokens from the seen domains "
              f"({', '.join(seen_domains())}; 80% of each calibration shard, by document), seeds {args.seeds}. "
