@@ -67,7 +67,7 @@ def main() -> int:
     domains = sorted(eval_domains())
     lines = ["Share of each domain's top-k routing (full model, evaluation text) that goes to experts the plan does "
              "not keep as a representative (dropped, or merged into another). Calibration: seen-domain mix, seed 0. "
-             f"Command: `python benchmarks/routing_loss.py {' '.join(sys.argv[1:])}`. * = unseen in calibration.", ""]
+             f"Command: `{' '.join(['python', 'benchmarks/routing_loss.py'] + sys.argv[1:])}`. * = unseen in calibration.", ""]
     for name in args.models:
         for keep in KEEPS[name]:
             lines += [f"### {name}, keep {keep}", "",
