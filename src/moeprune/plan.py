@@ -12,16 +12,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from .arch import MoePruneError
 
 RouterRule = Literal["weighted", "representative"]
 Align = Literal["none", "weights", "activations"]
 Merge = Literal["average", "fit"]
-ROUTER_RULES: tuple[str, ...] = ("weighted", "representative")
-ALIGN_MODES: tuple[str, ...] = ("none", "weights", "activations")
-MERGE_MODES: tuple[str, ...] = ("average", "fit")
+ROUTER_RULES: tuple[str, ...] = get_args(RouterRule)
+ALIGN_MODES: tuple[str, ...] = get_args(Align)
+MERGE_MODES: tuple[str, ...] = get_args(Merge)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from ..grouping import ANCHORED, assign, group
-from ..plan import LayerPlan
+from ..plan import Align, LayerPlan, Merge, RouterRule
 from ..similarity import SIMILARITIES
 from ..stats import LayerStats
 from . import Method, register
@@ -51,9 +51,9 @@ class DiverseOptions(GroupOptions):
     # merge weights: the paper's softmax of similarity to the representative, or that softmax times each
     # member's routing frequency (usage) or saliency, so that a minor member cannot dilute a major one
     weighting: Literal["similarity", "usage", "saliency"] = "usage"
-    router: Literal["weighted", "representative"] = "weighted"
-    align: Literal["none", "weights", "activations"] = "none"
-    merge: Literal["average", "fit"] = "average"
+    router: RouterRule = "weighted"
+    align: Align = "none"
+    merge: Merge = "average"
 
 
 def similarity(ls: LayerStats, representation: str, kind: str) -> torch.Tensor:

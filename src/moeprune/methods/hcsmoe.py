@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from ..grouping import agglomerative
-from ..plan import LayerPlan
+from ..plan import Align, LayerPlan, RouterRule
 from ..similarity import cosine_matrix
 from ..stats import LayerStats
 from . import Method, register
@@ -35,8 +35,8 @@ PAPER = "Chen et al., Retraining-Free Merging of Sparse MoE via Hierarchical Clu
 @dataclass(frozen=True)
 class HcsmoeOptions:
     metric: Literal["cosine", "euclidean"] = "cosine"
-    router: Literal["weighted", "representative"] = "weighted"
-    align: Literal["none", "weights", "activations"] = "none"
+    router: RouterRule = "weighted"
+    align: Align = "none"
 
 
 def mean_output_similarity(ls: LayerStats, metric: str) -> torch.Tensor:

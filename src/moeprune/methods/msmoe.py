@@ -17,12 +17,11 @@ expert of a group carries most of the load, so it dominates the merged expert.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from ..grouping import anchors
-from ..plan import LayerPlan
+from ..plan import Align, LayerPlan, RouterRule
 from ..similarity import cosine_matrix
 from ..stats import LayerStats
 from . import Method, register
@@ -34,8 +33,8 @@ PAPER = ("Li et al., Merge, Then Compress: Demystify Efficient SMoE with Hints f
 
 @dataclass(frozen=True)
 class MsmoeOptions:
-    router: Literal["weighted", "representative"] = "representative"
-    align: Literal["none", "weights", "activations"] = "weights"
+    router: RouterRule = "representative"
+    align: Align = "weights"
 
 
 def frequency_weights(members: list[int], counts: torch.Tensor) -> list[float]:
