@@ -11,7 +11,7 @@ from conftest import make
 from moeprune.align import align_to, match, neuron_activations, neuron_features, permute_expert
 from moeprune.arch import moe_layout
 from moeprune.calibration import collect, expert_output
-from moeprune.grouping import agglomerative, anchors, coverage, coverage_anchors, group, spectral
+from moeprune.grouping import agglomerative, anchored, anchors, coverage_anchors, group, spectral
 from moeprune.methods import get_method
 from moeprune.methods.diverse import merge_weights
 from moeprune.similarity import cka_matrix, cosine_matrix, linear_cka
@@ -84,8 +84,8 @@ def test_coverage_keeps_a_distinct_expert_that_top_usage_drops():
     sim, usage = _distinct_minority()
     assert anchors(sim, 3, usage) == [[0, 3, 4, 5, 6, 7], [1], [2]]     # three copies of one function kept
     assert coverage_anchors(sim, 3, usage) == [0, 4, 7]                 # one of each function kept
-    assert coverage(sim, 3, usage) == [[0, 1, 2, 3], [4, 5, 6], [7]]
-    assert group("coverage", sim, 3, usage) == coverage(sim, 3, usage)
+    assert anchored("coverage", sim, 3, usage) == ([[0, 1, 2, 3], [4, 5, 6], [7]], [0, 4, 7])
+    assert group("coverage", sim, 3, usage) == [[0, 1, 2, 3], [4, 5, 6], [7]]
     assert coverage_anchors(sim, 1, usage) == [0]                       # one anchor: the heaviest block's
 
 

@@ -98,12 +98,15 @@ def anchors(sim: torch.Tensor, k: int, usage: torch.Tensor) -> list[list[int]]:
     return assign(sim, top_anchors(usage, k))
 
 
-def coverage(sim: torch.Tensor, k: int, weight: torch.Tensor) -> list[list[int]]:
-    return assign(sim, coverage_anchors(sim, k, weight))
-
-
 ANCHORED = {"anchors": lambda sim, k, score: top_anchors(score, k),
             "coverage": coverage_anchors}
+
+
+def anchored(method: str, sim: torch.Tensor, k: int, score: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """Groups around the anchors `method` (anchors|coverage) picks, and each group's anchor, in group order."""
+    ids = set(ANCHORED[method](sim, k, score))
+    groups = assign(sim, sorted(ids))
+    return groups, [next(e for e in g if e in ids) for g in groups]
 
 
 def group(method: str, sim: torch.Tensor, k: int, usage: torch.Tensor | None = None) -> list[list[int]]:
@@ -116,5 +119,5 @@ def group(method: str, sim: torch.Tensor, k: int, usage: torch.Tensor | None = N
     if method in ANCHORED:
         if usage is None:
             raise ValueError(f"{method} grouping needs a per-expert saliency")
-        return assign(sim, ANCHORED[method](sim, k, usage))
+        return anchored(method, sim, k, usage)[0]
     raise ValueError(f"unknown grouping {method!r}")

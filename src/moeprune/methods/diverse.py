@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from ..grouping import ANCHORED, assign, group
+from ..grouping import ANCHORED, anchored, group
 from ..plan import Align, LayerPlan, Merge, RouterRule
 from ..similarity import SIMILARITIES
 from ..stats import LayerStats
@@ -93,16 +93,14 @@ def _groups(ls: LayerStats, keep: int, o: GroupOptions):
     sim = similarity(ls, o.representation, o.similarity)
     score = saliency(ls, o.saliency)
     if o.grouping in ANCHORED:
-        anchor_ids = set(ANCHORED[o.grouping](sim, keep, score))
-        groups = assign(sim, sorted(anchor_ids))
-        return sim, groups, [next(e for e in g if e in anchor_ids) for g in groups]
+        return (sim, *anchored(o.grouping, sim, keep, score))
     groups = group(o.grouping, sim, keep)
     return sim, groups, [representative(g, score) for g in groups]
 
 
 def diverse(ls: LayerStats, keep: int, o: DiverseOptions, seed: int) -> LayerPlan:
     sim, groups, reps = _groups(ls, keep, o)
-    usage = {"similarity": None, "usage": ls.counts, "saliency": saliency(ls, o.saliency)}[o.weighting]
+    usage = None if o.weighting == "similarity" else saliency(ls, "frequency" if o.weighting == "usage" else o.saliency)
     weights = [merge_weights(sim, r, g, o.tau, usage) for g, r in zip(groups, reps)]
     return LayerPlan(ls.num_experts, groups, weights, reps)
 
