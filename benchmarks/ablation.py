@@ -5,7 +5,8 @@
     python benchmarks/ablation.py --protocol in-domain --base paper --models demo-mixtral --keep 4
 
 Each variant changes some options of a base configuration (--base paper: the paper's description;
---base step2: the defaults before step 3 of docs/ABLATION.md; --base current: today's defaults). Two ways to score a variant, both on calibration data only:
+--base step2: the defaults before step 3 of docs/ABLATION.md; --base current: today's defaults).
+Two ways to score a variant, both on calibration data only:
 
   in-domain   calibrate on 80% of the seen domains' calibration shards, score the mean perplexity ratio
               (pruned / full) on the other 20% (`valid`).
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (domain_out_folds, eval_domains, ppl, pruned_copy, ratios, split_calibration,  # noqa: E402
+from common import (domain_out_folds, eval_domains, keeps_for, ppl, pruned_copy, ratios, split_calibration,  # noqa: E402
                     stats_for, summarise)
 
 from moeprune.arch import moe_layout  # noqa: E402
@@ -57,7 +58,6 @@ VARIANTS = {
 }
 VARIANTS["current"] = VARIANTS["step2"]
 REFERENCES = ["frequency", "reap", "naee", "msmoe"]
-KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [24, 16]}
 
 
 def label(v: dict) -> str:
@@ -102,21 +102,21 @@ def main() -> int:
         record_stats = stats_for(model, tok, str(calib_dir), args.samples, args.seq_len, args.seed,
                                  args.sample_tokens)[0]
 
-        def score(method: str, options: dict, stats, keep: int, domains, full) -> dict[str, float]:
+        def score(method: str, options: dict, stats, keep: int, domains, full, tokens: int) -> dict[str, float]:
             pruned, _ = pruned_copy(model, METHODS[method].plan(stats, keep, args.seed, **options), stats)
-            return ratios(ppl(pruned, tok, domains, args.valid_tokens if domains is valid else args.eval_tokens),
-                          full)
+            return ratios(ppl(pruned, tok, domains, tokens), full)
 
-        for keep in args.keep or KEEPS.get(name, [E * 3 // 4, E // 2]):
+        for keep in args.keep or keeps_for(name, E):
             rows = []
             for text, method, options in candidates:
-                per_fold = {d: score(method, options, s, keep, valid, full_valid) for d, s in fold_stats.items()}
+                per_fold = {d: score(method, options, s, keep, valid, full_valid, args.valid_tokens)
+                            for d, s in fold_stats.items()}
                 row = {"variant": text, "method": method, "options": options,
                        "valid": statistics.mean(statistics.mean(r.values()) for r in per_fold.values()),
                        "valid_worst": statistics.mean(max(r.values()) for r in per_fold.values())}
                 if args.protocol == "domain-out":
                     row["held_out"] = statistics.mean(r[d] for d, r in per_fold.items())
-                row.update(summarise(score(method, options, record_stats, keep, evald, full_eval)))
+                row.update(summarise(score(method, options, record_stats, keep, evald, full_eval, args.eval_tokens)))
                 rows.append(row)
                 print(f"[{name} keep {keep}] {text:60s} valid {row['valid']:.3f} held-out {row.get('held_out', 0):.3f}"
                       f" | eval mean {row['mean']:.3f} worst {row['worst']:.3f} unseen {row['unseen']:.3f}",

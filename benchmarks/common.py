@@ -21,6 +21,12 @@ from moeprune.evaluate.perplexity import domain_perplexity
 from moeprune.surgery import apply_plan
 
 UNSEEN = ["code", "math"]
+KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [0.75, 0.5]}     # experts kept: a count, or a fraction of E
+
+
+def keeps_for(name: str, num_experts: int) -> list[int]:
+    """The benchmark's two sparsities for a model, as expert counts (75% and 50% kept unless listed)."""
+    return [k if isinstance(k, int) else round(num_experts * k) for k in KEEPS.get(name, [0.75, 0.5])]
 
 
 def seen_domains() -> list[str]:
@@ -55,9 +61,8 @@ def domain_out_folds(work: Path, calib: Path) -> dict[str, Path]:
         fold = work / "folds" / d
         fold.mkdir(parents=True, exist_ok=True)
         for other in seen_domains():
-            target = fold / f"{other}.txt"
-            if other != d and not target.exists():
-                target.write_bytes((calib / f"{other}.txt").read_bytes())
+            if other != d:      # rewritten every time, so a fold never holds another split's text
+                (fold / f"{other}.txt").write_bytes((calib / f"{other}.txt").read_bytes())
         folds[d] = fold
     return folds
 

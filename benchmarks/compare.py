@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import UNSEEN, eval_domains, ppl, pruned_copy, ratios, seen_domains, split_calibration, stats_for, summarise  # noqa: E402
+from common import (UNSEEN, eval_domains, keeps_for, ppl, pruned_copy, ratios, seen_domains,  # noqa: E402
+                    split_calibration, stats_for, summarise)
 
 from moeprune.arch import moe_layout  # noqa: E402
 from moeprune.checkpoint import load, save_model  # noqa: E402
 from moeprune.evaluate.multiple_choice import task_accuracy  # noqa: E402
 from moeprune.methods import METHODS  # noqa: E402
 
-KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [0.75, 0.5]}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,7 +83,7 @@ def run_model(name: str, args, calib_dir: Path) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(0)
     E = moe_layout(model).layers[0].num_experts
-    keeps = [k if isinstance(k, int) else round(E * k) for k in KEEPS.get(name, [0.75, 0.5])]
+    keeps = keeps_for(name, E)
     domains = eval_domains()
     full = ppl(model, tok, domains, args.eval_tokens)
     full_acc = task_accuracy(model, tok, limit=args.task_limit, progress=False) if args.task_limit else {}
@@ -143,7 +143,8 @@ def aggregate(result: dict) -> list[dict]:
             sec = lambda k: statistics.mean(r["seconds"][k] for r in runs)  # noqa: E731
             agg.update(plan_s=sec("plan"), apply_s=sec("apply"), save_s=sec("save"), stats_s=sec("stats"),
                        forward_s=sec("forward"), peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
-            agg["prune_vs_forward"] = (agg["stats_s"] + agg["plan_s"] + agg["apply_s"] + agg["save_s"]) / agg["forward_s"]
+            prune_s = agg["stats_s"] + agg["plan_s"] + agg["apply_s"] + agg["save_s"]
+            agg["prune_vs_forward"] = prune_s / agg["forward_s"]
             rows.append(agg)
     return rows
 
@@ -198,7 +199,8 @@ def markdown(results: list[dict], args, wall: float) -> str:
         a = res["agg"][0]
         lines += [f"Statistics pass {a['stats_s']:.1f} s; one plain forward over the same calibration tokens "
                   f"{a['forward_s']:.2f} s; a whole prune (stats + plan + apply + save) is about "
-                  f"{a['prune_vs_forward']:.0f}x one forward. Peak RSS {max(r['peak_rss_mb'] for r in res['agg']):.0f} MB.",
+                  f"{a['prune_vs_forward']:.0f}x one forward. "
+                  f"Peak RSS {max(r['peak_rss_mb'] for r in res['agg']):.0f} MB.",
                   ""]
     task_limit = max((r.get("task_limit", args.task_limit) for r in results), default=args.task_limit)
     lines += ["![quality vs sparsity](img/quality_vs_sparsity.png)", ""] + verdict(results, task_limit)
@@ -216,7 +218,8 @@ def verdict(results: list[dict], task_limit: int, ours: str = "diverse") -> list
     metrics = [("mean", "mean ratio", min), ("worst", "worst domain", min), ("seen", "seen domains", min),
                ("unseen", "unseen domains", min), ("acc", "task accuracy", max)]
     lines = [f"## Does `{ours}` beat every baseline? (generated from the tables above)", "",
-             "| model | keep | metric | " + ours + " | best baseline | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+             "| model | keep | metric | " + ours + " | best baseline | verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for res in results:
         for keep in res["keeps"]:
             rows = {r["method"]: r for r in res["agg"] if r["keep"] == keep}

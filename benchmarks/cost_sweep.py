@@ -26,16 +26,17 @@ EXPERTS = [8, 16, 32, 64, 128]
 TOKENS = [2048, 8192]
 
 
-def best_of(fn, repeats: int = 3, long_s: float = 5.0) -> float:
-    """The fastest of `repeats` runs (one run if it takes over long_s): the least disturbed by other load."""
+def best_of(fn, repeats: int = 3, long_s: float = 5.0):
+    """(fastest of `repeats` runs, fn's result); one run if it takes over long_s. The fastest run is the
+    one least disturbed by other load on the machine."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - start)
         if times[-1] > long_s:
             break
-    return min(times)
+    return min(times), result
 
 
 def main() -> int:
@@ -51,19 +52,17 @@ def main() -> int:
                 with torch.no_grad():
                     for b in ids.split(8):
                         model(input_ids=b, use_cache=False)
-            stats = None
 
-            def statistics_pass():
-                nonlocal stats
-                stats = collect(model, layout, ids, sample_tokens=512, progress=False)
-            row = {"experts": E, "tokens": T, "forward_s": best_of(forward), "stats_s": best_of(statistics_pass)}
+            forward_s, _ = best_of(forward)
+            stats_s, stats = best_of(lambda: collect(model, layout, ids, sample_tokens=512, progress=False))
             collected = {i: dict(ls.cache) for i, ls in stats.layers.items()}
 
             def plan(method):
                 for i, ls in stats.layers.items():      # drop what an earlier plan cached: each pays its own way
                     ls.cache = dict(collected[i])
                 method.plan(stats, E // 2, 0)
-            row["plan_s"] = {name: best_of(lambda: plan(method)) for name, method in METHODS.items()}
+            row = {"experts": E, "tokens": T, "forward_s": forward_s, "stats_s": stats_s,
+                   "plan_s": {name: best_of(lambda: plan(method))[0] for name, method in METHODS.items()}}
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k != "plan_s"}), flush=True)
@@ -78,7 +77,8 @@ def main() -> int:
              "| " + " | ".join(["---"] * (5 + len(names))) + " |"]
     for r in rows:
         lines.append(f"| {r['experts']} | {r['tokens']} | {r['forward_s']:.2f} | {r['stats_s']:.2f} | "
-                     f"{r['stats_s'] / r['forward_s']:.1f} | " + " | ".join(f"{r['plan_s'][n]:.3f}" for n in names) + " |")
+                     f"{r['stats_s'] / r['forward_s']:.1f} | "
+                     + " | ".join(f"{r['plan_s'][n]:.3f}" for n in names) + " |")
     Path("docs/COST.md").write_text("\n".join(lines) + "\n")
     print("wrote docs/COST.md")
     return 0

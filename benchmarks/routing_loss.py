@@ -18,15 +18,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import UNSEEN, eval_domains, split_calibration, stats_for  # noqa: E402
+from common import KEEPS, UNSEEN, eval_domains, keeps_for, split_calibration, stats_for  # noqa: E402
 
 from moeprune.arch import moe_layout  # noqa: E402
 from moeprune.calibration import calibration_tokens, collect  # noqa: E402
 from moeprune.checkpoint import load  # noqa: E402
 from moeprune.methods import METHODS  # noqa: E402
-
-KEEPS = {"demo-mixtral": [6, 4], "demo-fine": [24, 16]}
-
 
 def lost_share(plan, domain_stats) -> float:
     """Mean over layers of the share of top-k assignments routed to a non-representative expert."""
@@ -56,7 +53,7 @@ def main() -> int:
         stats = stats_for(model, tok, str(calib_dir), 64, 256, 0, 512)[0]
         per_domain = {d: collect(model, layout, calibration_tokens(str(p), tok, args.windows, 256, 0),
                                  sample_tokens=16, progress=False) for d, p in eval_domains().items()}
-        for keep in KEEPS[name]:
+        for keep in keeps_for(name, layout.layers[0].num_experts):
             for method in args.methods:
                 plan = METHODS[method].plan(stats, keep, 0)
                 row = {"model": name, "keep": keep, "method": method,
@@ -67,9 +64,10 @@ def main() -> int:
     domains = sorted(eval_domains())
     lines = ["Share of each domain's top-k routing (full model, evaluation text) that goes to experts the plan does "
              "not keep as a representative (dropped, or merged into another). Calibration: seen-domain mix, seed 0. "
-             f"Command: `{' '.join(['python', 'benchmarks/routing_loss.py'] + sys.argv[1:])}`. * = unseen in calibration.", ""]
+             f"Command: `{' '.join(['python', 'benchmarks/routing_loss.py'] + sys.argv[1:])}`. "
+             "* = unseen in calibration.", ""]
     for name in args.models:
-        for keep in KEEPS[name]:
+        for keep in dict.fromkeys(r["keep"] for r in results if r["model"] == name):
             lines += [f"### {name}, keep {keep}", "",
                       "| method | " + " | ".join(d + ("*" if d in UNSEEN else "") for d in domains) + " |",
                       "| --- |" + " --- |" * len(domains)]
