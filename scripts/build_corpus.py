@@ -116,6 +116,19 @@ def clean_lines(text: str) -> str:
     return "\n".join(ln for ln in lines if ln.strip())
 
 
+def join_sentences(sentences: list[str], min_chars: int) -> list[str]:
+    """Consecutive sentences joined by spaces into paragraphs, each closed once it passes min_chars."""
+    paras, cur = [], []
+    for s in sentences:
+        cur.append(s)
+        if sum(len(x) for x in cur) > min_chars:
+            paras.append(" ".join(cur))
+            cur = []
+    if cur:
+        paras.append(" ".join(cur))
+    return paras
+
+
 def chunk(paragraphs: list[str], max_chars: int = MAX_DOC_CHARS) -> list[str]:
     """Greedily pack paragraphs into documents of at most ``max_chars``."""
     docs, cur, size = [], [], 0
@@ -169,15 +182,7 @@ def literature(work: Path) -> list[Doc]:
             if s.strip():
                 paras.append(s)
         # Brown sentences are one per block; rejoin into paragraph-sized lines
-        merged, cur = [], []
-        for s in paras:
-            cur.append(s)
-            if sum(len(x) for x in cur) > 600:
-                merged.append(" ".join(cur))
-                cur = []
-        if cur:
-            merged.append(" ".join(cur))
-        docs += [(f"brown/{f.name}", d) for d in chunk(merged)]
+        docs += [(f"brown/{f.name}", d) for d in chunk(join_sentences(paras, 600))]
     return docs
 
 
@@ -190,15 +195,7 @@ def speeches(work: Path) -> list[Doc]:
         text = rec["text"]
         # paragraphs are not marked; split into sentence groups of ~700 chars
         sents = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text)
-        paras, cur = [], []
-        for s in sents:
-            cur.append(s)
-            if sum(len(x) for x in cur) > 700:
-                paras.append(" ".join(cur))
-                cur = []
-        if cur:
-            paras.append(" ".join(cur))
-        for i, d in enumerate(chunk(paras)):
+        for i, d in enumerate(chunk(join_sentences(sents, 700))):
             docs.append((f"sotu/{f.stem}", (head + "\n" + d) if i == 0 else d))
     return docs
 
