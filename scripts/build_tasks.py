@@ -73,6 +73,28 @@ def kind_of(word: str):
 
 
 # --------------------------------------------------------------------------- cloze
+def draw_items(rng: random.Random, n_docs: int, draw) -> list[dict]:
+    """Up to PER_DOMAIN items, each from a random document: draw(di, seen) returns (key, item), or None to
+    try again; a key (document, position) is used once. Gives up after 100000 tries."""
+    items, seen = [], set()
+    for _ in range(100000):
+        if len(items) >= PER_DOMAIN:
+            break
+        got = draw(rng.randrange(n_docs), seen)
+        if got is not None:
+            key, item = got
+            seen.add(key)
+            items.append(item)
+    return items
+
+
+def mc_item(query: str, sep: str, answer: str, distract: list[str], rng: random.Random, dom: str) -> dict:
+    """A multiple-choice item with the answer shuffled among the distractors."""
+    choices = [answer] + distract
+    rng.shuffle(choices)
+    return {"query": query, "choices": [sep + c for c in choices], "gold": choices.index(answer), "domain": dom}
+
+
 def cloze_next_word(rng: random.Random) -> list[dict]:
     items = []
     for dom in DOMAINS:
@@ -84,21 +106,18 @@ def cloze_next_word(rng: random.Random) -> list[dict]:
                 k = kind_of(m.group())
                 if k:
                     pool[k].append(m.group())
-        made, tries = 0, 0
-        seen = set()
-        while made < PER_DOMAIN and tries < 100000:
-            tries += 1
-            di = rng.randrange(len(docs))
+
+        def draw(di, seen):
             sp = spans[di]
             if len(sp) < 45:
-                continue
+                return None
             i = rng.randrange(40, len(sp))
             if (di, i) in seen:
-                continue
+                return None
             word = sp[i].group()
             k = kind_of(word)
             if k is None:
-                continue
+                return None
             start = sp[i - 40].start()
             query = docs[di][start:sp[i - 1].end()]
             sep = docs[di][sp[i - 1].end():sp[i].start()]
@@ -107,12 +126,8 @@ def cloze_next_word(rng: random.Random) -> list[dict]:
                 w = rng.choice(pool[k])
                 if w.lower() != word.lower() and w.lower() not in {x.lower() for x in distract}:
                     distract.append(w)
-            choices = [word] + distract
-            rng.shuffle(choices)
-            seen.add((di, i))
-            items.append({"query": query, "choices": [sep + c for c in choices], "gold": choices.index(word),
-                          "domain": dom})
-            made += 1
+            return (di, i), mc_item(query, sep, word, distract, rng, dom)
+        items += draw_items(rng, len(docs), draw)
     return items
 
 
@@ -128,17 +143,15 @@ def cloze_next_sentence(rng: random.Random) -> list[dict]:
         docs = [units(d, dom) for d in docs_of(dom)]
         sep = "\n" if dom in LINE_DOMAINS else " "
         pool = [(di, u) for di, us in enumerate(docs) for u in us if 20 <= len(u) <= 300]
-        made, tries, seen = 0, 0, set()
-        while made < PER_DOMAIN and tries < 100000:
-            tries += 1
-            di = rng.randrange(len(docs))
+
+        def draw(di, seen):
             us = docs[di]
             if len(us) < 3:
-                continue
+                return None
             j = rng.randrange(1, len(us))
             true = us[j]
             if (di, j) in seen or not 20 <= len(true) <= 300:
-                continue
+                return None
             # context: preceding units, about 50 words
             k, words = j, 0
             while k > 0 and words < 50:
@@ -147,14 +160,10 @@ def cloze_next_sentence(rng: random.Random) -> list[dict]:
             query = sep.join(us[k:j])
             cands = [u for d2, u in pool if d2 != di and 0.8 <= len(u) / len(true) <= 1.25 and u != true]
             if len(set(cands)) < 3:
-                continue
+                return None
             distract = rng.sample(sorted(set(cands)), 3)
-            choices = [true] + distract
-            rng.shuffle(choices)
-            seen.add((di, j))
-            items.append({"query": query, "choices": [sep + c for c in choices], "gold": choices.index(true),
-                          "domain": dom})
-            made += 1
+            return (di, j), mc_item(query, sep, true, distract, rng, dom)
+        items += draw_items(rng, len(docs), draw)
     return items
 
 
