@@ -205,10 +205,9 @@ def plot_similarity(path: Path, stats, plan=None, layers: list[int] | None = Non
             fs = 7 if E <= 16 else 5 if E <= 32 else 3
             ax.set_xticklabels(order, fontsize=fs, rotation=90)
             ax.set_yticklabels(order, fontsize=fs)
-            for lab, e in zip(ax.get_xticklabels(), order):
-                lab.set_color("#a0aec0" if roles[e] == "dropped" else "black")
-            for lab, e in zip(ax.get_yticklabels(), order):
-                lab.set_color("#a0aec0" if roles[e] == "dropped" else "black")
+            for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+                for lab, e in zip(labels, order):
+                    lab.set_color("#a0aec0" if roles[e] == "dropped" else "black")
         else:
             ax.set_xticks([])
             ax.set_yticks([])
