@@ -58,6 +58,18 @@ def pin_routing(model, kept: list[int], scale: float = 20.0, level: float = 100.
     return layout
 
 
+def hand_set_router(model, logits: dict[int, float]):
+    """Every router scores expert e as logits[e] * x0 (x0 > 0 is the constant coordinate of pin_routing)
+    and every other expert 0, so routing is known by hand for every token."""
+    layout = pin_routing(model, kept=list(range(moe_layout(model).layers[0].num_experts)))
+    with torch.no_grad():
+        for layer in layout.layers:
+            layer.router.weight.zero_()
+            for e, value in logits.items():
+                layer.router.weight[e, 0] = value
+    return layout
+
+
 @pytest.fixture(params=ALL_FAMILIES)
 def family(request):
     return request.param

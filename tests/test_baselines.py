@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_FAMILIES, make, pin_routing
+from conftest import ALL_FAMILIES, hand_set_router, make, pin_routing
 from transformers import AutoModelForCausalLM
 
 from moeprune.arch import FAMILIES, moe_layout
@@ -99,12 +99,7 @@ def test_frequency_and_soft_activation_keep_the_favoured_experts():
     """Router set by hand on a constant positive hidden coordinate: experts 4 and 6 win every token
     (logit 3 x0), expert 1 is a close third (2.9 x0) that never reaches the top-2, the rest score 0."""
     model = make("mixtral")
-    layout = pin_routing(model, kept=list(range(8)))
-    with torch.no_grad():
-        for layer in layout.layers:
-            layer.router.weight.zero_()
-            layer.router.weight[[4, 6], 0] = 3.0
-            layer.router.weight[1, 0] = 2.9
+    layout = hand_set_router(model, {4: 3.0, 6: 3.0, 1: 2.9})
     stats = collect(model, layout, tokens(), sample_tokens=16, progress=False)
     N = tokens().numel()
     for ls in stats.layers.values():                          # precondition: the routing is as designed

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from safetensors import safe_open
 
-from conftest import make, pin_routing
+from conftest import hand_set_router, make, pin_routing
 from moeprune.arch import FAMILIES, moe_layout
 from moeprune.calibration import collect, expert_output, route
 from moeprune.plan import LayerPlan, Plan
@@ -133,11 +133,7 @@ def test_prune_save_reload_with_plain_transformers(family, tmp_path, tokens):
 def test_statistics_on_a_hand_set_router(tmp_path):
     """Router pinned so that experts 3 and 5 win every token: counts and weights follow by hand."""
     model = make("mixtral")
-    layout = pin_routing(model, kept=list(range(8)))
-    with torch.no_grad():
-        for layer in layout.layers:
-            layer.router.weight.zero_()
-            layer.router.weight[[3, 5], 0] = 5.0     # logits 5 * x0 (x0 > 0) for 3 and 5, 0 for the rest
+    layout = hand_set_router(model, {3: 5.0, 5: 5.0})     # logits 5 * x0 (x0 > 0) for 3 and 5, 0 for the rest
     tokens = torch.randint(3, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     stats = collect(model, layout, tokens, sample_tokens=20, batch_size=2, progress=False)
     N = tokens.numel()
