@@ -59,10 +59,18 @@ def texts(tmp_path):
 
 def test_report_from_a_real_prune(tmp_path, model_dir, texts):
     original = load(str(model_dir))
-    before = evaluate_model(original.model, original.tokenizer, seq_len=16, progress=False, **texts)
+    before = evaluate_model(original.model, original.tokenizer, progress=False, **texts)
     result = api.prune(api.PruneConfig(model=str(model_dir), method="frequency", keep=6, calib="random", samples=2,
-                                       seq_len=16, quiet=True, no_eval=True, out=str(tmp_path / "pruned")))
-    after = evaluate_model(result.model, original.tokenizer, seq_len=16, progress=False, **texts)
+                                       seq_len=16, quiet=True, out=str(tmp_path / "pruned"),
+                                       eval_domains=",".join(texts["domains"]), eval_tasks=texts["tasks"][0]))
+    after = evaluate_model(load(str(tmp_path / "pruned")).model, original.tokenizer, progress=False, **texts)
+    # the prune's own evaluation streams both models through one layer at a time: the same numbers
+    streamed = result.report["evaluation"]
+    for ours, reference in ((streamed["before"], before), (streamed["after"], after)):
+        for d, v in reference["perplexity"].items():
+            assert ours["perplexity"][d]["tokens"] == v["tokens"]
+            assert ours["perplexity"][d]["nll"] == pytest.approx(v["nll"], rel=1e-5)
+        assert {t: r["acc"] for t, r in ours["tasks"].items()} == {t: r["acc"] for t, r in reference["tasks"].items()}
     report = {**result.report, "evaluation": evaluation_section(before, after)}
 
     folder = tmp_path / "report"
@@ -82,7 +90,7 @@ def test_report_from_a_real_prune(tmp_path, model_dir, texts):
     assert comp["mean_ratio"] == pytest.approx(sum(ratios) / 2) and comp["worst"]["ratio"] == max(ratios)
     assert data["evaluation"]["after"]["tasks"]["mc"]["n"] == 2
     assert data["plan"] == {str(i): lp.groups for i, lp in result.plan.layers.items()}
-    assert data["stages"]["seconds"]["calibrate"] >= 0 and data["stages"]["peak_rss_mb"]["apply"] > 0
+    assert data["stages"]["seconds"]["prune"] >= 0 and data["stages"]["peak_rss_mb"]["prune"] > 0
 
     # markdown: every section, every domain, images that exist
     total_after = f"{result.report['after']['parameters']['total']:,}"

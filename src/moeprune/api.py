@@ -1,20 +1,26 @@
-"""The Python API: the pipeline, read top to bottom.
+"""The Python API.
+
+For a model that fits in memory, step by step:
 
     loaded = load(model)                       -> model, tokenizer
     layout = moe_layout(model)                 -> where the routed experts are
     stats  = collect(model, layout, tokens)    -> calibration statistics (cached on disk if asked)
     plan   = METHODS[name].plan(stats, keep)   -> per layer: groups, merge weights, router rule
     apply_plan(model, layout, plan)            -> weight surgery, config updated
-    save                                       -> atomic; plan.json, report.json, report.md beside the weights
 
-`prune(PruneConfig(...), **method_options)` runs all of it; the CLI is a thin layer over it.
+`prune(PruneConfig(...), **method_options)` runs the same steps one decoder layer at a time through the
+per-layer engine (moeprune.engine): a local safetensors folder is read lazily, so the checkpoint never has
+to fit in memory, and the output is written shard by shard into an atomic folder, then evaluated before
+and after, with plan.json and the report beside the weights. The CLI is a thin layer over it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +29,15 @@ import transformers
 
 from . import demo
 from .arch import Layout, MoePruneError, moe_layout
-from .calibration import calibration_tokens, check_spec, collect
-from .checkpoint import AtomicFolder, Loaded, check_output, folder_bytes, load, resolve, save_model
+from .calibration import calibration_tokens, check_spec
+from .checkpoint import AtomicFolder, check_output, folder_bytes, open_source, resolve, save_model
+from .engine import CheckpointSource, Job, run
+from .hub import CheckpointWriter
 from .methods import get_method
-from .plan import Plan
-from .report import write_report
-from .stats import Stats
-from .surgery import apply_plan
+from .plan import LayerPlan, Plan
+from .report import _pick_layers, write_report
+from .stats import LayerStats, Stats
+from .surgery import apply_layer, check_plan, update_config
 
 
 @dataclass
@@ -54,7 +62,7 @@ class PruneConfig:
     stats_cache: str | None = field(default=None, metadata={"help": "folder to save/reuse calibration statistics"})
     dtype: str = field(default="auto", metadata={"help": "dtype to compute and save in: float32, bfloat16, float16; "
                                                           "auto: float32 on the CPU, saved in the checkpoint's dtype"})
-    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "torch device, e.g. cpu or cuda (auto: the GPU if any)"})
     no_eval: bool = field(default=False, metadata={"help": "skip the before/after evaluation"})
     eval_domains: str | None = field(default=None, metadata={
         "help": "comma-separated evaluation texts: demo domain names, .txt/.jsonl files, NAME=PATH "
@@ -134,23 +142,27 @@ def resolve_keep(num_experts: int, top_k: int, keep: int | None, ratio: float | 
     return keep
 
 
-def calibrate(loaded: Loaded, layout: Layout, cfg: PruneConfig) -> Stats:
-    """Statistics for cfg's calibration settings: from --stats-cache when they match, else a fresh pass."""
-    spec = cfg.calib or ("demo" if loaded.tokenizer is not None and demo.domains("calib") else "random")
-    meta = {"spec": spec, "samples": cfg.samples, "seq_len": cfg.seq_len, "seed": cfg.seed,
-            "sample_tokens": cfg.sample_tokens, "model": loaded.name}
-    cache = Path(cfg.stats_cache) if cfg.stats_cache else None
-    if cache is not None and (cache / "stats.json").exists():
-        stats = Stats.load(cache)
-        if {k: stats.calibration.get(k) for k in meta} == meta:
-            return stats
-    tokens = calibration_tokens(spec, loaded.tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
-                                vocab_size=loaded.model.config.vocab_size)
-    stats = collect(loaded.model, layout, tokens, sample_tokens=cfg.sample_tokens, batch_size=cfg.batch_size,
-                    seed=cfg.seed, model_name=loaded.name, calibration=meta, progress=not cfg.quiet)
-    if cache is not None:
-        stats.save(cache)
-    return stats
+def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
+    return cfg.calib or ("demo" if tokenizer is not None and demo.domains("calib") else "random")
+
+
+def stats_meta(cfg: PruneConfig, name: str, tokenizer) -> dict:
+    return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "seq_len": cfg.seq_len,
+            "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name}
+
+
+def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
+    """Layer -> statistics file of a --stats-cache made with the same settings (else {}: recollect)."""
+    from .stats import read_header
+    if folder is None or not (Path(folder) / "stats.json").exists():
+        return {}
+    try:
+        header = read_header(Path(folder))
+    except MoePruneError:
+        return {}
+    if {k: header["calibration"].get(k) for k in meta} != meta or sorted(header["layers"]) != sorted(layers):
+        return {}
+    return {i: Path(folder) / f"layer-{i}.safetensors" for i in layers}
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -165,61 +177,114 @@ def evaluation(model, tokenizer, cfg: PruneConfig) -> dict:
 
 
 def prune(cfg: PruneConfig, **method_options) -> PruneResult:
-    """Load, calibrate, plan, apply, (evaluate,) save. Validates everything it can before heavy work."""
+    """Load, calibrate, plan, apply, save and evaluate, one decoder layer at a time (moeprune.engine).
+    Validates everything it can before the heavy work."""
     stages = Stages()
-    _, source = resolve(cfg.model)
-    out = check_output(cfg.out, cfg.overwrite, source) if cfg.out else None
-    method = None
+    _, folder = resolve(cfg.model)
+    out = check_output(cfg.out, cfg.overwrite, folder) if cfg.out else None
+    method = options = None
     if cfg.plan is None:
         method = get_method(cfg.method)
-        method.make_options(**method_options)           # bad options fail before the model is loaded
+        options = method.make_options(**method_options)    # bad options fail before the model is read
     elif method_options:
         raise MoePruneError("method options do not apply with --plan (the plan already fixes them)")
     if cfg.calib is not None:
         check_spec(cfg.calib)
     if cfg.quiet:
         transformers.utils.logging.disable_progress_bar()
-    loaded = stages.run("load", load, cfg.model, cfg.dtype, cfg.device)
-    model = loaded.model
-    layout = moe_layout(model)
-    info_before = model_info(model, layout)
+    name, source, tokenizer, folder = stages.run("load", open_source, cfg.model, cfg.dtype, cfg.device)
+    layout = source.layout
+    info_before = model_info(source.model, layout)
     E = layout.layers[0].num_experts
-
-    stats = None
-    if cfg.plan is not None:
-        plan = Plan.load(cfg.plan)
-        if plan.needs_stats:
-            stats = stages.run("calibrate", calibrate, loaded, layout, cfg)
+    moe = [layer.index for layer in layout.layers]
+    saved_plan = Plan.load(cfg.plan) if cfg.plan is not None else None
+    if saved_plan is not None:
+        keep = check_plan(saved_plan, layout)
     else:
         keep = resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
-        stats = stages.run("calibrate", calibrate, loaded, layout, cfg)
-        plan = stages.run("plan", method.plan, stats, keep, cfg.seed, **method_options)
-    do_eval = not cfg.no_eval and loaded.tokenizer is not None
-    before = stages.run("eval_before", evaluation, model, loaded.tokenizer, cfg) if do_eval else None
-    stages.run("apply", apply_plan, model, layout, plan, stats)
-    info_after = model_info(model, layout)
-    after = stages.run("eval_after", evaluation, model, loaded.tokenizer, cfg) if do_eval else None
+    needs_stats = saved_plan is None or saved_plan.needs_stats
 
-    report = {
-        "model": loaded.name, "method": plan.method, "options": plan.options, "router": plan.router,
-        "align": plan.align, "keep_per_layer": {str(k): v for k, v in plan.keep_per_layer().items()},
-        "experts_before": E, "before": info_before, "after": info_after,
-        "calibration": stats.calibration if stats is not None else None,
-        "bytes_on_disk": {"before": folder_bytes(source)},
-    }
-    if do_eval:
-        from .evaluate import evaluation_section
-        report["evaluation"] = evaluation_section(before, after)
-    # live references: the save stage below still lands in the report written beside the weights
-    report["stages"] = {"seconds": stages.times, "peak_rss_mb": stages.peak_mb}
-    if out is not None:
-        with AtomicFolder(out, cfg.overwrite) as tmp:
-            stages.run("save", save_model, model, loaded.tokenizer, tmp, loaded.save_dtype)
+    # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
+    meta = stats_meta(cfg, name, tokenizer)
+    cache = cached_stats(cfg.stats_cache, meta, moe) if needs_stats else {}
+    tokens = None
+    if needs_stats and not cache:
+        tokens = calibration_tokens(meta["spec"], tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
+                                    vocab_size=source.model.config.vocab_size)
+    ev = None
+    if not cfg.no_eval and tokenizer is not None:
+        from .evaluate import Evaluation
+        ev = Evaluation(tokenizer, source.model.config, _names(cfg.eval_domains), _names(cfg.eval_tasks),
+                        batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
+                        task_limit=cfg.eval_limit or None)
+    tallies = {"before": ev.tally(), "after": ev.tally()} if ev is not None else {}
+    plot_layers = set(_pick_layers(moe))
+    planning = [0.0]
+
+    def decide(i: int, ls: LayerStats | None) -> LayerPlan:
+        if saved_plan is not None:
+            return saved_plan.layers[i]
+        start = time.perf_counter()
+        lp = method.plan_layer(ls, keep, options, cfg.seed)
+        planning[0] += time.perf_counter() - start
+        return lp
+
+    def keep_stats(i: int, ls: LayerStats) -> LayerStats:
+        if cfg.stats_cache and i not in cache:
+            Path(cfg.stats_cache).mkdir(parents=True, exist_ok=True)
+            ls.save(Path(cfg.stats_cache) / f"layer-{i}.safetensors")
+        # a checkpoint larger than memory keeps only what the report shows of a layer; a model in memory, all
+        return ls.light(similarity=i in plot_layers) if isinstance(source, CheckpointSource) else ls
+
+    plan_opts = saved_plan or Plan(method.name, {}, {}, router=getattr(options, "router", "weighted"),
+                                   align=getattr(options, "align", "none"), merge=getattr(options, "merge", "average"))
+    job = Job(calib=tokens, sample_tokens=cfg.sample_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
+              weight_similarity=getattr(options, "representation", None) == "weight" or not isinstance(
+                  source, CheckpointSource),
+              cached=lambda i: LayerStats.load(cache[i]) if i in cache else None,
+              decide=decide, apply=lambda m, lp, ls: apply_layer(m, lp, plan_opts, layout, ls),
+              keep_stats=keep_stats, evaluate=ev.batches if ev is not None else None,
+              score=lambda which, k, logits: tallies[which].score(k, logits), progress=not cfg.quiet)
+
+    with AtomicFolder(out, cfg.overwrite) if out is not None else nullcontext() as tmp:
+        writer = None
+        if tmp is not None and isinstance(source, CheckpointSource):
+            writer = CheckpointWriter(tmp, source.ckpt, layout.family, moe, keep)
+            job.write = writer.write_layer
+        outcome = stages.run("prune", run, source, job)
+        changes = update_config(source.model, layout, E, keep)
+        stats = Stats(layout.family.model_type, name, meta, outcome.stats) if outcome.stats else None
+        if cfg.stats_cache and stats is not None and not cache:
+            (Path(cfg.stats_cache) / "stats.json").write_text(json.dumps(stats.header(), indent=1))
+        if saved_plan is not None:
+            plan = saved_plan
+        else:
+            plan = method.assemble(outcome.plans, keep, options, cfg.seed, layout.family.model_type, planning[0])
+        info_after = model_info(source.model, layout)
+        if tmp is not None:
+            if writer is not None:
+                stages.run("save", writer.finish, folder, layout.config, changes)
+            else:
+                stages.run("save", save_model, source.model, tokenizer, tmp, source.save_dtype)
             plan.save(tmp / "plan.json")
-            report["bytes_on_disk"]["after"] = folder_bytes(tmp)
+        report = {
+            "model": name, "method": plan.method, "options": plan.options, "router": plan.router,
+            "align": plan.align, "keep_per_layer": {str(k): v for k, v in plan.keep_per_layer().items()},
+            "experts_before": E, "before": info_before, "after": info_after,
+            "calibration": stats.calibration if stats is not None else None,
+            "bytes_on_disk": {"before": folder_bytes(folder), "after": folder_bytes(tmp)},
+            "stages": {"seconds": stages.times, "peak_rss_mb": stages.peak_mb},
+        }
+        if tallies:
+            from .evaluate import evaluation_section
+            report["evaluation"] = evaluation_section(tallies["before"].result(), tallies["after"].result())
+        elif not cfg.no_eval:
+            report["evaluation_note"] = "skipped: the model has no tokenizer that can encode text"
+        if tmp is not None:
             write_report(tmp, report, stats, plan)
     if cfg.plan_out:
         plan.save(cfg.plan_out)
+    model = None if isinstance(source, CheckpointSource) else source.model
     return PruneResult(plan, stats, model, report, out)
 
 

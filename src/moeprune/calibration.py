@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import demo
 from .arch import Layout, MoeLayer, MoePruneError, decoder_layers
@@ -30,32 +30,70 @@ from .stats import LayerStats, Stats
 
 # ---------------------------------------------------------------- text -> tokens
 
+_JSON_TYPES = {dict: "an object", list: "an array", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a file that must be UTF-8 (a leading byte-order mark is dropped, newlines become \\n).
+    Other bytes are named with their offset and line, so the user can find and convert them."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        bad = data[e.start:e.start + 1]
+        raise MoePruneError(f"{path} is not UTF-8 text (byte {e.start}, line {line}: {bad!r}); convert it, "
+                            f"e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a .jsonl file; a malformed line names file:line."""
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MoePruneError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); every line of a .jsonl "
+                                "file must be one complete JSON object") from None
+
+
+def _jsonl_text(row, where: str) -> str:
+    if not isinstance(row, dict) or "text" not in row:
+        raise MoePruneError(f"{where}: a .jsonl text file needs a \"text\" field per line, e.g. {{\"text\": \"...\"}}")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise MoePruneError(f"{where}: \"text\" is {_JSON_TYPES.get(type(text), type(text).__name__)}, not a "
+                            "string; write each document as a JSON string")
+    return text
+
+
 def _read_file(path: Path) -> list[str]:
+    """The documents of one file: .jsonl one "text" per line, .txt separated by blank lines."""
     if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if "text" not in row:
-                    raise MoePruneError(f"{path}:{n}: a .jsonl calibration file needs a \"text\" field per line")
-                docs.append(row["text"])
-        return docs
-    return [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        return [_jsonl_text(row, f"{path}:{n}") for n, row in jsonl_rows(path)]
+    return [d for d in read_utf8(path).split("\n\n") if d.strip()]
 
 
 def check_spec(spec: str) -> None:
-    """Fail early, before any model is loaded, on a calibration source that cannot exist."""
-    if spec == "random" or spec.startswith("hf:"):
-        return
-    if spec == "demo" or spec.startswith("demo:"):
+    """Fail early, before any model is loaded: a demo or local source is read and parsed in full here, so a
+    missing file, bytes that are not UTF-8, a malformed .jsonl line or a source without text stop the run
+    before the heavy work. hf: and random sources are checked when they are used."""
+    if spec != "random" and not spec.startswith("hf:"):
         load_texts(spec)
-        return
-    if not Path(spec).exists():
-        load_texts(spec)            # raises the "not found" message
 
 
-def load_texts(spec: str) -> list[str]:
-    """The documents named by a calibration spec (see the module docstring)."""
+def _with_text(docs: list[str], what: str, source: str) -> list[str]:
+    if not any(d.strip() for d in docs):
+        raise MoePruneError(f"{what} text {source} holds no documents: it is empty or blank. Give it text: "
+                            "paragraphs separated by blank lines (.txt) or one {\"text\": ...} per line (.jsonl)")
+    return docs
+
+
+def load_texts(spec: str, what: str = "calibration") -> list[str]:
+    """The documents named by a text spec (see the module docstring); `what` names its use in messages."""
     if spec == "demo" or spec.startswith("demo:"):
         available = demo.domains("calib")
         if not available:
@@ -71,13 +109,13 @@ def load_texts(spec: str) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         if not files:
-            raise MoePruneError(f"calibration folder {path} holds no .txt or .jsonl files")
-        return [doc for f in files for doc in _read_file(f)]
+            raise MoePruneError(f"{what} folder {path} holds no .txt or .jsonl files")
+        return _with_text([doc for f in files for doc in _read_file(f)], what, f"folder {path}")
     if path.is_file():
         if path.suffix not in (".txt", ".jsonl"):
-            raise MoePruneError(f"calibration file {path} must be .txt or .jsonl")
-        return _read_file(path)
-    raise MoePruneError(f"calibration source {spec!r} not found: give demo, demo:DOMAINS, a .txt/.jsonl file or "
+            raise MoePruneError(f"{what} file {path} must be .txt or .jsonl")
+        return _with_text(_read_file(path), what, f"file {path}")
+    raise MoePruneError(f"{what} source {spec!r} not found: give demo, demo:DOMAINS, a .txt/.jsonl file or "
                         "folder, hf:NAME[:CONFIG][:SPLIT], or random")
 
 
@@ -191,15 +229,17 @@ class _Captured(Exception):
         self.args_, self.kwargs = args, kwargs
 
 
-def _first_layer_inputs(model, layers, input_ids: torch.Tensor, batch_size: int):
-    """Run the model up to decoder layer 0 for every batch; return [(hidden, kwargs)] for the layers."""
+def first_layer_inputs(model, batches: list[torch.Tensor], device) -> list[tuple[torch.Tensor, dict]]:
+    """Run the model up to decoder layer 0 for every batch of token ids; [(hidden, kwargs)] for the layers.
+    Only the embeddings (and rotary tables) are used: the decoder layers may still be on the meta device."""
+    layers = decoder_layers(model)
+
     def stop(module, args, kwargs):
         raise _Captured(args, kwargs)
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    device = next(model.parameters()).device
     cached = []
     try:
-        for batch in input_ids.split(batch_size):
+        for batch in batches:
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _Captured as c:
@@ -213,39 +253,38 @@ def _first_layer_inputs(model, layers, input_ids: torch.Tensor, batch_size: int)
 
 
 @torch.no_grad()
+def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positions: torch.Tensor,
+                  weight_similarity: bool = True):
+    """Run one decoder layer on the cached batches with the statistics observer on its MoE block;
+    returns (the layer's statistics, the layer's outputs for the next layer)."""
+    observer = _Observer(moe, layout.family.scoring, layout.top_k, positions)
+    handle = moe.block.register_forward_pre_hook(observer, with_kwargs=True)
+    try:
+        outputs = []
+        for hidden, kwargs in batches:
+            out = decoder_layer(hidden, **kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+    finally:
+        handle.remove()
+    ls = observer.result()
+    ls.routing = routing_rule(moe, layout.family)
+    if weight_similarity:
+        # model-centric similarity needs the weights, which a method never sees: derive it now
+        reps = weight_representation(moe.experts, layout.family.gate_up)
+        for name, fn in SIMILARITIES.items():
+            ls.cache[f"similarity/{name}/weight"] = fn(reps).float()
+    return ls, outputs
+
+
 def collect(model, layout: Layout, input_ids: torch.Tensor, *, sample_tokens: int = 512, batch_size: int = 8,
-            seed: int = 0, model_name: str = "", calibration: dict | None = None, progress: bool = True) -> Stats:
-    """The layer-by-layer statistics pass over calibration tokens [N, L]."""
-    layers = decoder_layers(model)
-    moe = layout.by_index()
-    total = input_ids.numel()
-    n = min(sample_tokens, total)
-    positions = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    cached = _first_layer_inputs(model, layers, input_ids, batch_size)
-    stats: dict[int, LayerStats] = {}
-    last = max(moe)                                      # nothing after the last MoE layer is needed
-    bar = tqdm(range(last + 1), desc="calibration", unit="layer", disable=not progress)
-    for i in bar:
-        observer = None
-        if i in moe:
-            observer = _Observer(moe[i], layout.family.scoring, layout.top_k, positions)
-            handle = moe[i].block.register_forward_pre_hook(observer, with_kwargs=True)
-        try:
-            outputs = []
-            for hidden, kwargs in cached:
-                out = layers[i](hidden, **kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
-            cached = [(h, kw) for h, (_, kw) in zip(outputs, cached)]
-        finally:
-            if observer is not None:
-                handle.remove()
-        if observer is not None:
-            stats[i] = observer.result()
-            stats[i].routing = routing_rule(moe[i], layout.family)
-            # model-centric similarity needs the weights, which a method never sees: derive it now
-            reps = weight_representation(moe[i].experts, layout.family.gate_up)
-            for name, fn in SIMILARITIES.items():
-                stats[i].cache[f"similarity/{name}/weight"] = fn(reps).float()
+            seed: int = 0, model_name: str = "", calibration: dict | None = None, progress: bool = True,
+            weight_similarity: bool = True) -> Stats:
+    """The layer-by-layer statistics pass over calibration tokens [N, L] of a model in memory
+    (the per-layer engine, moeprune.engine, with nothing but the observer)."""
+    from .engine import Job, ModelSource, run
+    job = Job(calib=input_ids, sample_tokens=sample_tokens, seed=seed, batch_size=batch_size,
+              weight_similarity=weight_similarity, progress=progress)
+    stats = run(ModelSource(model, layout), job).stats
     meta = {"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]), "seed": seed,
-            "sample_tokens": n, **(calibration or {})}
+            "sample_tokens": min(sample_tokens, input_ids.numel()), **(calibration or {})}
     return Stats(layout.family.model_type, model_name, meta, stats)

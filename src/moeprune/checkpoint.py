@@ -53,13 +53,57 @@ def resolve(spec: str | None) -> tuple[str, Path | None]:
     return spec, None
 
 
-def load(spec: str | None, dtype: str = "auto", device: str = "cpu") -> Loaded:
+def resolve_device(device: str | None) -> str:
+    """"auto" (the default): the GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def compute_dtype(dtype: str, device: str) -> torch.dtype | str:
+    """dtype "auto": float32 on the CPU (its bfloat16 kernels are slow, and statistics want the precision),
+    the checkpoint's own dtype elsewhere."""
+    if dtype not in DTYPES:
+        raise MoePruneError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == "auto" and torch.device(device).type == "cpu":
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def load_tokenizer(source: str):
+    """The model's tokenizer, or None when the folder has none that can encode text."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
+    """(name, source for the per-layer engine, tokenizer, input folder or None).
+
+    A local folder of safetensors is read lazily, a layer at a time (engine.CheckpointSource): the
+    model never has to fit in memory. Anything else (a tiny model, a hub id, .bin weights) is loaded.
+    """
+    from .engine import CheckpointSource, ModelSource
+    name, path = resolve(spec)
+    device = resolve_device(device)
+    compute = compute_dtype(dtype, device)
+    if path is not None and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        if compute == "auto":
+            own = AutoConfig.from_pretrained(path).dtype
+            compute = getattr(torch, own) if isinstance(own, str) else (own or torch.float32)
+        return name, CheckpointSource(path, device, compute), load_tokenizer(str(path)), path
+    loaded = load(spec, dtype, device)
+    return name, ModelSource(loaded.model, save_dtype=loaded.save_dtype), loaded.tokenizer, path
+
+
+def load(spec: str | None, dtype: str = "auto", device: str = "auto") -> Loaded:
     """Load a model for pruning. dtype "auto": float32 on the CPU (its bfloat16 kernels are slow, and
     statistics want the precision), the checkpoint's own dtype elsewhere; either way the pruned
     checkpoint is saved in the checkpoint's own dtype. An explicit dtype is used for both."""
     name, path = resolve(spec)
-    if dtype not in DTYPES:
-        raise MoePruneError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    compute = compute_dtype(dtype, device)
     if name.startswith("tiny:"):
         from .tiny import tiny_model
         model = tiny_model(name[5:])
@@ -67,19 +111,13 @@ def load(spec: str | None, dtype: str = "auto", device: str = "cpu") -> Loaded:
             model = model.to(DTYPES[dtype])
         return Loaded(model.to(device), None, name, None)
     source = str(path) if path is not None else name
-    compute = DTYPES[dtype]
-    if dtype == "auto" and torch.device(device).type == "cpu":
-        compute = torch.float32
     try:
         own = AutoConfig.from_pretrained(source).dtype           # the checkpoint's own dtype, before loading
         model = AutoModelForCausalLM.from_pretrained(source, dtype=compute)
     except OSError as e:
         raise MoePruneError(f"could not load model {name!r}: {e}. Is it a local folder, or is the machine "
                             "online for a hub id?") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
+    tokenizer = load_tokenizer(source)
     own = getattr(torch, own) if isinstance(own, str) else own
     save_dtype = DTYPES[dtype] if dtype != "auto" else (own if isinstance(own, torch.dtype) else None)
     return Loaded(model.to(device).eval(), tokenizer, name, path, save_dtype)

@@ -4,20 +4,24 @@ Per MoE layer, over all calibration tokens: how often each expert is picked in t
 router probability, the summed routing weight, and REAP's sum of routing weight x output norm.
 On a seeded sample of n tokens: the layer inputs, the router logits and every expert's output.
 
-Statistics save to a folder (stats.safetensors + stats.json) and load back, so planning again at
-another K needs no model run. Similarity matrices are derived once and cached with them.
+Statistics save to a folder (stats.json + one layer-<i>.safetensors per MoE layer) and load back, one
+layer at a time if need be, so planning again at another K needs no model run. Similarity matrices are
+derived once and cached with them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-STATS_VERSION = 1
+from .arch import MoePruneError
+
+STATS_VERSION = 2       # 2: one safetensors file per layer
 
 
 @dataclass
@@ -57,6 +61,30 @@ class LayerStats:
         return self.cache[key]
 
 
+    def light(self, similarity: bool = False) -> "LayerStats":
+        """A copy without the token sample (inputs, logits, outputs): what a report keeps of a layer once it is
+        planned. With `similarity`, the output CKA matrix the plots show is derived first."""
+        if similarity:
+            from .similarity import cka_matrix
+            self.cached("similarity/cka/output", lambda: cka_matrix(self.outputs).float())
+        empty = torch.empty(0)
+        return replace(self, inputs=empty, logits=empty, outputs=empty, cache=dict(self.cache))
+
+    def save(self, path: Path) -> None:
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        tensors.update({f"cache.{k}": v.contiguous() for k, v in self.cache.items()})
+        save_file(tensors, str(path), metadata={"meta": json.dumps(
+            {"layer": self.layer, "top_k": self.top_k, "tokens": self.tokens, "routing": self.routing})})
+
+    @classmethod
+    def load(cls, path: Path) -> "LayerStats":
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        cache = {k[len("cache."):]: v for k, v in tensors.items() if k.startswith("cache.")}
+        return cls(**meta, cache=cache, **{name: tensors[name] for name in _TENSORS})
+
+
 _TENSORS = ("counts", "prob_sum", "weight_sum", "reap_sum", "inputs", "logits", "outputs")
 
 
@@ -67,37 +95,33 @@ class Stats:
     calibration: dict               # spec, samples, seq_len, seed, sample_tokens
     layers: dict[int, LayerStats]
 
+    def header(self) -> dict:
+        return {"version": STATS_VERSION, "model_type": self.model_type, "model": self.model,
+                "calibration": self.calibration, "layers": sorted(self.layers)}
+
     def save(self, folder: str | Path) -> None:
+        """stats.json and one layer-<i>.safetensors per MoE layer (a later run reads them one at a time)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors, meta = {}, {}
         for i, ls in self.layers.items():
-            for name in _TENSORS:
-                tensors[f"{i}.{name}"] = getattr(ls, name).contiguous()
-            for key, value in ls.cache.items():
-                tensors[f"{i}.cache.{key}"] = value.contiguous()
-            meta[str(i)] = {"top_k": ls.top_k, "tokens": ls.tokens, "routing": ls.routing}
-        save_file(tensors, str(folder / "stats.safetensors"))
-        header = {"version": STATS_VERSION, "model_type": self.model_type, "model": self.model,
-                  "calibration": self.calibration, "layers": meta}
-        (folder / "stats.json").write_text(json.dumps(header, indent=1))
+            ls.save(folder / f"layer-{i}.safetensors")
+        (folder / "stats.json").write_text(json.dumps(self.header(), indent=1))
 
     @classmethod
     def load(cls, folder: str | Path) -> "Stats":
         folder = Path(folder)
-        header = json.loads((folder / "stats.json").read_text())
-        if header.get("version") != STATS_VERSION:
-            raise ValueError(f"{folder}: statistics version {header.get('version')} != {STATS_VERSION}; recollect them")
-        tensors = load_file(str(folder / "stats.safetensors"))
-        layers = {}
-        for key, meta in header["layers"].items():
-            i = int(key)
-            cache = {k[len(f"{i}.cache."):]: v for k, v in tensors.items() if k.startswith(f"{i}.cache.")}
-            layers[i] = LayerStats(layer=i, top_k=meta["top_k"], tokens=meta["tokens"], cache=cache,
-                                   routing=meta.get("routing", {}),
-                                   **{name: tensors[f"{i}.{name}"] for name in _TENSORS})
+        header = read_header(folder)
+        layers = {i: LayerStats.load(folder / f"layer-{i}.safetensors") for i in header["layers"]}
         return cls(header["model_type"], header["model"], header["calibration"], layers)
 
     def summary(self) -> dict:
         return {"model": self.model, "model_type": self.model_type, **self.calibration,
                 "layers": len(self.layers)}
+
+
+def read_header(folder: Path) -> dict:
+    header = json.loads((Path(folder) / "stats.json").read_text())
+    if header.get("version") != STATS_VERSION:
+        raise MoePruneError(f"{folder}: statistics version {header.get('version')} != {STATS_VERSION}; delete the "
+                            "folder or give another --stats-cache, and they are recollected")
+    return header

@@ -66,16 +66,23 @@ def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int],
 
 
 def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: LayerStats | None) -> None:
+    """Replace the layer's experts by one per group, and the router rows likewise.
+
+    Memory: the merged experts are written into the layer's own expert tensors, slot j after group j is
+    computed; that is safe when the groups are ordered by their smallest member (as every method orders
+    them), since group j then reads only experts >= j. Only another order needs a second set of tensors.
+    """
     family = layout.family
     if lp.num_experts != layer.num_experts:
         raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
                             f"{layer.num_experts}: the plan was made for another model")
     names = [n for n, _ in layer.experts.named_parameters(recurse=False)]
     original = {n: getattr(layer.experts, n).detach() for n in names}
+    in_place = all(min(a) < min(b) for a, b in zip(lp.groups, lp.groups[1:]))
+    out = original if in_place else {n: t.new_empty((lp.keep, *t.shape[1:])) for n, t in original.items()}
     expert = lambda e: {n: original[n][e] for n in names}   # noqa: E731  one expert's tensors
     inputs = ls.inputs if ls is not None else None
-    merged: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for group, weights, rep in zip(lp.groups, lp.weights, lp.representatives):
+    for j, (group, weights, rep) in enumerate(zip(lp.groups, lp.weights, lp.representatives)):
         members = [expert(e) for e in group]
         if plan.align != "none" and len(group) > 1:
             members = [m if e == rep else align_to(layer, expert(rep), m, family.gate_up, plan.align, inputs)
@@ -84,9 +91,9 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
         if plan.merge == "fit" and len(group) > 1:
             one["down_proj"] = fit_down(layer, one, group, ls, layout)
         for n in names:
-            merged[n].append(one[n])
+            out[n][j] = one[n]
     for n in names:
-        _set_tensor(layer.experts, n, torch.stack(merged[n]).contiguous())
+        _set_tensor(layer.experts, n, out[n][:lp.keep])
 
     for name, axis in family.router_tensors:
         t = get_tensor(layer.router, name)
@@ -100,30 +107,31 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
         _set_tensor(layer.router, name, torch.stack(rows, dim=axis).contiguous())
 
 
-
-def _group_routing(layout: Layout, keep: int) -> None:
-    """Keep DeepSeek/GLM group-limited routing valid for `keep` experts (see routing.group_routing_after)."""
-    if layout.family.group_fields is None:
-        return
-    n_field, topk_field = layout.family.group_fields
-    n_group, topk_group = getattr(layout.config, n_field, None) or 1, getattr(layout.config, topk_field, None) or 1
-    new = group_routing_after(keep, n_group, topk_group)
-    if new == (n_group, topk_group):
-        return
-    warnings.warn(f"{keep} experts per layer cannot form {n_field}={n_group} groups of at least 2: "
-                  f"group-limited routing falls back to {n_field}={topk_field}=1", stacklevel=3)
-    setattr(layout.config, n_field, 1)
-    setattr(layout.config, topk_field, 1)
-    for layer in layout.layers:
-        for attr in ("num_group", "topk_group", "n_group"):
-            if isinstance(getattr(layer.router, attr, None), int):
-                setattr(layer.router, attr, 1)
+def config_changes(layout: Layout, keep: int) -> dict[str, int]:
+    """The config attributes that a prune to `keep` experts per layer changes, and their new values: the
+    expert count; top-k when it exceeds `keep`; DeepSeek/GLM group-limited routing when the kept experts
+    cannot form its groups (routing.group_routing_after)."""
+    family, config = layout.family, layout.config
+    changes = {family.n_experts_field: keep}
+    if int(getattr(config, family.top_k_field)) > keep:
+        changes[family.top_k_field] = keep
+    if family.group_fields is not None:
+        n_field, topk_field = family.group_fields
+        n_group, topk_group = getattr(config, n_field, None) or 1, getattr(config, topk_field, None) or 1
+        if group_routing_after(keep, n_group, topk_group) != (n_group, topk_group):
+            changes.update({n_field: 1, topk_field: 1})
+    return changes
 
 
-def _update_attributes(model: nn.Module, before: int, keep: int) -> None:
-    """Every module attribute that holds the expert count or top-k (MoE blocks, routers, experts, and the
-    causal-LM head's load-balancing loss) follows the new expert count."""
-    for module in model.modules():
+def _ungrouped(layout: Layout, changes: dict[str, int]) -> bool:
+    fields = layout.family.group_fields
+    return fields is not None and all(changes.get(f) == 1 for f in fields)
+
+
+def _update_attributes(root: nn.Module, before: int, keep: int) -> None:
+    """Every module attribute under `root` that holds the expert count or top-k (MoE blocks, routers,
+    experts, and the causal-LM head's load-balancing loss) follows the new expert count."""
+    for module in root.modules():
         for attr in _COUNT_ATTRS:
             if getattr(module, attr, None) == before and isinstance(getattr(module, attr), int):
                 setattr(module, attr, keep)
@@ -134,26 +142,52 @@ def _update_attributes(model: nn.Module, before: int, keep: int) -> None:
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, layout: Layout, plan: Plan, stats: Stats | None = None) -> None:
-    """Prune/merge the model in place according to `plan`; the config is updated to match."""
+def apply_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: LayerStats | None) -> None:
+    """Prune/merge one MoE layer in place: its experts, router rows and module attributes (the engine's step)."""
+    if plan.needs_stats and ls is None:
+        raise MoePruneError("this plan (activation alignment or fitted merge) needs the calibration statistics")
+    merge_layer(layer, lp, plan, layout, ls)
+    _update_attributes(layer.block, lp.num_experts, lp.keep)
+    if _ungrouped(layout, config_changes(layout, lp.keep)):      # group-limited routing falls back to one group
+        for attr in ("num_group", "topk_group", "n_group"):
+            if isinstance(getattr(layer.router, attr, None), int):
+                setattr(layer.router, attr, 1)
+
+
+def update_config(model: nn.Module, layout: Layout, before: int, keep: int) -> dict[str, int]:
+    """After every layer: the config and the model-level attributes follow; returns the config changes."""
+    changes = config_changes(layout, keep)
+    if _ungrouped(layout, changes):
+        n_field, topk_field = layout.family.group_fields
+        warnings.warn(f"{keep} experts per layer cannot form {n_field}={getattr(layout.config, n_field)} groups of "
+                      f"at least 2: group-limited routing falls back to {n_field}={topk_field}=1", stacklevel=3)
+    _update_attributes(model, before, keep)
+    for attr, value in changes.items():
+        setattr(layout.config, attr, value)
+    return changes
+
+
+def check_plan(plan: Plan, layout: Layout) -> int:
+    """Validate a plan against the model's MoE layers; returns the one expert count it keeps."""
     plan.validate()
-    by_index = layout.by_index()
-    if set(plan.layers) != set(by_index):
+    moe = {layer.index for layer in layout.layers}
+    if set(plan.layers) != moe:
         raise MoePruneError(f"the plan covers layers {sorted(plan.layers)}, the model's MoE layers are "
-                            f"{sorted(by_index)}: the plan was made for another model")
+                            f"{sorted(moe)}: the plan was made for another model")
     keeps = set(plan.keep_per_layer().values())
     if len(keeps) != 1:
         raise MoePruneError(f"transformers configs hold one expert count for all layers; this plan keeps {keeps}")
-    keep = keeps.pop()
+    return keeps.pop()
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, layout: Layout, plan: Plan, stats: Stats | None = None) -> None:
+    """Prune/merge a model in memory according to `plan`; the config is updated to match."""
+    keep = check_plan(plan, layout)
     before = layout.layers[0].num_experts
     if plan.needs_stats and stats is None:
         raise MoePruneError("this plan (activation alignment or fitted merge) needs the calibration statistics")
-    for i, lp in plan.layers.items():
-        merge_layer(by_index[i], lp, plan, layout, stats.layers[i] if stats is not None else None)
-    _update_attributes(model, before, keep)
-    cfg = layout.config
-    setattr(cfg, layout.family.n_experts_field, keep)
-    top_k = getattr(cfg, layout.family.top_k_field)
-    if top_k > keep:
-        setattr(cfg, layout.family.top_k_field, keep)
-    _group_routing(layout, keep)
+    for layer in layout.layers:
+        apply_layer(layer, plan.layers[layer.index], plan, layout,
+                    stats.layers[layer.index] if stats is not None else None)
+    update_config(model, layout, before, keep)

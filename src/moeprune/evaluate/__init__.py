@@ -15,10 +15,14 @@ import time
 from pathlib import Path
 
 from ..arch import MoePruneError
-from .multiple_choice import load_task, multiple_choice, resolve_tasks, task_accuracy
-from .perplexity import domain_perplexity, perplexity, resolve_domains
+import torch
+from tqdm.auto import tqdm
 
-__all__ = ["compare", "domain_perplexity", "evaluate_model", "evaluation_section", "lm_eval_tasks", "load_task",
+from .multiple_choice import (batch_ll, ll_batches, load_task, max_length, multiple_choice, resolve_tasks,
+                              task_accuracy, task_questions, task_scores)
+from .perplexity import _as_stream, batch_nll, domain_perplexity, nll_batches, perplexity, resolve_domains
+
+__all__ = ["Evaluation", "compare", "domain_perplexity", "evaluate_model", "evaluation_section", "lm_eval_tasks", "load_task",
            "multiple_choice", "perplexity", "resolve_domains", "resolve_tasks", "task_accuracy", "write_task_yaml"]
 
 
@@ -60,10 +64,93 @@ def _run_lm_eval(model, tokenizer, names: list[str], task_dir, batch_size: int, 
                              batch_size=batch_size)
 
 
+class Evaluation:
+    """Every forward pass an evaluation needs, prepared (read, tokenised, checked) before any model runs,
+    and scored afterwards from each batch's logits: by a model in memory (`run`) or by the per-layer
+    engine on a model that does not fit (moeprune.engine streams the batches through one layer at a time).
+
+        ev = Evaluation(tokenizer, config)        # domains, tasks: as evaluate_model takes them
+        tally = ev.tally(); tally.score(k, logits) for each ev.batches[k]; tally.result()
+    """
+
+    def __init__(self, tokenizer, config, domains=None, tasks=None, seq_len: int = 256, stride: int | None = None,
+                 batch_size: int = 8, max_tokens: int | None = None, task_limit: int | None = None):
+        if tokenizer is None:
+            raise MoePruneError("evaluation needs the model's tokenizer, and the model has none; add tokenizer "
+                                "files to the model folder, or skip the evaluation (--no-eval)")
+        self.settings = {"seq_len": seq_len, "stride": stride or seq_len, "max_tokens": max_tokens,
+                         "task_limit": task_limit}
+        self.batches: list[torch.Tensor] = []
+        self._owner: list[tuple[str, str, object]] = []          # per batch: ("ppl" | "task", name, extra)
+        files = resolve_domains(domains) if domains is None or len(domains) else {}
+        for name, path in files.items():
+            for ids, starts in nll_batches(_as_stream(tokenizer, path, max_tokens), seq_len, stride, batch_size):
+                self._add(ids, ("ppl", name, starts))
+        self.questions: dict[str, tuple[list[dict], int]] = {}
+        limit = max_length(config, tokenizer)
+        for name, path in (resolve_tasks(tasks) if tasks is None or len(tasks) else {}).items():
+            docs, requests = task_questions(path, limit=task_limit)
+            self.questions[name] = (docs, len(requests))
+            try:
+                for ids, rows in ll_batches(tokenizer, requests, batch_size, limit):
+                    self._add(ids, ("task", name, rows))
+            except MoePruneError as e:
+                raise MoePruneError(f"task {name} ({path}): {e}; this tokenizer cannot score it, leave it out with "
+                                    "--eval-tasks") from e
+        self.domains = list(files)
+
+    def _add(self, ids: torch.Tensor, owner: tuple) -> None:
+        self.batches.append(ids)
+        self._owner.append(owner)
+
+    def tally(self) -> "Tally":
+        return Tally(self)
+
+    @torch.no_grad()
+    def run(self, model, progress: bool = True, desc: str = "evaluation") -> dict:
+        """Score a model in memory, batch by batch."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        tally = self.tally()
+        try:
+            for k, ids in enumerate(tqdm(self.batches, desc=desc, unit="batch", disable=not progress, leave=False)):
+                tally.score(k, model(input_ids=ids.to(device), use_cache=False).logits)
+        finally:
+            model.train(was_training)
+        return tally.result()
+
+
+class Tally:
+    """One model's running scores over an Evaluation's batches."""
+
+    def __init__(self, evaluation: Evaluation):
+        self.ev = evaluation
+        self.start = time.perf_counter()
+        self.nll = {d: [0.0, 0] for d in evaluation.domains}
+        self.lls = {t: [0.0] * n for t, (_, n) in evaluation.questions.items()}
+
+    def score(self, k: int, logits: torch.Tensor) -> None:
+        kind, name, extra = self.ev._owner[k]
+        if kind == "ppl":
+            total, count = batch_nll(logits, self.ev.batches[k], extra)
+            self.nll[name][0] += total
+            self.nll[name][1] += count
+        else:
+            for i, value in batch_ll(logits, extra):
+                self.lls[name][i] = value
+
+    def result(self) -> dict:
+        ppl = {d: {"ppl": math.exp(t / c), "nll": t / c, "tokens": c} for d, (t, c) in self.nll.items()}
+        acc = {t: task_scores(self.ev.questions[t][0], lls) for t, lls in self.lls.items()}
+        return {"perplexity": ppl, "tasks": acc, "settings": dict(self.ev.settings),
+                "seconds": round(time.perf_counter() - self.start, 3)}
+
+
 def evaluate_model(model, tokenizer, domains=None, tasks=None, lm_eval=None, lm_eval_dir=None, seq_len: int = 256,
                    stride: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
                    task_limit: int | None = None, progress: bool = True) -> dict:
-    """Everything the report needs about one model.
+    """Everything the report needs about one model in memory.
 
     domains: None = the demo evaluation shards; [] = no perplexity; else see perplexity.resolve_domains.
     tasks: None = the demo multiple-choice tasks (none if absent); [] = none; else see resolve_tasks.
@@ -71,21 +158,11 @@ def evaluate_model(model, tokenizer, domains=None, tasks=None, lm_eval=None, lm_
     too via a generated YAML. lm_eval_dir: a folder of extra local lm-eval YAML tasks.
     Returns {"perplexity": {...}, "tasks": {...}, "lm_eval": {...} (when asked), "settings": {...}, "seconds": s}.
     """
-    if tokenizer is None:
-        raise MoePruneError("evaluation needs the model's tokenizer, and the model has none; add tokenizer files "
-                            "to the model folder, or skip the evaluation (--no-eval)")
-    start = time.perf_counter()
-    ppl = domain_perplexity(model, tokenizer, domains, seq_len, stride, batch_size, max_tokens, progress) \
-        if domains is None or len(domains) else {}
-    acc = task_accuracy(model, tokenizer, tasks, batch_size, task_limit, progress) \
-        if tasks is None or len(tasks) else {}
-    out = {"perplexity": ppl, "tasks": acc}
+    ev = Evaluation(tokenizer, model.config, domains, tasks, seq_len, stride, batch_size, max_tokens, task_limit)
+    out = ev.run(model, progress)
     names = _split(lm_eval)
     if names:
         out["lm_eval"] = _run_lm_eval(model, tokenizer, names, lm_eval_dir, batch_size, task_limit)
-    out["settings"] = {"seq_len": seq_len, "stride": stride or seq_len, "max_tokens": max_tokens,
-                       "task_limit": task_limit}
-    out["seconds"] = round(time.perf_counter() - start, 3)
     return out
 
 

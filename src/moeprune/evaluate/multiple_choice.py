@@ -23,7 +23,6 @@ first choice, like numpy's argmax. chance: the mean of 1 / len(choices) over the
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -40,18 +39,11 @@ DEFAULT_MAX_LENGTH = 2048       # lm-eval's fallback when neither the config nor
 
 def load_task(path: str | Path) -> list[dict]:
     """The questions of a JSONL task file, validated: [{"query", "choices", "gold" (int)}]."""
+    from ..calibration import jsonl_rows  # the calibration reader: one rule for UTF-8 and JSON lines
     path = Path(path).expanduser()
     if not path.is_file():
         raise MoePruneError(f"multiple-choice task file {str(path)!r} not found")
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MoePruneError(f"{path}:{n}: not valid JSON ({e})") from e
-        docs.append(check_doc(row, f"{path}:{n}"))
+    docs = [check_doc(row, f"{path}:{n}") for n, row in jsonl_rows(path)]
     if not docs:
         raise MoePruneError(f"multiple-choice task file {path} holds no questions")
     return docs
@@ -83,9 +75,8 @@ def task_delimiter(docs: list[dict]) -> str:
 
 # ---------------------------------------------------------------- log-likelihood of continuations
 
-def max_length(model, tokenizer) -> int:
-    """The context length lm-eval's HFLM would use for this model."""
-    config = model.config
+def max_length(config, tokenizer) -> int:
+    """The context length lm-eval's HFLM would use for a model of this config."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         if getattr(config, attr, None):
             return int(getattr(config, attr))
@@ -117,11 +108,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
-                   progress: bool = True, desc: str = "choices") -> list[float]:
-    """Summed log p(continuation | context) in nats for each (context, continuation), in request order."""
-    limit = max_length(model, tokenizer)
+def ll_batches(tokenizer, requests: list[tuple[str, str]], batch_size: int, limit: int) -> list[tuple]:
+    """The forward passes of log-likelihood requests: (token ids [B, W], rows [(request index, input length,
+    continuation tokens)]), longest first like lm-eval, right-padded (causal, so harmless)."""
     items = []
     for i, (context, continuation) in enumerate(requests):
         ctx, cont = encode_pair(tokenizer, context, continuation)
@@ -131,26 +120,42 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
             raise MoePruneError(f"continuation of {len(cont)} tokens is longer than the model's {limit}")
         inp = (ctx + cont)[-(limit + 1):][:-1]
         items.append((i, inp, cont))
-    items.sort(key=lambda it: (-len(it[1]), it[0]))          # longest first, like lm-eval; order restored below
-    device = next(model.parameters()).device
+    items.sort(key=lambda it: (-len(it[1]), it[0]))          # order restored by the request index
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = [0.0] * len(items)
+    out = []
+    for s in range(0, len(items), batch_size):
+        batch = items[s:s + batch_size]
+        ids = torch.full((len(batch), max(len(inp) for _, inp, _ in batch)), pad, dtype=torch.long)
+        for row, (_, inp, _) in enumerate(batch):
+            ids[row, :len(inp)] = torch.tensor(inp)
+        out.append((ids, [(i, len(inp), cont) for i, inp, cont in batch]))
+    return out
+
+
+def batch_ll(logits: torch.Tensor, rows: list[tuple]) -> list[tuple[int, float]]:
+    """(request index, summed log p(continuation)) per row of one batch, from its logits."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    out = []
+    for row, (i, n_inp, cont) in enumerate(rows):
+        # the continuation's tokens are the last len(cont) targets: logits at positions n_inp - len(cont) .. n_inp - 1
+        pos = torch.arange(n_inp - len(cont), n_inp, device=logp.device)
+        out.append((i, float(logp[row, pos, torch.tensor(cont, device=logp.device)].double().sum())))
+    return out
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
+                   progress: bool = True, desc: str = "choices") -> list[float]:
+    """Summed log p(continuation | context) in nats for each (context, continuation), in request order."""
+    device = next(model.parameters()).device
+    out = [0.0] * len(requests)
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, len(items), batch_size)
-        for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            batch = items[s:s + batch_size]
-            width = max(len(inp) for _, inp, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            for row, (_, inp, _) in enumerate(batch):
-                ids[row, :len(inp)] = torch.tensor(inp)               # right padding: causal, so harmless
-            logp = F.log_softmax(model(input_ids=ids.to(device), use_cache=False).logits.float(), dim=-1)
-            for row, (i, inp, cont) in enumerate(batch):
-                # the continuation's tokens are the last len(cont) targets: logits at inp positions -len(cont)..-1
-                pos = torch.arange(len(inp) - len(cont), len(inp), device=logp.device)
-                target = torch.tensor(cont, device=logp.device)
-                out[i] = float(logp[row, pos, target].double().sum())
+        for ids, rows in tqdm(ll_batches(tokenizer, requests, batch_size, max_length(model.config, tokenizer)),
+                              desc=desc, unit="batch", disable=not progress, leave=False):
+            for i, value in batch_ll(model(input_ids=ids.to(device), use_cache=False).logits, rows):
+                out[i] = value
     finally:
         model.train(was_training)
     return out
@@ -166,21 +171,20 @@ def _argmax(values: list[float]) -> int:
     return best
 
 
-def multiple_choice(model, tokenizer, task, batch_size: int = 8, target_delimiter: str | None = None,
-                    limit: int | None = None, progress: bool = True, desc: str = "choices") -> dict:
-    """{"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "chance"} on a task: a JSONL path or a list
-    of {"query", "choices", "gold"} dicts. limit: only the first `limit` questions. target_delimiter: put
-    between query and choice; None: task_delimiter(questions) (see the module docstring)."""
-    if tokenizer is None:
-        raise MoePruneError("multiple-choice tasks need a tokenizer, and the model has none")
+def task_questions(task, target_delimiter: str | None = None, limit: int | None = None):
+    """(questions, requests): a task's questions (a JSONL path or a list of dicts, the first `limit`) and
+    the (context, continuation) log-likelihood requests that score them, in order."""
     docs = load_task(task) if isinstance(task, (str, Path)) else [check_doc(d, f"question {i}")
                                                                  for i, d in enumerate(task)]
     if target_delimiter is None:
         target_delimiter = task_delimiter(docs)             # decided on the whole file, as the YAML does
     if limit is not None:
         docs = docs[:limit]
-    requests = [(d["query"], f"{target_delimiter}{c}") for d in docs for c in d["choices"]]
-    lls = loglikelihoods(model, tokenizer, requests, batch_size, progress, desc)
+    return docs, [(d["query"], f"{target_delimiter}{c}") for d in docs for c in d["choices"]]
+
+
+def task_scores(docs: list[dict], lls: list[float]) -> dict:
+    """acc, acc_norm, their standard errors, n and chance from each choice's log-likelihood."""
     acc, acc_norm, k = [], [], 0
     for d in docs:
         ll = lls[k:k + len(d["choices"])]
@@ -191,6 +195,17 @@ def multiple_choice(model, tokenizer, task, batch_size: int = 8, target_delimite
     return {"acc": sum(acc) / n, "acc_norm": sum(acc_norm) / n, "acc_stderr": _stderr(acc),
             "acc_norm_stderr": _stderr(acc_norm), "n": n,
             "chance": sum(1 / len(d["choices"]) for d in docs) / n}
+
+
+def multiple_choice(model, tokenizer, task, batch_size: int = 8, target_delimiter: str | None = None,
+                    limit: int | None = None, progress: bool = True, desc: str = "choices") -> dict:
+    """{"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "chance"} on a task: a JSONL path or a list
+    of {"query", "choices", "gold"} dicts. limit: only the first `limit` questions. target_delimiter: put
+    between query and choice; None: task_delimiter(questions) (see the module docstring)."""
+    if tokenizer is None:
+        raise MoePruneError("multiple-choice tasks need a tokenizer, and the model has none")
+    docs, requests = task_questions(task, target_delimiter, limit)
+    return task_scores(docs, loglikelihoods(model, tokenizer, requests, batch_size, progress, desc))
 
 
 def _stderr(xs: list[float]) -> float:

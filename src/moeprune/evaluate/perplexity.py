@@ -38,7 +38,7 @@ def read_documents(path: str | Path) -> list[str]:
         raise MoePruneError(f"evaluation text {str(path)!r} not found")
     if path.is_file() and path.suffix not in (".txt", ".jsonl"):
         raise MoePruneError(f"evaluation file {path} must be .txt or .jsonl")
-    return load_texts(str(path))
+    return load_texts(str(path), what="evaluation")
 
 
 def token_stream(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
@@ -101,37 +101,46 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def stream_nll(model, stream: torch.Tensor, seq_len: int = 256, stride: int | None = None, batch_size: int = 8,
-               progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
-    """(summed negative log-likelihood in nats as float64, scored tokens) of a token stream."""
+def nll_batches(stream: torch.Tensor, seq_len: int = 256, stride: int | None = None,
+                batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The forward passes of a stream's perplexity: (token ids [B, T], first scored column per row [B])."""
     spans = windows(int(stream.numel()), seq_len, stride)
     if not spans:
         raise MoePruneError(f"the text has {stream.numel()} tokens; perplexity needs at least 2")
     # batches of windows of equal length (all but possibly the last have length seq_len), in stream order
-    batches: list[list[tuple[int, int, int]]] = []
+    groups: list[list[tuple[int, int, int]]] = []
     for span in spans:
-        if batches and len(batches[-1]) < batch_size and batches[-1][0][1] - batches[-1][0][0] == span[1] - span[0]:
-            batches[-1].append(span)
+        if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == span[1] - span[0]:
+            groups[-1].append(span)
         else:
-            batches.append([span])
+            groups.append([span])
+    # target at local position p (p >= 1) sits at column p - 1: score columns first - begin - 1 onwards
+    return [(torch.stack([stream[b:e] for b, e, _ in g]), torch.tensor([f - b - 1 for b, _, f in g])) for g in groups]
+
+
+def batch_nll(logits: torch.Tensor, ids: torch.Tensor, starts: torch.Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood as float64, scored tokens) of one batch of windows from its logits."""
+    logits = logits[:, :-1].float()
+    ids = ids.to(logits.device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                          reduction="none").view(ids.shape[0], -1).double()
+    mask = torch.arange(nll.shape[1], device=nll.device)[None, :] >= starts.to(nll.device)[:, None]
+    return float(nll[mask].sum()), int(mask.sum())
+
+
+@torch.no_grad()
+def stream_nll(model, stream: torch.Tensor, seq_len: int = 256, stride: int | None = None, batch_size: int = 8,
+               progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """(summed negative log-likelihood in nats as float64, scored tokens) of a token stream."""
     device = _device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
-        for batch in bar:
-            ids = torch.stack([stream[b:e] for b, e, _ in batch]).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction="none").view(ids.shape[0], -1).double()
-            # target at local position p (p >= 1) sits at column p - 1; score columns first-begin-1 onwards
-            cols = torch.arange(nll.shape[1], device=nll.device)
-            starts = torch.tensor([f - b - 1 for b, _, f in batch], device=nll.device)
-            mask = cols[None, :] >= starts[:, None]
-            total += float(nll[mask].sum())
-            count += int(mask.sum())
+        for ids, starts in tqdm(nll_batches(stream, seq_len, stride, batch_size), desc=desc, unit="batch",
+                                disable=not progress, leave=False):
+            t, c = batch_nll(model(input_ids=ids.to(device), use_cache=False).logits, ids, starts)
+            total, count = total + t, count + c
     finally:
         model.train(was_training)
     return total, count

@@ -44,18 +44,28 @@ class Method:
         check_choices(options)
         return options
 
+    def plan_layer(self, ls: LayerStats, keep: int, options: object, seed: int = 0) -> LayerPlan:
+        """One layer's plan (the per-layer engine's step); the layer's seed is seed + its index."""
+        lp = self.fn(ls, keep, options, seed + ls.layer)
+        lp.validate(f"plan layer {ls.layer}")
+        return lp
+
+    def assemble(self, layers: dict[int, LayerPlan], keep: int, options: object, seed: int, model_type: str,
+                 seconds: float) -> Plan:
+        """The whole plan from its layers, with the options that made it."""
+        opts = dataclasses.asdict(options)
+        plan = Plan(method=self.name, options={**opts, "keep": keep, "seed": seed}, layers=dict(sorted(layers.items())),
+                    router=opts.get("router", "weighted"), align=opts.get("align", "none"),
+                    merge=opts.get("merge", "average"), model_type=model_type)
+        plan.options["planning_seconds"] = round(seconds, 4)
+        plan.validate()
+        return plan
+
     def plan(self, stats: Stats, keep: int, seed: int = 0, **given) -> Plan:
         options = self.make_options(**given)
         start = time.perf_counter()
-        layers = {i: self.fn(ls, keep, options, seed + i) for i, ls in sorted(stats.layers.items())}
-        opts = dataclasses.asdict(options)
-        plan = Plan(method=self.name, options={**opts, "keep": keep, "seed": seed}, layers=layers,
-                    router=opts.get("router", "weighted"), align=opts.get("align", "none"),
-                    merge=opts.get("merge", "average"),
-                    model_type=stats.model_type)
-        plan.options["planning_seconds"] = round(time.perf_counter() - start, 4)
-        plan.validate()
-        return plan
+        layers = {i: self.plan_layer(ls, keep, options, seed) for i, ls in sorted(stats.layers.items())}
+        return self.assemble(layers, keep, options, seed, stats.model_type, time.perf_counter() - start)
 
 
 def check_choices(options) -> None:

@@ -1,0 +1,221 @@
+"""The per-layer engine: one pipeline for a model in memory and for a checkpoint larger than memory.
+
+    source = CheckpointSource(folder) | ModelSource(model)    # where the decoder layers come from
+    calib, before, after = first-layer inputs of the calibration and evaluation batches
+    for each decoder layer i:
+        layer  = source.layer(i)                  # a checkpoint: materialised from its own tensors only
+        stats  = observe(layer, calib)            # MoE layers; calib advances through the ORIGINAL layer
+        before = layer(before)                    # evaluation of the original model
+        plan_i = decide(i, stats)                 # a method, a saved plan, or nothing (collect only)
+        apply(layer, plan_i); after = layer(after)    # evaluation of the pruned model
+        writer.write_layer(i, layer); source.release(i)   # and the layer is freed
+    logits = lm_head(norm(before / after))        # per evaluation batch
+
+The calibration stream advances through the original layers, as llm-compressor's sequential pipeline
+does for observers: statistics then do not depend on the plan, so one statistics pass (or a
+--stats-cache) serves every method and every K. Statistics are sums over batches, so a data-parallel
+pass over several devices would be a reduction.
+
+Memory at any time: one decoder layer in the compute dtype, the cached hidden states of the calibration
+and evaluation batches, one layer's statistics, and the embeddings / lm_head while they are in use.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Layout, MoeLayer, MoePruneError, decoder_layers, moe_layout
+from .calibration import first_layer_inputs, observe_layer
+from .plan import LayerPlan
+from .stats import LayerStats
+
+Batches = list[tuple[torch.Tensor, dict]]       # per batch: (hidden states [B, T, d], decoder-layer kwargs)
+
+
+# ---------------------------------------------------------------- where layers come from
+
+class ModelSource:
+    """A model that is already in memory: tiny models, hub ids, the in-memory API."""
+
+    def __init__(self, model: nn.Module, layout: Layout | None = None, save_dtype: torch.dtype | None = None):
+        self.model = model
+        self.layout = layout or moe_layout(model)
+        self.device = next(model.parameters()).device
+        self.save_dtype = save_dtype                  # the dtype a saved checkpoint is written in
+
+    def layer(self, i: int) -> nn.Module:
+        return decoder_layers(self.model)[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+    def embed(self, batches: list[torch.Tensor]) -> Batches:
+        return first_layer_inputs(self.model, batches, self.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        base = getattr(self.model, "model", self.model)
+        return self.model.lm_head(base.norm(hidden))
+
+    def release_head(self) -> None:
+        pass
+
+
+class CheckpointSource(ModelSource):
+    """A safetensors checkpoint folder read lazily: the model skeleton on the meta device, each module's
+    tensors read from the shards when it is used and dropped after (see moeprune.shards, moeprune.hub)."""
+
+    def __init__(self, folder: Path, device: str | torch.device, dtype: torch.dtype):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .shards import Checkpoint
+        self.ckpt = Checkpoint(folder)
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):        # parameters on meta; rotary buffers are real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model, self.layout = model.eval(), moe_layout(model)
+        self.device, self.dtype = torch.device(device), dtype
+        self.model.model.rotary_emb.to(self.device)
+
+    def _read(self, name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and name not in self.ckpt and getattr(self.model.config, "tie_word_embeddings",
+                                                                           False):
+            name = "model.embed_tokens.weight"
+        return self.ckpt.get(name)
+
+    def materialise(self, module: nn.Module, prefix: str, layer: int | None = None) -> None:
+        """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype."""
+        from .hub import check_shapes, module_tensors
+        expected = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if layer is None:
+            tensors = {k: self._read(k) for k in expected}
+        else:
+            E = self.layout.by_index()[layer].num_experts if layer in self.layout.by_index() else 0
+            tensors = dict(module_tensors(self.layout.family, layer, list(expected), self._read, E))
+        check_shapes(expected, tensors, str(self.ckpt.folder))
+        state = {}
+        for k, t in tensors.items():
+            if not t.is_floating_point() or torch.isfinite(t).all():
+                state[k[len(prefix):]] = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+                continue
+            raise MoePruneError(f"{self.ckpt.folder}: tensor {k} holds NaN or Inf values; the checkpoint is "
+                                "damaged (re-download it) or was saved after a diverged training step")
+        module.load_state_dict(state, assign=True, strict=True)
+
+    def layer(self, i: int) -> nn.Module:
+        layer = decoder_layers(self.model)[i]
+        self.materialise(layer, f"model.layers.{i}.", layer=i)
+        return layer
+
+    def release(self, i: int) -> None:
+        decoder_layers(self.model)[i].to("meta")
+        gc.collect()
+
+    def embed(self, batches: list[torch.Tensor]) -> Batches:
+        embed = self.model.model.embed_tokens
+        self.materialise(embed, "model.embed_tokens.")
+        try:
+            return first_layer_inputs(self.model, batches, self.device)
+        finally:
+            embed.to("meta")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.model.lm_head.weight.is_meta:
+            self.materialise(self.model.model.norm, "model.norm.")
+            self.materialise(self.model.lm_head, "lm_head.")
+        return super().logits(hidden)
+
+    def release_head(self) -> None:
+        self.model.model.norm.to("meta")
+        self.model.lm_head.to("meta")
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Job:
+    """What one pass over the layers does; every part is optional."""
+    calib: torch.Tensor | None = None                 # calibration token ids [N, L]
+    sample_tokens: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    weight_similarity: bool = True                    # derive model-centric similarity (costly for big experts)
+    cached: Callable[[int], LayerStats | None] = lambda i: None     # statistics already on disk
+    decide: Callable[[int, LayerStats | None], LayerPlan] | None = None   # None: statistics only
+    apply: Callable[[MoeLayer, LayerPlan, LayerStats | None], None] | None = None
+    write: Callable[[int, nn.Module], None] | None = None
+    keep_stats: Callable[[int, LayerStats], LayerStats | None] = lambda i, ls: ls   # what to keep of a layer's
+    evaluate: list[torch.Tensor] | None = None        # evaluation batches of token ids, scored before and after
+    score: Callable[[str, int, torch.Tensor], None] | None = None   # ("before" | "after", batch, logits)
+    progress: bool = True
+
+
+@dataclass
+class Outcome:
+    stats: dict[int, LayerStats] = field(default_factory=dict)
+    plans: dict[int, LayerPlan] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _forward(layer: nn.Module, batches: Batches) -> Batches:
+    out = []
+    for hidden, kwargs in batches:
+        h = layer(hidden, **kwargs)
+        out.append((h[0] if isinstance(h, tuple) else h, kwargs))
+    return out
+
+
+@torch.no_grad()
+def run(source: ModelSource, job: Job) -> Outcome:
+    """Read a layer -> calibrate it -> plan -> apply -> write -> free, for every decoder layer in order."""
+    layout, moe = source.layout, source.layout.by_index()
+    n_layers = len(decoder_layers(source.model))
+    need_stats = [i for i in moe if job.cached(i) is None] if job.calib is not None else []
+    last_stats = max(need_stats, default=-1)
+    calib = positions = None
+    if need_stats:
+        total = job.calib.numel()
+        positions = torch.randperm(total, generator=torch.Generator().manual_seed(job.seed))
+        positions = positions[:min(job.sample_tokens, total)].sort().values
+        calib = source.embed(list(job.calib.split(job.batch_size)))
+    before = after = source.embed(job.evaluate) if job.evaluate else None
+    whole = job.decide is not None or job.write is not None or before is not None
+    outcome = Outcome()
+    for i in tqdm(range(n_layers if whole else last_stats + 1), desc="layers", unit="layer",
+                  disable=not job.progress):
+        layer = source.layer(i)
+        m = moe.get(i)
+        ls = job.cached(i) if m is not None else None
+        if calib is not None and i <= last_stats:
+            if m is not None and ls is None:
+                ls, calib = observe_layer(layer, m, layout, calib, positions, job.weight_similarity)
+            else:
+                calib = _forward(layer, calib)
+        if before is not None:
+            shared, after_inputs = after is before, after
+            before = _forward(layer, before)
+        pruned = m is not None and job.decide is not None
+        if pruned:
+            outcome.plans[i] = job.decide(i, ls)
+            job.apply(m, outcome.plans[i], ls)
+        if before is not None:
+            after = before if shared and not pruned else _forward(layer, after_inputs)
+        if ls is not None and (kept := job.keep_stats(i, ls)) is not None:
+            outcome.stats[i] = kept
+        if job.write is not None:
+            job.write(i, layer)
+        ls = None
+        source.release(i)
+    if before is not None and job.score is not None:
+        for name, stream in (("before", before), ("after", after)):
+            for k, (hidden, _) in enumerate(stream):
+                job.score(name, k, source.logits(hidden))
+        source.release_head()
+    return outcome

@@ -1,0 +1,213 @@
+"""Safetensors checkpoints read and written one tensor at a time, so no checkpoint is ever held whole.
+
+Reading (`Checkpoint`): the index (or the single file) maps each tensor name to a shard; each shard's JSON
+header gives dtype, shape and byte range. Every header is checked against the file size and the index up
+front, so a missing or truncated shard fails before any work. A tensor is read with one positioned read
+into its own buffer (no memory map: no file pages stay resident and counted against the process), and a
+tensor that pruning does not touch is copied as its raw bytes.
+
+Writing (`ShardWriter`): the names, dtypes and shapes of the output are known before the first layer is
+processed, so every output shard is laid out up front and each tensor is written at its offset as soon as
+it exists; a shard is never assembled in memory.
+
+    ckpt = Checkpoint(folder)                 # headers only
+    w = ckpt.get("model.embed_tokens.weight")  # one tensor, in its stored dtype
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import MoePruneError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+def dtype_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str                      # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int                      # absolute byte offsets of the data in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
+    """The tensors of one safetensors file, in data order, checked against the file's size."""
+    size = path.stat().st_size
+    fix = "re-download or re-copy the checkpoint"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise MoePruneError(f"{path} is not a complete safetensors file (header cut off at {size} bytes); {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoePruneError(f"{path}: unreadable safetensors header ({e}); {fix}") from e
+    meta = header.pop("__metadata__", None) or {}
+    infos = []
+    for name, v in header.items():
+        dtype, shape, (start, end) = v["dtype"], tuple(v["shape"]), v["data_offsets"]
+        if dtype not in DTYPES:
+            raise MoePruneError(f"{path}: tensor {name} has dtype {dtype}, which moeprune cannot read")
+        if end - start != math.prod(shape) * dtype_size(dtype):
+            raise MoePruneError(f"{path}: tensor {name} {dtype}{list(shape)} has {end - start} bytes of data; {fix}")
+        infos.append(TensorInfo(name, path, dtype, shape, 8 + n + start, 8 + n + end))
+    infos.sort(key=lambda t: t.start)
+    data_end = infos[-1].end if infos else 8 + n
+    if data_end > size:
+        raise MoePruneError(f"{path} is truncated: {size} bytes, its header needs {data_end}; {fix}")
+    return infos, meta
+
+
+class Checkpoint:
+    """The safetensors tensors of a model folder, by name; headers read once, data on demand."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.index: dict | None = None
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                self.index = json.loads(index.read_text(encoding="utf-8"))
+                weight_map: dict[str, str] = self.index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MoePruneError(f"{index} is not a valid safetensors index ({e})") from e
+            files = list(dict.fromkeys(weight_map.values()))
+        elif (self.folder / SINGLE).is_file():
+            weight_map, files = {}, [SINGLE]
+        else:
+            raise MoePruneError(f"{self.folder} holds no {SINGLE} and no {INDEX}")
+        missing = [f for f in files if not (self.folder / f).is_file()]
+        if missing:
+            raise MoePruneError(f"{index} names shard(s) {missing} that are not in {self.folder}; "
+                                "the download is incomplete: fetch the missing files")
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, dict] = {}
+        for f in files:
+            infos, self.metadata[f] = read_header(self.folder / f)
+            for t in infos:
+                if weight_map and weight_map.get(t.name) != f:
+                    continue            # a stray copy: the index decides where a tensor lives
+                self.tensors[t.name] = t
+        absent = sorted(set(weight_map) - set(self.tensors))
+        if absent:
+            raise MoePruneError(f"{index} lists {len(absent)} tensor(s) that its shards do not hold, e.g. "
+                                f"{absent[0]}; the checkpoint is incomplete")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise MoePruneError(f"tensor {name} is not in the checkpoint {self.folder}; "
+                                "it is incomplete or of another architecture than its config.json says")
+        return self.tensors[name]
+
+    def raw(self, name: str) -> bytearray:
+        t = self.info(name)
+        buf = bytearray(t.nbytes)
+        with open(t.file, "rb") as f:
+            f.seek(t.start)
+            if f.readinto(memoryview(buf)) != t.nbytes:
+                raise MoePruneError(f"{t.file} ended while reading {name}; the shard is truncated")
+        return buf
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype, in its own memory."""
+        t = self.info(name)
+        if t.nbytes == 0:
+            return torch.empty(t.shape, dtype=DTYPES[t.dtype])
+        return torch.frombuffer(self.raw(name), dtype=torch.uint8).view(DTYPES[t.dtype]).reshape(t.shape)
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class ShardWriter:
+    """Safetensors shards whose headers are fixed up front; tensors are written at their offsets, in any order."""
+
+    def __init__(self, folder: Path, shards: dict[str, list[Slot]], metadata: dict[str, dict] | None = None,
+                 index: bool = True):
+        self.folder, self.index = Path(folder), index
+        self.where: dict[str, tuple[Path, int, Slot]] = {}
+        self.written: set[str] = set()
+        self.shards = shards
+        for file, slots in shards.items():
+            header, offset = {}, 0
+            for s in slots:
+                nbytes = math.prod(s.shape) * dtype_size(s.dtype)
+                header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            meta = (metadata or {}).get(file) or {"format": "pt"}
+            text = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            base = 8 + len(text)
+            path = self.folder / file
+            with open(path, "wb") as f:
+                f.write(len(text).to_bytes(8, "little") + text)
+                f.truncate(base + offset)
+            for s in slots:
+                self.where[s.name] = (path, base + header[s.name]["data_offsets"][0], s)
+
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray) -> None:
+        path, offset, slot = self.where[name]
+        if isinstance(data, torch.Tensor):
+            if tuple(data.shape) != slot.shape or DTYPE_NAMES.get(data.dtype) != slot.dtype:
+                raise RuntimeError(f"{name}: {data.dtype}{list(data.shape)} does not fit its slot "
+                                   f"{slot.dtype}{list(slot.shape)}")
+            data = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        self.written.add(name)
+
+    def finish(self) -> None:
+        """Every slot must have been written; then the index (when sharded) is written."""
+        unwritten = [n for n in self.where if n not in self.written]
+        if unwritten:
+            raise RuntimeError(f"{len(unwritten)} tensors were never written, e.g. {unwritten[0]}")
+        if self.index:
+            total = sum(math.prod(s.shape) * dtype_size(s.dtype) for _, _, s in self.where.values())
+            weight_map = {s.name: file for file, slots in self.shards.items() for s in slots}
+            (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2) + "\n")
+        for path in {p for p, _, _ in self.where.values()}:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
