@@ -16,10 +16,12 @@ import sys
 import typing
 
 from .api import PruneConfig, model_info, prune
-from .arch import MoePruneError, moe_layout
-from .checkpoint import load
+from .arch import MoePruneError
+from .checkpoint import open_source
+from .engine import CheckpointSource
 from .evaluate.command import add_eval_parser, cmd_eval
 from .methods import METHODS
+from .plan import Plan
 from .report import summary_table
 
 
@@ -91,8 +93,15 @@ def cmd_prune(args) -> int:
 
 
 def cmd_info(args) -> int:
-    loaded = load(args.model)
-    info = {"model": loaded.name, **model_info(loaded.model, moe_layout(loaded.model))}
+    name, source, _, folder = open_source(args.model, device="cpu")     # a checkpoint: headers and config only
+    info = {"model": name, **model_info(source.model, source.layout)}
+    if isinstance(source, CheckpointSource):
+        info["dtype"] = sorted({t.dtype for t in source.ckpt.tensors.values()})
+    plan_file = folder / "plan.json" if folder is not None else None
+    if plan_file is not None and plan_file.is_file():
+        plan = Plan.load(plan_file)
+        info["pruned_by"] = {"method": plan.method, "keep": plan.options.get("keep"),
+                             "origin": {str(i): lp.groups for i, lp in sorted(plan.layers.items())}}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -105,6 +114,12 @@ def cmd_info(args) -> int:
     print(f"parameters         {p['total']:,} total, {p['routed_experts']:,} in routed experts, "
           f"{p['active_per_token']:,} active per token")
     print(f"dtype              {info['dtype']}")
+    if "pruned_by" in info:
+        print(f"pruned by          {info['pruned_by']['method']} (plan.json); each kept expert merged from "
+              "the original experts:")
+        for i, groups in info["pruned_by"]["origin"].items():
+            print(f"  layer {i:>3}: " + "  ".join(f"{j}<-{g}" if len(g) > 1 else f"{j}<-{g[0]}"
+                                               for j, g in enumerate(groups)))
     return 0
 
 

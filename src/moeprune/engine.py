@@ -88,7 +88,11 @@ class CheckpointSource(ModelSource):
         if name == "lm_head.weight" and name not in self.ckpt and getattr(self.model.config, "tie_word_embeddings",
                                                                            False):
             name = "model.embed_tokens.weight"
-        return self.ckpt.get(name)
+        t = self.ckpt.get(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MoePruneError(f"{self.ckpt.folder}: tensor {name} holds NaN or Inf values; the checkpoint is "
+                                "damaged (re-download it) or was saved after a diverged training step")
+        return t
 
     def materialise(self, module: nn.Module, prefix: str, layer: int | None = None) -> None:
         """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype."""
@@ -97,16 +101,10 @@ class CheckpointSource(ModelSource):
         if layer is None:
             tensors = {k: self._read(k) for k in expected}
         else:
-            E = self.layout.by_index()[layer].num_experts if layer in self.layout.by_index() else 0
-            tensors = dict(module_tensors(self.layout.family, layer, list(expected), self._read, E))
+            tensors = dict(module_tensors(self.layout.family, layer, expected, self._read))
         check_shapes(expected, tensors, str(self.ckpt.folder))
-        state = {}
-        for k, t in tensors.items():
-            if not t.is_floating_point() or torch.isfinite(t).all():
-                state[k[len(prefix):]] = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
-                continue
-            raise MoePruneError(f"{self.ckpt.folder}: tensor {k} holds NaN or Inf values; the checkpoint is "
-                                "damaged (re-download it) or was saved after a diverged training step")
+        state = {k[len(prefix):]: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+                 for k, t in tensors.items()}
         module.load_state_dict(state, assign=True, strict=True)
 
     def layer(self, i: int) -> nn.Module:

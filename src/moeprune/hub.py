@@ -84,24 +84,37 @@ def touched(family: Family, i: int, name: str) -> bool:
 
 # ---------------------------------------------------------------- tensors: files <-> modules
 
-def module_tensors(family: Family, i: int, names: list[str], read: Callable[[str], torch.Tensor],
-                   num_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(module name, tensor in its stored dtype) for the parameters `names` of decoder layer i, from the files."""
+def module_tensors(family: Family, i: int, expected: dict[str, tuple[int, ...]],
+                   read: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module name, tensor in its stored dtype) for decoder layer i's parameters (name -> the shape its config
+    implies), from the files; fused experts are assembled from the per-expert tensors, each shape-checked."""
     prefix = experts_prefix(family, i)
-    for name in names:
+
+    def part(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = read(name)
+        if tuple(t.shape) != tuple(shape):
+            raise MoePruneError(f"{name} has shape {list(t.shape)}, its config implies {list(shape)}; the "
+                                "checkpoint does not match its config.json")
+        return t
+
+    for name, shape in expected.items():
         param = name[len(prefix):] if name.startswith(prefix) else None
         if family.hub_expert is None or param not in ("gate_up_proj", "down_proj"):
             yield name, read(hub_name(family, name))
             continue
-        per_expert = [expert_names(family, i, e) for e in range(num_experts)]
+        E = shape[0]
         if param == "down_proj":
-            yield name, torch.stack([read(down) for _, _, down in per_expert])
+            yield name, torch.stack([part(expert_names(family, i, e)[2], shape[1:]) for e in range(E)])
             continue
-        first = read(per_expert[0][0])
-        fused = torch.empty((num_experts, 2 * first.shape[0], first.shape[1]), dtype=first.dtype)
-        for e, (gate, up, _) in enumerate(per_expert):
-            fused[e, :first.shape[0]] = first if e == 0 else read(gate)
-            fused[e, first.shape[0]:] = read(up)
+        half = (shape[1] // 2, shape[2])
+        fused = None
+        for e in range(E):
+            gate, up, _ = expert_names(family, i, e)
+            g = part(gate, half)
+            if fused is None:
+                fused = torch.empty(shape, dtype=g.dtype)
+            fused[e, :half[0]] = g
+            fused[e, half[0]:] = part(up, half)
         yield name, fused
 
 

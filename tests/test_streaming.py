@@ -1,0 +1,193 @@
+"""The streamed prune: a checkpoint folder read one layer at a time, written shard by shard.
+
+For every family, a checkpoint in the hub's spelling (config.json keys as the hub has them, tokenizer files
+written by hand, per-expert weights, several shards) is pruned; the output is the input folder with only
+what pruning changes changed, and its tensors are bit-identical to the same plan applied in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import CHARS, ALL_FAMILIES, make
+from moeprune import api
+from moeprune.arch import FAMILIES, moe_layout
+from moeprune.checkpoint import load
+from moeprune.cli import main
+from moeprune.methods import get_method
+from moeprune.shards import Checkpoint
+from moeprune.surgery import apply_plan
+from moeprune.calibration import calibration_tokens, collect
+
+# transformers 5 spelling -> the hub's (what transformers 4.x, converters and servers read)
+HUB_KEYS = {"dtype": "torch_dtype"}
+EXPERT_KEY = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts"}
+
+
+def hub_config_text(model) -> str:
+    """config.json as the hub spells it: torch_dtype, rope_theta, each family's expert-count key."""
+    d = model.config.to_dict()
+    rope = d.pop("rope_parameters", None) or {}
+    out = {HUB_KEYS.get(k, k): v for k, v in d.items() if k not in ("num_local_experts", "num_experts")}
+    out[EXPERT_KEY.get(model.config.model_type, FAMILIES[model.config.model_type].n_experts_field)] = \
+        getattr(model.config, FAMILIES[model.config.model_type].n_experts_field)
+    if rope:
+        out["rope_theta"] = rope.get("rope_theta", 10000.0)
+    out["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    return json.dumps(dict(sorted(out.items())), indent=2) + "\n"
+
+
+def write_hub_folder(path: Path, family: str, dtype=torch.bfloat16, shard: str | None = "40KB") -> Path:
+    model = make(family).to(dtype)
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    (path / "config.json").write_text(hub_config_text(model))
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    (path / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}, indent=1))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "bos_token": "<bos>", "model_max_length": 256}, indent=2))
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a tiny model\n")
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    return path
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {name: ckpt.get(name) for name in ckpt.tensors}
+
+
+def prune(src: Path, out: Path, method: str = "frequency", keep: int = 6, **kw):
+    return api.prune(api.PruneConfig(model=str(src), method=method, keep=keep, out=str(out), calib="random",
+                                     samples=4, seq_len=16, quiet=True, no_eval=True, **kw))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_output_is_the_input_folder_with_only_the_expert_count_changed(family, tmp_path):
+    src = write_hub_folder(tmp_path / "src", family)
+    before = digest(src)
+    result = prune(src, tmp_path / "out", method="diverse", keep=5)
+    out = tmp_path / "out"
+    assert digest(src) == before                                          # the input is untouched
+    # config.json: the input's text, only the expert count (and a top-k/group value that must follow) edited
+    a, b = (src / "config.json").read_text().splitlines(), (out / "config.json").read_text().splitlines()
+    changed = [(x, y) for x, y in zip(a, b) if x != y]
+    assert len(a) == len(b) and changed
+    n_key = EXPERT_KEY.get(family, FAMILIES[family].n_experts_field)
+    assert any(f'"{n_key}": 8' in x and f'"{n_key}": 5' in y for x, y in changed)
+    edited = {"n_group", "topk_group"}                                     # 5 experts cannot form 2 groups
+    assert all(x.split(":")[0].strip().strip('"') in {n_key} | edited for x, _ in changed), changed
+    # every other non-weight file byte for byte
+    after = digest(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "README.md", "chat_template.jinja",
+                 "generation_config.json"):
+        assert after[name] == before[name], name
+    # the input's shards and index, the hub's names, experts >= 5 gone, untouched tensors byte-identical
+    inp, got = Checkpoint(src), Checkpoint(out)
+    assert got.files == inp.files and (out / "model.safetensors.index.json").exists()
+    reference = make(family, num_experts=5)
+    reference.save_pretrained(tmp_path / "ref")
+    assert sorted(got.tensors) == sorted(Checkpoint(tmp_path / "ref").tensors)
+    expert_or_router = {n for n in got.tensors if ".experts." in n or got.info(n).shape != inp.info(n).shape}
+    assert expert_or_router
+    for name in got.tensors:
+        assert got.info(name).dtype == inp.info(name).dtype == "BF16"
+        if name not in expert_or_router and "gate" not in name.split(".")[-2] and "router" not in name:
+            assert got.raw(name) == inp.raw(name), name
+    # the same plan applied in memory gives the same tensors, bit for bit in the saved dtype
+    in_memory = load(str(src)).model
+    apply_plan(in_memory, moe_layout(in_memory), result.plan)
+    in_memory.to(torch.bfloat16).save_pretrained(tmp_path / "mem")
+    mem = tensors(tmp_path / "mem")
+    for name, t in tensors(out).items():
+        assert torch.equal(t, mem[name]), name
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert moe_layout(reloaded).layers[0].num_experts == 5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_streamed_statistics_and_plan_equal_the_in_memory_ones(family, tmp_path):
+    src = write_hub_folder(tmp_path / "src", family, dtype=torch.float32, shard=None)
+    loaded = load(str(src))
+    layout = moe_layout(loaded.model)
+    ids = calibration_tokens("random", None, 4, 16, 0, vocab_size=loaded.model.config.vocab_size)
+    stats = collect(loaded.model, layout, ids, sample_tokens=512, progress=False)
+    for method in ("frequency", "naee", "diverse"):
+        expected = get_method(method).plan(stats, 5)
+        streamed = prune(src, tmp_path / method, method=method, keep=5).plan
+        for i, lp in expected.layers.items():
+            got = streamed.layers[i]
+            assert (got.groups, got.weights, got.representatives) == (lp.groups, lp.weights, lp.representatives)
+
+
+@pytest.mark.parametrize("name", ["demo-mixtral", "demo-fine"])
+def test_demo_models_streamed_equal_in_memory(name, tmp_path):
+    result = api.prune(api.PruneConfig(model=name, method="diverse", ratio=0.5, out=str(tmp_path / "out"),
+                                       samples=4, seq_len=64, quiet=True, no_eval=True))
+    in_memory = load(name).model
+    apply_plan(in_memory, moe_layout(in_memory), result.plan)
+    in_memory.to(torch.bfloat16).save_pretrained(tmp_path / "mem")
+    mem = tensors(tmp_path / "mem")
+    got = tensors(tmp_path / "out")
+    assert sorted(got) == sorted(k for k in mem if k != "lm_head.weight")          # tied: no lm_head in the file
+    for k, t in got.items():
+        assert torch.equal(t, mem[k]), k
+    src = load(name).model.config
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / f).read_bytes() == (Path(load(name).path) / f).read_bytes()
+    assert src.model_type == json.loads((tmp_path / "out" / "config.json").read_text())["model_type"]
+
+
+def test_info_on_an_output_folder_names_where_each_kept_expert_came_from(tmp_path, capsys):
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    prune(src, tmp_path / "out", method="diverse", keep=5)
+    assert main(["info", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts     [5] per MoE layer" in out and "merged from" in out
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing_shard", "not in"),
+    ("truncated", "truncated"),
+    ("wrong_shape", "its config implies"),
+    ("no_config", "no config.json"),
+    ("nan", "experts.3.w1.weight holds NaN"),
+])
+def test_bad_checkpoints_fail_before_writing(damage, message, tmp_path, capsys):
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    files = sorted(src.glob("model-*.safetensors"))
+    if damage == "missing_shard":
+        files[-1].unlink()
+    elif damage == "truncated":
+        files[0].write_bytes(files[0].read_bytes()[:-100])
+    elif damage == "no_config":
+        (src / "config.json").unlink()
+    else:
+        from safetensors.torch import load_file, save_file
+        path = next(f for f in files if any(".experts.3.w1" in k for k in load_file(f)))
+        data = load_file(path)
+        key = next(k for k in data if ".experts.3.w1" in k)
+        data[key] = data[key][:, :-1].contiguous() if damage == "wrong_shape" else data[key] * float("nan")
+        save_file(data, path, metadata={"format": "pt"})
+    before = digest(src)
+    code = main(["prune", str(src), "--keep", "6", "--out", str(tmp_path / "out"), "--calib", "random",
+                 "--samples", "2", "--seq-len", "16", "--quiet", "--no-eval"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert digest(src) == before
