@@ -100,7 +100,7 @@ def test_info_and_methods(tiny_dir, capsys):
 def test_plan_out_and_replan_from_stats_cache(tiny_dir, tmp_path):
     cfg = dict(model=str(tiny_dir), calib="random", samples=2, seq_len=16, quiet=True, no_eval=True,
                stats_cache=str(tmp_path / "stats"))
-    a = api.prune(api.PruneConfig(keep=6, plan_out=str(tmp_path / "p6.json"), out=str(tmp_path / "a"), **cfg))
+    api.prune(api.PruneConfig(keep=6, plan_out=str(tmp_path / "p6.json"), out=str(tmp_path / "a"), **cfg))
     files = sorted((tmp_path / "stats").iterdir())
     assert [f.name for f in files] == ["layer-0.safetensors", "layer-1.safetensors", "stats.json"]
     stamps = [f.stat().st_mtime_ns for f in files]

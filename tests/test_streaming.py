@@ -166,7 +166,7 @@ def test_info_on_an_output_folder_names_where_each_kept_expert_came_from(tmp_pat
     ("truncated", "truncated"),
     ("wrong_shape", "its config implies"),
     ("no_config", "no config.json"),
-    ("nan", "experts.3.w1.weight holds NaN"),
+    ("nan", "layers.0.block_sparse_moe.experts.3.w1.weight holds 2048 NaN"),
 ])
 def test_bad_checkpoints_fail_before_writing(damage, message, tmp_path, capsys):
     src = write_hub_folder(tmp_path / "src", "mixtral")

@@ -30,7 +30,8 @@ import transformers
 from . import demo
 from .arch import Layout, MoePruneError, moe_layout
 from .calibration import calibration_tokens, check_spec
-from .checkpoint import AtomicFolder, check_output, folder_bytes, open_source, resolve, save_model
+from .atomic import AtomicFolder
+from .checkpoint import check_output, folder_bytes, open_source, resolve, save_model
 from .engine import CheckpointSource, Job, run
 from .hub import CheckpointWriter
 from .methods import get_method
@@ -246,7 +247,9 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
               keep_stats=keep_stats, evaluate=ev.batches if ev is not None else None,
               score=lambda which, k, logits: tallies[which].score(k, logits), progress=not cfg.quiet)
 
-    with AtomicFolder(out, cfg.overwrite) if out is not None else nullcontext() as tmp:
+    # the output is at most the input's size: enough free space for that is checked before the first layer
+    needs = folder_bytes(folder) or sum(p.numel() * p.element_size() for p in source.model.parameters())
+    with AtomicFolder(out, cfg.overwrite, needs_bytes=needs) if out is not None else nullcontext() as tmp:
         writer = None
         if tmp is not None and isinstance(source, CheckpointSource):
             writer = CheckpointWriter(tmp, source.ckpt, layout.family, moe, keep)

@@ -8,9 +8,6 @@ and the input model is never written to.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +68,14 @@ def compute_dtype(dtype: str, device: str) -> torch.dtype | str:
 
 
 def load_tokenizer(source: str):
-    """The model's tokenizer, or None when the folder has none that can encode text."""
+    """The model's tokenizer, or None when the folder has none that can encode text (transformers 5 builds an
+    empty placeholder tokenizer for some families when the folder has no tokenizer files)."""
+    from .preflight import usable_tokenizer
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         return None
+    return tokenizer if usable_tokenizer(tokenizer)[0] else None
 
 
 def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
@@ -139,34 +139,6 @@ def check_output(out: str | Path, overwrite: bool, source: Path | None) -> Path:
     if out.exists() and not out.is_dir():
         raise MoePruneError(f"--out {out} exists and is not a folder")
     return out
-
-
-class AtomicFolder:
-    """`with AtomicFolder(out) as tmp:` write into tmp; on success tmp replaces out, on error it is removed."""
-
-    def __init__(self, out: Path, overwrite: bool = False):
-        self.out, self.overwrite = Path(out), overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.out.exists():
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise MoePruneError(f"--out {self.out} appeared while pruning; not replacing it")
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> None:

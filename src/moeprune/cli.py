@@ -16,6 +16,7 @@ import sys
 import typing
 
 from .api import PruneConfig, model_info, prune
+from .atomic import Terminated
 from .arch import MoePruneError
 from .checkpoint import open_source
 from .engine import CheckpointSource
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     except MoePruneError as e:
         print(f"moeprune: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"moeprune: stopped by signal {e.signum}; the unfinished output was removed", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("moeprune: interrupted; the unfinished output was removed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

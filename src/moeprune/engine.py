@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Layout, MoeLayer, MoePruneError, decoder_layers, moe_layout
+from .arch import Layout, MoeLayer, decoder_layers, moe_layout
 from .calibration import first_layer_inputs, observe_layer
 from .plan import LayerPlan
+from .preflight import check_finite
 from .stats import LayerStats
 
 Batches = list[tuple[torch.Tensor, dict]]       # per batch: (hidden states [B, T, d], decoder-layer kwargs)
@@ -89,9 +90,8 @@ class CheckpointSource(ModelSource):
                                                                            False):
             name = "model.embed_tokens.weight"
         t = self.ckpt.get(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise MoePruneError(f"{self.ckpt.folder}: tensor {name} holds NaN or Inf values; the checkpoint is "
-                                "damaged (re-download it) or was saved after a diverged training step")
+        check_finite(name, t, f"the checkpoint {self.ckpt.folder} is damaged (re-download it) or was saved after a "
+                              "diverged training step")
         return t
 
     def materialise(self, module: nn.Module, prefix: str, layer: int | None = None) -> None:
@@ -101,7 +101,7 @@ class CheckpointSource(ModelSource):
         if layer is None:
             tensors = {k: self._read(k) for k in expected}
         else:
-            tensors = dict(module_tensors(self.layout.family, layer, expected, self._read))
+            tensors = dict(module_tensors(self.layout.family, layer, expected, self._read, self.dtype))
         check_shapes(expected, tensors, str(self.ckpt.folder))
         state = {k[len(prefix):]: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
                  for k, t in tensors.items()}

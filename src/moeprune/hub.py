@@ -84,10 +84,11 @@ def touched(family: Family, i: int, name: str) -> bool:
 
 # ---------------------------------------------------------------- tensors: files <-> modules
 
-def module_tensors(family: Family, i: int, expected: dict[str, tuple[int, ...]],
-                   read: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(module name, tensor in its stored dtype) for decoder layer i's parameters (name -> the shape its config
-    implies), from the files; fused experts are assembled from the per-expert tensors, each shape-checked."""
+def module_tensors(family: Family, i: int, expected: dict[str, tuple[int, ...]], read: Callable[[str], torch.Tensor],
+                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module name, tensor) for decoder layer i's parameters (name -> the shape its config implies), from the
+    files, floating tensors in `dtype`. Fused experts are assembled expert by expert straight into `dtype`
+    (never a second full copy in the stored dtype), each part shape-checked."""
     prefix = experts_prefix(family, i)
 
     def part(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -100,21 +101,18 @@ def module_tensors(family: Family, i: int, expected: dict[str, tuple[int, ...]],
     for name, shape in expected.items():
         param = name[len(prefix):] if name.startswith(prefix) else None
         if family.hub_expert is None or param not in ("gate_up_proj", "down_proj"):
-            yield name, read(hub_name(family, name))
+            t = read(hub_name(family, name))
+            yield name, t.to(dtype) if t.is_floating_point() else t
             continue
-        E = shape[0]
-        if param == "down_proj":
-            yield name, torch.stack([part(expert_names(family, i, e)[2], shape[1:]) for e in range(E)])
-            continue
+        fused = torch.empty(shape, dtype=dtype)
         half = (shape[1] // 2, shape[2])
-        fused = None
-        for e in range(E):
-            gate, up, _ = expert_names(family, i, e)
-            g = part(gate, half)
-            if fused is None:
-                fused = torch.empty(shape, dtype=g.dtype)
-            fused[e, :half[0]] = g
-            fused[e, half[0]:] = part(up, half)
+        for e in range(shape[0]):
+            gate, up, down = expert_names(family, i, e)
+            if param == "down_proj":
+                fused[e] = part(down, shape[1:])
+            else:
+                fused[e, :half[0]] = part(gate, half)
+                fused[e, half[0]:] = part(up, half)
         yield name, fused
 
 

@@ -18,7 +18,7 @@ from ..arch import MoePruneError
 import torch
 from tqdm.auto import tqdm
 
-from .multiple_choice import (batch_ll, ll_batches, load_task, max_length, multiple_choice, resolve_tasks,
+from .multiple_choice import (EmptyContinuation, batch_ll, ll_batches, load_task, max_length, multiple_choice, resolve_tasks,
                               task_accuracy, task_questions, task_scores)
 from .perplexity import _as_stream, batch_nll, domain_perplexity, nll_batches, perplexity, resolve_domains
 
@@ -75,16 +75,24 @@ class Evaluation:
 
     def __init__(self, tokenizer, config, domains=None, tasks=None, seq_len: int = 256, stride: int | None = None,
                  batch_size: int = 8, max_tokens: int | None = None, task_limit: int | None = None):
-        if tokenizer is None:
-            raise MoePruneError("evaluation needs the model's tokenizer, and the model has none; add tokenizer "
-                                "files to the model folder, or skip the evaluation (--no-eval)")
+        from ..preflight import usable_tokenizer
+        ok, why = usable_tokenizer(tokenizer)
+        if not ok:
+            raise MoePruneError(f"evaluation needs a tokenizer that encodes text, and {why}; add tokenizer files to "
+                                "the model folder, or skip the evaluation (--no-eval)")
         self.settings = {"seq_len": seq_len, "stride": stride or seq_len, "max_tokens": max_tokens,
                          "task_limit": task_limit}
         self.batches: list[torch.Tensor] = []
         self._owner: list[tuple[str, str, object]] = []          # per batch: ("ppl" | "task", name, extra)
         files = resolve_domains(domains) if domains is None or len(domains) else {}
         for name, path in files.items():
-            for ids, starts in nll_batches(_as_stream(tokenizer, path, max_tokens), seq_len, stride, batch_size):
+            stream = _as_stream(tokenizer, path, max_tokens)
+            if stream.numel() < 2:
+                fix = "raise --eval-max-tokens" if max_tokens is not None and max_tokens < 2 else "give it more text"
+                raise MoePruneError(f"evaluation domain {name!r} ({path}) gives {stream.numel()} token(s) with this "
+                                    f"tokenizer and perplexity needs at least 2; {fix}, or leave the domain out "
+                                    "(--eval-domains)")
+            for ids, starts in nll_batches(stream, seq_len, stride, batch_size):
                 self._add(ids, ("ppl", name, starts))
         self.questions: dict[str, tuple[list[dict], int]] = {}
         limit = max_length(config, tokenizer)
@@ -94,9 +102,15 @@ class Evaluation:
             try:
                 for ids, rows in ll_batches(tokenizer, requests, batch_size, limit):
                     self._add(ids, ("task", name, rows))
-            except MoePruneError as e:
-                raise MoePruneError(f"task {name} ({path}): {e}; this tokenizer cannot score it, leave it out with "
-                                    "--eval-tasks") from e
+            except EmptyContinuation as e:
+                q, seen = 0, 0
+                while seen + len(docs[q]["choices"]) <= e.index:
+                    seen, q = seen + len(docs[q]["choices"]), q + 1
+                query = docs[q]["query"] if len(docs[q]["query"]) <= 40 else docs[q]["query"][:40] + "..."
+                raise MoePruneError(f"task {name!r} ({path}), question {q + 1} ({query!r}): choice "
+                                    f"{docs[q]['choices'][e.index - seen]!r} encodes to no tokens with this tokenizer, "
+                                    "so it cannot be scored; edit or drop the question, or leave the task out "
+                                    "(--eval-tasks)") from None
         self.domains = list(files)
 
     def _add(self, ids: torch.Tensor, owner: tuple) -> None:

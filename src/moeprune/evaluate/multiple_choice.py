@@ -108,6 +108,14 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
+class EmptyContinuation(MoePruneError):
+    """A continuation that encodes to no tokens cannot be scored; `index` is its request's."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
 def ll_batches(tokenizer, requests: list[tuple[str, str]], batch_size: int, limit: int) -> list[tuple]:
     """The forward passes of log-likelihood requests: (token ids [B, W], rows [(request index, input length,
     continuation tokens)]), longest first like lm-eval, right-padded (causal, so harmless)."""
@@ -115,7 +123,7 @@ def ll_batches(tokenizer, requests: list[tuple[str, str]], batch_size: int, limi
     for i, (context, continuation) in enumerate(requests):
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
-            raise MoePruneError(f"continuation {continuation!r} encodes to no tokens")
+            raise EmptyContinuation(f"continuation {continuation!r} encodes to no tokens", i)
         if len(cont) > limit:
             raise MoePruneError(f"continuation of {len(cont)} tokens is longer than the model's {limit}")
         inp = (ctx + cont)[-(limit + 1):][:-1]

@@ -1,0 +1,137 @@
+"""Pruning checkpoints larger than memory: peak resident memory, time per stage, and the output checked.
+
+    python benchmarks/make_checkpoint.py olmoe-1b-7b /work/bigckpt/olmoe-1b-7b        # 12.9 GiB, bf16
+    python benchmarks/scale.py /work/bigckpt/olmoe-1b-7b --keep 48 --out /work/bigckpt/olmoe-48 \
+        --json docs/scale/olmoe-1b-7b.json
+
+Runs, each in its own process under benchmarks/memwatch.py (RSS of the whole process tree from /proc):
+  1. `moeprune prune CKPT --method M --keep K --calib random --samples S --seq-len L --no-eval --out OUT`;
+  2. one plain streamed forward over the same tokens (`scale.py forward`): every decoder layer read from
+     the shards and run once, then the logits: the least any layer-by-layer pass over this checkpoint costs;
+then checks the output: every tensor's name, shape and dtype against the input's (experts >= K absent,
+expert axes cut to K), the untouched tensors byte-identical (sha256 of the raw bytes), config.json
+differing from the input's only in the expert count. Prints a Markdown row and writes --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memwatch import watch  # noqa: E402
+
+from moeprune.calibration import calibration_tokens  # noqa: E402
+from moeprune.engine import CheckpointSource, Job, run  # noqa: E402
+from moeprune.hub import _expert_index, router_names, touched  # noqa: E402
+from moeprune.shards import Checkpoint  # noqa: E402
+
+
+def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int) -> float:
+    """Seconds for one forward of `samples` random windows through the checkpoint, a layer at a time."""
+    start = time.perf_counter()
+    source = CheckpointSource(ckpt, "cpu", torch.float32)
+    ids = calibration_tokens("random", None, samples, seq_len, 0, vocab_size=source.model.config.vocab_size)
+    run(source, Job(evaluate=list(ids.split(batch_size)), score=lambda *a: None, progress=False))
+    return time.perf_counter() - start
+
+
+def check_output(src: Path, out: Path, keep: int) -> dict:
+    """Names, shapes and dtypes against the input; untouched tensors byte-identical; config: only the count."""
+    from transformers import AutoConfig
+
+    from moeprune.arch import family_of
+    family = family_of(AutoConfig.from_pretrained(src))
+    a, b = Checkpoint(src), Checkpoint(out)
+    problems, identical = [], 0
+    for name, t in a.tensors.items():
+        i = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        e = _expert_index(family, i, name) if i >= 0 else None
+        if e is not None and e >= keep:
+            if name in b:
+                problems.append(f"{name}: a dropped expert is still there")
+            continue
+        if name not in b:
+            problems.append(f"{name}: missing")
+            continue
+        u = b.info(name)
+        shape = list(t.shape)
+        axis = router_names(family, i).get(name) if i >= 0 else None
+        if axis is not None:
+            shape[axis] = keep
+        if list(u.shape) != shape or u.dtype != t.dtype:
+            problems.append(f"{name}: {u.dtype}{list(u.shape)}, expected {t.dtype}{shape}")
+        if i < 0 or not touched(family, i, name):
+            if hashlib.sha256(a.raw(name)).digest() != hashlib.sha256(b.raw(name)).digest():
+                problems.append(f"{name}: untouched but not byte-identical")
+            identical += 1
+    extra = sorted(set(b.tensors) - set(a.tensors))
+    problems += [f"{n}: not in the input" for n in extra]
+    diff = [(x, y) for x, y in zip((src / "config.json").read_text().splitlines(),
+                                   (out / "config.json").read_text().splitlines()) if x != y]
+    return {"tensors_out": len(b.tensors), "untouched_identical": identical, "problems": problems[:20],
+            "config_changed_lines": diff, "files_out": sorted(p.name for p in out.iterdir()),
+            "gib_in": round(a.total_bytes() / 2**30, 2), "gib_out": round(b.total_bytes() / 2**30, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("ckpt", type=Path)
+    parser.add_argument("--keep", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--method", default="frequency")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep-output", action="store_true", help="do not delete --out afterwards")
+    args = parser.parse_args()
+
+    bin_dir = Path(sys.executable).parent
+    prune = [str(bin_dir / "moeprune"), "prune", str(args.ckpt), "--method", args.method, "--keep", str(args.keep),
+             "--calib", "random", "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+             "--batch-size", str(args.batch_size), "--no-eval", "--out", str(args.out), "--overwrite", "--quiet"]
+    forward = [sys.executable, __file__, "forward", str(args.ckpt), str(args.samples), str(args.seq_len),
+               str(args.batch_size)]
+    result = {"ckpt": str(args.ckpt), "method": args.method, "keep": args.keep, "samples": args.samples,
+              "seq_len": args.seq_len, "machine": machine()}
+    result["prune"] = {k: v for k, v in watch(prune, 0.2).items() if k != "samples"}
+    if result["prune"]["exit_code"] != 0:
+        raise SystemExit(f"prune failed: {result['prune']}")
+    report = json.loads((args.out / "report.json").read_text())
+    result["prune"]["stages_s"] = report["stages"]["seconds"]
+    result["forward"] = {k: v for k, v in watch(forward, 0.2).items() if k != "samples"}
+    result["check"] = check_output(args.ckpt, args.out, args.keep)
+    p, f = result["prune"], result["forward"]
+    result["prune_over_forward"] = round(p["wall_s"] / f["wall_s"], 2)
+    print(f"| {args.ckpt.name} | {args.method} keep {args.keep} | {p['peak_rss_gib']} GiB | {p['wall_s']:.0f} s "
+          f"| {f['peak_rss_gib']} GiB | {f['wall_s']:.0f} s | {result['prune_over_forward']} | "
+          f"{'ok' if not result['check']['problems'] else result['check']['problems'][:3]} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.keep_output:
+        subprocess.run(["rm", "-rf", str(args.out)], check=True)
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    return {"cpu": cpu, "cores": torch.get_num_threads(), "ram_gib": round(mem / 2**30, 1),
+            "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["forward"]:
+        seconds = streamed_forward(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        print(f"streamed forward: {seconds:.1f} s")
+    else:
+        main()
