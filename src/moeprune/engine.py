@@ -212,7 +212,8 @@ def run(source: ModelSource, job: Job) -> Outcome:
         ls = None
         source.release(i)
     if before is not None and job.score is not None:
-        for name, stream in (("before", before), ("after", after)):
+        streams = [("before", before)] + ([("after", after)] if after is not before else [])
+        for name, stream in streams:
             for k, (hidden, _) in enumerate(stream):
                 job.score(name, k, source.logits(hidden))
         source.release_head()

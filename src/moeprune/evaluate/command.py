@@ -36,7 +36,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="at most this many questions per task")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    e.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (auto: the GPU if any)")
     e.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
     e.add_argument("--md", default=None, metavar="FILE", help="write the report as Markdown (plots beside it)")
     e.add_argument("--report", default=None, metavar="DIR", help="write report.json, report.md and img/ here")
@@ -51,43 +51,55 @@ def _none(values):
 
 def run_eval(model: str | None, against: str | None = None, domains=None, tasks=None, lm_eval=None,
              lm_eval_dir=None, seq_len: int = 256, stride: int | None = None, max_tokens: int | None = None,
-             limit: int | None = None, batch_size: int = 8, dtype: str = "auto", device: str = "cpu",
+             limit: int | None = None, batch_size: int = 8, dtype: str = "auto", device: str = "auto",
              progress: bool = True) -> dict:
-    """Load and evaluate MODEL (and ORIGINAL first, then freed); the report dict for report.write_report."""
-    from ..api import model_info
-    from ..arch import moe_layout
-    from ..checkpoint import load
-    from . import evaluate_model, evaluation_section, resolve_domains, resolve_tasks
+    """Evaluate ORIGINAL (if given) then MODEL, each read one decoder layer at a time when it is a local
+    safetensors folder, so neither has to fit in memory; the report dict for report.write_report."""
+    from . import evaluation_section, resolve_domains, resolve_tasks
     if domains is not None and len(domains):
         resolve_domains(domains)               # fail on a bad name before any model is loaded
     if tasks is not None and len(tasks):
         resolve_tasks(tasks)
-    kwargs = {"domains": domains, "tasks": tasks, "lm_eval": lm_eval, "lm_eval_dir": lm_eval_dir, "seq_len": seq_len,
-              "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens, "task_limit": limit,
-              "progress": progress}
+    settings = {"domains": domains, "tasks": tasks, "seq_len": seq_len, "stride": stride, "batch_size": batch_size,
+                "max_tokens": max_tokens, "task_limit": limit}
+    lm = {"lm_eval": lm_eval, "lm_eval_dir": lm_eval_dir}
     report: dict = {}
-    before = None
-    original_tokenizer = None
+    before, tokenizer = None, None
     if against is not None:
-        loaded = load(against, dtype, device)
-        original_tokenizer = loaded.tokenizer
-        report["against"] = loaded.name
-        report["before"] = _info(model_info, moe_layout, loaded.model)
-        before = evaluate_model(loaded.model, loaded.tokenizer, **kwargs)
-        del loaded
-    loaded = load(model, dtype, device)
-    report["model"] = loaded.name
-    report["after"] = _info(model_info, moe_layout, loaded.model)
-    after = evaluate_model(loaded.model, loaded.tokenizer or original_tokenizer, **kwargs)
+        report["against"], report["before"], before, tokenizer = _evaluate(against, settings, lm, dtype, device,
+                                                                          None, progress)
+    report["model"], report["after"], after, _ = _evaluate(model, settings, lm, dtype, device, tokenizer, progress)
     report["evaluation"] = evaluation_section(before, after)
     return report
 
 
-def _info(model_info, moe_layout, model) -> dict | None:
+def _evaluate(spec, settings: dict, lm: dict, dtype: str, device: str, fallback_tokenizer, progress: bool):
+    """(name, model info, evaluation, tokenizer) of one model: streamed through the per-layer engine; a dense
+    model (a baseline) is loaded and evaluated in memory; lm-eval always needs the model in memory."""
+    from ..api import model_info
+    from ..checkpoint import load, open_source
+    from ..engine import Job, run
+    from . import Evaluation, _run_lm_eval, evaluate_model
     try:
-        return model_info(model, moe_layout(model))
-    except MoePruneError:          # a dense model can still be evaluated (e.g. a baseline)
-        return None
+        name, source, tokenizer, _ = open_source(spec, dtype, device)
+    except MoePruneError as e:
+        if "no MoE layers" not in str(e):
+            raise
+        loaded = load(spec, dtype, device)
+        tokenizer = loaded.tokenizer or fallback_tokenizer
+        return loaded.name, None, evaluate_model(loaded.model, tokenizer, progress=progress, **settings, **lm), \
+            tokenizer
+    tokenizer = tokenizer or fallback_tokenizer
+    info = model_info(source.model, source.layout)
+    ev = Evaluation(tokenizer, source.model.config, **settings)
+    tally = ev.tally()
+    run(source, Job(evaluate=ev.batches, score=lambda _, k, logits: tally.score(k, logits), progress=progress))
+    result = tally.result()
+    if lm["lm_eval"]:
+        names = [n for n in str(lm["lm_eval"]).split(",") if n.strip()]
+        result["lm_eval"] = _run_lm_eval(load(spec, dtype, device).model, tokenizer, names, lm["lm_eval_dir"],
+                                         settings["batch_size"], settings["task_limit"])
+    return name, info, result, tokenizer
 
 
 def cmd_eval(args) -> int:
