@@ -191,3 +191,45 @@ def test_bad_checkpoints_fail_before_writing(damage, message, tmp_path, capsys):
     assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert digest(src) == before
+
+
+def test_a_plan_from_another_model_fails_before_any_layer(tmp_path, capsys):
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    other = write_hub_folder(tmp_path / "other", "qwen3_moe")
+    plan = prune(other, tmp_path / "o1", keep=6).plan
+    for lp in plan.layers.values():
+        lp.num_experts = 16                                     # the same layers, another expert count
+    plan.save(tmp_path / "plan.json")
+    before = digest(src)
+    code = main(["prune", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"),
+                 "--quiet", "--no-eval"])
+    assert code == 2 and "the plan was made for another model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and digest(src) == before
+
+
+def test_a_stats_cache_of_other_settings_is_recollected_with_a_warning(tmp_path):
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    prune(src, tmp_path / "a", stats_cache=str(tmp_path / "stats"))
+    with pytest.warns(UserWarning, match=r"other settings \(seed differ\); they are recollected"):
+        prune(src, tmp_path / "b", stats_cache=str(tmp_path / "stats"), seed=1)
+    assert json.loads((tmp_path / "stats" / "stats.json").read_text())["calibration"]["seed"] == 1
+
+
+def test_a_full_disk_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from moeprune.shards import ShardWriter
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    calls = []
+
+    def full(self, name, data):
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name, data)
+    original = ShardWriter.write
+    monkeypatch.setattr(ShardWriter, "write", full)
+    code = main(["prune", str(src), "--keep", "6", "--out", str(tmp_path / "out"), "--calib", "random",
+                 "--samples", "2", "--seq-len", "16", "--quiet", "--no-eval"])
+    assert code == 2 and "no space left on the device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

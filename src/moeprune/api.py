@@ -20,6 +20,7 @@ import dataclasses
 import json
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,9 @@ def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int,
     except MoePruneError:
         return {}
     if {k: header["calibration"].get(k) for k in meta} != meta or sorted(header["layers"]) != sorted(layers):
+        differ = sorted(k for k in meta if header["calibration"].get(k) != meta[k]) or ["layers"]
+        warnings.warn(f"--stats-cache {folder} holds statistics of other settings ({', '.join(differ)} differ); "
+                      "they are recollected and replaced", stacklevel=3)
         return {}
     return {i: Path(folder) / f"layer-{i}.safetensors" for i in layers}
 

@@ -10,6 +10,7 @@ Flags of `prune` are generated from api.PruneConfig and from every method's opti
 from __future__ import annotations
 
 import argparse
+import errno
 import dataclasses
 import json
 import sys
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moeprune: interrupted; the unfinished output was removed", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"moeprune: error: no space left on the device while writing ({e}); the unfinished output was "
+              "removed. Free some space or write --out to another disk", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -174,6 +174,10 @@ def check_plan(plan: Plan, layout: Layout) -> int:
     if set(plan.layers) != moe:
         raise MoePruneError(f"the plan covers layers {sorted(plan.layers)}, the model's MoE layers are "
                             f"{sorted(moe)}: the plan was made for another model")
+    for layer in layout.layers:
+        if plan.layers[layer.index].num_experts != layer.num_experts:
+            raise MoePruneError(f"plan layer {layer.index} is for {plan.layers[layer.index].num_experts} experts, the "
+                                f"model has {layer.num_experts}: the plan was made for another model")
     keeps = set(plan.keep_per_layer().values())
     if len(keeps) != 1:
         raise MoePruneError(f"transformers configs hold one expert count for all layers; this plan keeps {keeps}")
