@@ -97,7 +97,8 @@ def test_report_from_a_real_prune(tmp_path, model_dir, texts):
     for text in ("# moeprune report", "## Size", "## Perplexity on held-out text", "animals", "colours",
                  "## Multiple-choice tasks", "## Cost", "## Plan", total_after):
         assert text in md, text
-    assert set(data["images"]) == {"perplexity", "similarity", "routing"}
+    # frequency reads no expert outputs, so the pass measured no similarity to plot (diverse's report has it)
+    assert set(data["images"]) == {"perplexity", "routing"}
     for rel in data["images"].values():
         assert f"]({rel})" in md
         _assert_png(folder / rel)

@@ -118,6 +118,7 @@ def test_output_is_the_input_folder_with_only_the_expert_count_changed(family, t
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert moe_layout(reloaded).layers[0].num_experts == 5
+    assert (out / "img" / "similarity.png").exists()      # kept of the streamed statistics: the plotted CKA
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])

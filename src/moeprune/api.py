@@ -148,9 +148,9 @@ def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
     return cfg.calib or ("demo" if tokenizer is not None and demo.domains("calib") else "random")
 
 
-def stats_meta(cfg: PruneConfig, name: str, tokenizer) -> dict:
+def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool) -> dict:
     return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "seq_len": cfg.seq_len,
-            "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name}
+            "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name, "expert_outputs": expert_outputs}
 
 
 def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
@@ -162,8 +162,10 @@ def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int,
         header = read_header(Path(folder))
     except MoePruneError:
         return {}
-    if {k: header["calibration"].get(k) for k in meta} != meta or sorted(header["layers"]) != sorted(layers):
-        differ = sorted(k for k in meta if header["calibration"].get(k) != meta[k]) or ["layers"]
+    have = header["calibration"]
+    differ = sorted(k for k in meta if have.get(k) != meta[k] and not (k == "expert_outputs" and have.get(k)))
+    if differ or sorted(header["layers"]) != sorted(layers):          # (a cache with expert outputs serves all)
+        differ = differ or ["layers"]
         warnings.warn(f"--stats-cache {folder} holds statistics of other settings ({', '.join(differ)} differ); "
                       "they are recollected and replaced", stacklevel=3)
         return {}
@@ -208,9 +210,10 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     else:
         keep = resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
     needs_stats = saved_plan is None or saved_plan.needs_stats
+    expert_outputs = method.needs_outputs if saved_plan is None else saved_plan.merge == "fit"
 
     # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
-    meta = stats_meta(cfg, name, tokenizer)
+    meta = stats_meta(cfg, name, tokenizer, expert_outputs)
     cache = cached_stats(cfg.stats_cache, meta, moe) if needs_stats else {}
     tokens = None
     if needs_stats and not cache:
@@ -239,13 +242,14 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
             Path(cfg.stats_cache).mkdir(parents=True, exist_ok=True)
             ls.save(Path(cfg.stats_cache) / f"layer-{i}.safetensors")
         # a checkpoint larger than memory keeps only what the report shows of a layer; a model in memory, all
-        return ls.light(similarity=i in plot_layers) if isinstance(source, CheckpointSource) else ls
+        return ls.light(similarity=i in plot_layers and ls.outputs.numel() > 0) \
+            if isinstance(source, CheckpointSource) else ls
 
     plan_opts = saved_plan or Plan(method.name, {}, {}, router=getattr(options, "router", "weighted"),
                                    align=getattr(options, "align", "none"), merge=getattr(options, "merge", "average"))
     job = Job(calib=tokens, sample_tokens=cfg.sample_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
               weight_similarity=getattr(options, "representation", None) == "weight" or not isinstance(
-                  source, CheckpointSource),
+                  source, CheckpointSource), expert_outputs=expert_outputs,
               cached=lambda i: LayerStats.load(cache[i]) if i in cache else None,
               decide=decide, apply=lambda m, lp, ls: apply_layer(m, lp, plan_opts, layout, ls),
               keep_stats=keep_stats, evaluate=ev.batches if ev is not None else None,

@@ -183,9 +183,10 @@ def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 class _Observer:
     """Accumulates one MoE layer's statistics from the inputs of its MoE block, batch after batch."""
 
-    def __init__(self, layer: MoeLayer, scoring: str, top_k: int, sample_positions: torch.Tensor):
+    def __init__(self, layer: MoeLayer, scoring: str, top_k: int, sample_positions: torch.Tensor,
+                 expert_outputs: bool = True):
         E = layer.num_experts
-        self.layer, self.scoring, self.top_k = layer, scoring, top_k
+        self.layer, self.scoring, self.top_k, self.expert_outputs = layer, scoring, top_k, expert_outputs
         self.sample_positions = sample_positions          # sorted flat token positions over the calibration set
         self.offset = 0                                   # flat position of the current batch's first token
         self.tokens = 0
@@ -213,15 +214,20 @@ class _Observer:
             xs = x[local.to(x.device)]
             self.inputs.append(xs.float().cpu())
             self.logits.append(logits[local.to(x.device)].float().cpu())
-            self.outputs.append(torch.stack([expert_output(self.layer, xs, e).float().cpu() for e in range(E)]))
+            if self.expert_outputs:     # every expert on every sample token: E / top-k times the routed compute
+                out = torch.empty((E, *xs.shape), dtype=torch.float32)
+                for e in range(E):
+                    out[e] = expert_output(self.layer, xs, e)
+                self.outputs.append(out)
         self.offset = hi
         self.tokens += x.shape[0]
 
     def result(self) -> LayerStats:
+        def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
         return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
                           prob_sum=self.prob_sum, weight_sum=self.weight_sum, reap_sum=self.reap_sum,
-                          inputs=torch.cat(self.inputs), logits=torch.cat(self.logits),
-                          outputs=torch.cat(self.outputs, dim=1))
+                          inputs=cat(self.inputs), logits=cat(self.logits), outputs=cat(self.outputs, dim=1))
 
 
 class _Captured(Exception):
@@ -254,10 +260,11 @@ def first_layer_inputs(model, batches: list[torch.Tensor], device) -> list[tuple
 
 @torch.no_grad()
 def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positions: torch.Tensor,
-                  weight_similarity: bool = True):
+                  weight_similarity: bool = True, expert_outputs: bool = True):
     """Run one decoder layer on the cached batches with the statistics observer on its MoE block;
-    returns (the layer's statistics, the layer's outputs for the next layer)."""
-    observer = _Observer(moe, layout.family.scoring, layout.top_k, positions)
+    returns (the layer's statistics, the layer's outputs for the next layer). Without `expert_outputs`
+    the sample records inputs and router logits only (what selection methods and M-SMoE need)."""
+    observer = _Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
     handle = moe.block.register_forward_pre_hook(observer, with_kwargs=True)
     try:
         outputs = []

@@ -22,7 +22,9 @@ and evaluation batches, one layer's statistics, and the embeddings / lm_head whi
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,17 @@ Batches = list[tuple[torch.Tensor, dict]]       # per batch: (hidden states [B, 
 
 
 # ---------------------------------------------------------------- where layers come from
+
+def _return_memory() -> None:
+    """Hand a freed layer's memory back to the system: glibc keeps freed heap pages (the per-expert reads fall
+    under its mmap threshold) unless asked, and the next layer would then come on top of them."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):       # not glibc (musl): nothing to trim
+            pass
+
 
 class ModelSource:
     """A model that is already in memory: tiny models, hub ids, the in-memory API."""
@@ -114,7 +127,7 @@ class CheckpointSource(ModelSource):
 
     def release(self, i: int) -> None:
         decoder_layers(self.model)[i].to("meta")
-        gc.collect()
+        _return_memory()
 
     def embed(self, batches: list[torch.Tensor]) -> Batches:
         embed = self.model.model.embed_tokens
@@ -123,6 +136,7 @@ class CheckpointSource(ModelSource):
             return first_layer_inputs(self.model, batches, self.device)
         finally:
             embed.to("meta")
+            _return_memory()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.model.lm_head.weight.is_meta:
@@ -145,6 +159,7 @@ class Job:
     seed: int = 0
     batch_size: int = 8
     weight_similarity: bool = True                    # derive model-centric similarity (costly for big experts)
+    expert_outputs: bool = True                       # run every expert on the sample (data-centric methods)
     cached: Callable[[int], LayerStats | None] = lambda i: None     # statistics already on disk
     decide: Callable[[int, LayerStats | None], LayerPlan] | None = None   # None: statistics only
     apply: Callable[[MoeLayer, LayerPlan, LayerStats | None], None] | None = None
@@ -193,7 +208,8 @@ def run(source: ModelSource, job: Job) -> Outcome:
         ls = job.cached(i) if m is not None else None
         if calib is not None and i <= last_stats:
             if m is not None and ls is None:
-                ls, calib = observe_layer(layer, m, layout, calib, positions, job.weight_similarity)
+                ls, calib = observe_layer(layer, m, layout, calib, positions, job.weight_similarity,
+                                          job.expert_outputs)
             else:
                 calib = _forward(layer, calib)
         if before is not None:

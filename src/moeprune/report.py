@@ -268,7 +268,9 @@ def make_plots(img: Path, report: dict, stats=None, plan=None) -> dict[str, Path
         layers = _pick_layers(stats.layers)
         if plan is not None:
             layers = [i for i in layers if i in plan.layers] or layers
-        if p := plot_similarity(img / "similarity.png", stats, plan, layers):
+        shown = [i for i in layers if "similarity/cka/output" in stats.layers[i].cache
+                 or stats.layers[i].outputs.numel()]
+        if shown and (p := plot_similarity(img / "similarity.png", stats, plan, shown)):
             out["similarity"] = p
         if p := plot_routing(img / "routing.png", stats, plan, layers):
             out["routing"] = p

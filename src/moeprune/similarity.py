@@ -31,12 +31,15 @@ def cka_matrix(reps: torch.Tensor, max_gram_entries: int = 2**27) -> torch.Tenso
 
     Sample-side Grams (E x n x n, one matrix product for all pairs) whenever they fit in
     `max_gram_entries` float64 entries (1 GiB); else one [p, p] cross product per pair."""
-    x = _centre(reps)
-    E, n, p = x.shape
+    E, n, p = reps.shape
     if E * n * n <= max_gram_entries:            # sample side: <K_i, K_j>_F with K = X X^T [n, n]
-        flat = (x @ x.transpose(1, 2)).reshape(E, -1)
+        flat = torch.empty(E, n * n, dtype=torch.float64)
+        for i in range(E):                       # one expert centred in float64 at a time (memory: E n^2)
+            x = _centre(reps[i])
+            flat[i] = (x @ x.T).reshape(-1)
         hsic = flat @ flat.T
     else:                                        # feature side: ||X_j^T X_i||_F^2, one [p, p] product per pair
+        x = _centre(reps)
         hsic = torch.empty(E, E, dtype=torch.float64)
         for i in range(E):
             for j in range(i, E):

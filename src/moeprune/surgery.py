@@ -35,6 +35,8 @@ def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
 
 
 def _merge(rows: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    if len(rows) == 1 and weights[0] == 1.0:
+        return rows[0]                          # a kept expert: exactly itself, no float64 round trip
     acc = sum(w * r.double() for w, r in zip(weights, rows))
     return acc.to(rows[0].dtype)
 

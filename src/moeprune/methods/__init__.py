@@ -32,6 +32,8 @@ class Method:
     fn: Callable[[LayerStats, int, object, int], LayerPlan]
     options: type = NoOptions
     defaults: dict = dataclasses.field(default_factory=dict)   # overrides of the options' defaults (variants)
+    # whether it reads every expert's output on the calibration sample (the costly part of the statistics)
+    needs_outputs: bool = True
 
     def make_options(self, **given) -> object:
         fields = {f.name for f in dataclasses.fields(self.options)}

@@ -58,4 +58,5 @@ def msmoe(ls: LayerStats, keep: int, o: MsmoeOptions, seed: int) -> LayerPlan:
 
 
 register(Method("msmoe", "K most used experts dominate; others merge into the dominant one with the most "
-                "similar router logits, usage-weighted (M-SMoE)", PAPER, msmoe, MsmoeOptions))
+                "similar router logits, usage-weighted (M-SMoE)", PAPER, msmoe, MsmoeOptions,
+                needs_outputs=False))

@@ -26,10 +26,10 @@ def _random(ls: LayerStats, seed: int) -> torch.Tensor:
     return torch.rand(ls.num_experts, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-register(Method("random", "keep K experts chosen at random per layer (seeded)", "", _by(_random)))
+register(Method("random", "keep K experts chosen at random per layer (seeded)", "", _by(_random), needs_outputs=False))
 register(Method("frequency", "keep the K experts picked most often in the top-k on the calibration tokens",
-                "F-prune in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589", _by(lambda ls, s: ls.counts)))
+                "F-prune in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589", _by(lambda ls, s: ls.counts), needs_outputs=False))
 register(Method("soft-activation", "keep the K experts with the largest summed router probability",
-                "S-prune in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589", _by(lambda ls, s: ls.prob_sum)))
+                "S-prune in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589", _by(lambda ls, s: ls.prob_sum), needs_outputs=False))
 register(Method("reap", "keep the K experts of largest mean routing weight x output norm over their routed tokens",
-                "Lasby et al., REAP the Experts, 2025, arXiv:2510.13999", _by(lambda ls, s: ls.reap_saliency)))
+                "Lasby et al., REAP the Experts, 2025, arXiv:2510.13999", _by(lambda ls, s: ls.reap_saliency), needs_outputs=False))
