@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -304,3 +305,101 @@ def test_usage_weighting_multiplies_the_softmax_by_usage():
     expect = torch.tensor([30 * torch.e ** 1.0, 10 * torch.e ** 0.5])
     assert torch.allclose(torch.tensor(w), expect / expect.sum())
     assert merge_weights(sim, 0, [0, 1], 1.0, torch.zeros(2)) == merge_weights(sim, 0, [0, 1], 1.0)
+
+
+# --- step 4: anchors between saliency and diversity (--diversity), slots guaranteed to diversity (--reserve) ---
+
+def _copies_and_a_rare_one():
+    """Experts 0-5 near copies of one function (heavily used), 6 and 7 each unlike all others, 7 rarely used."""
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
+    sim = torch.where(labels[:, None] == labels[None, :], 0.95, 0.05).double()
+    sim.fill_diagonal_(1.0)
+    return sim, torch.tensor([20.0, 18, 16, 14, 12, 10, 6, 1], dtype=torch.float64)
+
+
+def test_diversity_zero_is_top_saliency_and_one_is_usage_blind_coverage():
+    from moeprune.grouping import balanced_anchors, pick_anchors, top_anchors
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        sim = cosine_matrix(torch.randn(10, 4, generator=g, dtype=torch.float64))
+        score = torch.randint(0, 4, (10,), generator=g).double()       # many ties: lower ids must win them
+        for k in (1, 3, 6):
+            assert sorted(balanced_anchors(sim, k, score, 0.0)) == sorted(top_anchors(score, k))
+            assert pick_anchors("anchors", sim, k, score, diversity=0.0) == sorted(top_anchors(score, k))
+            pure = coverage_anchors(sim, k, torch.ones(10, dtype=torch.float64))
+            assert sorted(balanced_anchors(sim, k, score, 1.0)) == pure
+            assert pick_anchors("anchors", sim, k, score, diversity=1.0) == pure      # both groupings meet at 1
+            assert pick_anchors("coverage", sim, k, score, diversity=1.0) == pure
+            assert pick_anchors("coverage", sim, k, score) == coverage_anchors(sim, k, score)
+            assert pick_anchors("anchors", sim, k, score, reserve=1.0) == pure
+
+
+def test_diversity_keeps_the_rare_distinct_expert_and_the_most_used_one():
+    sim, usage = _copies_and_a_rare_one()
+    from moeprune.grouping import pick_anchors
+    assert pick_anchors("anchors", sim, 3, usage) == [0, 1, 2]                      # saliency: three copies
+    for diversity in (0.75, 0.9):
+        kept = pick_anchors("anchors", sim, 3, usage, diversity=diversity)
+        assert kept == [0, 6, 7]                # one of the copies (the most used), and both distinct experts
+        groups, reps = anchored("anchors", sim, 3, usage, diversity=diversity)
+        assert groups == [[0, 1, 2, 3, 4, 5], [6], [7]] and reps == [0, 6, 7]
+    # the weight is a dial: a distinct expert enters once lambda x (its own coverage) outweighs
+    # (1 - lambda) x its saliency gap to the next copy; the rare one (usage 1) needs more than the other (6)
+    assert pick_anchors("anchors", sim, 3, usage, diversity=0.1) == [0, 1, 2]
+    assert pick_anchors("anchors", sim, 3, usage, diversity=0.5) == [0, 1, 6]
+    assert pick_anchors("anchors", sim, 4, usage, diversity=0.6) == [0, 1, 6, 7]
+    assert pick_anchors("anchors", sim, 2, usage, diversity=0.6) == [0, 6]
+
+
+def test_reserve_guarantees_slots_to_the_least_covered_experts():
+    sim, usage = _copies_and_a_rare_one()
+    from moeprune.grouping import pick_anchors
+    assert pick_anchors("anchors", sim, 4, usage, reserve=0.25) == [0, 1, 2, 6]     # 3 by saliency, 1 distinct
+    assert pick_anchors("anchors", sim, 4, usage, reserve=0.5) == [0, 1, 6, 7]      # 2 and 2
+    assert pick_anchors("coverage", sim, 4, usage, reserve=0.5)[:1] == [0]          # the heaviest stays
+    assert pick_anchors("anchors", sim, 4, usage, reserve=0.1) == [0, 1, 2, 3]      # round(0.4) = 0 slots
+
+
+def test_diversity_on_coverage_mixes_saliency_and_uniform_weights():
+    from moeprune.grouping import pick_anchors
+    sim, usage = _distinct_minority()
+    for d in (0.0, 0.3, 0.7, 1.0):
+        w = usage if d == 0 else (1 - d) * usage / usage.sum() + d / 8
+        assert pick_anchors("coverage", sim, 3, usage, diversity=d) == coverage_anchors(sim, 3, w)
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"diversity": 1.5}, "--diversity must lie in [0, 1]"),
+    ({"reserve": -0.1}, "--reserve must lie in [0, 1]"),
+    ({"grouping": "agglomerative", "diversity": 0.5}, "need --grouping anchors or coverage"),
+    ({"grouping": "spectral", "reserve": 0.5}, "need --grouping anchors or coverage"),
+])
+def test_diversity_and_reserve_are_checked_before_any_work(given, message):
+    from moeprune.arch import MoePruneError
+    for name in ("diverse", "diverse-prune"):
+        with pytest.raises(MoePruneError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            get_method(name).make_options(**given)
+
+
+def test_diversity_and_reserve_plan_and_reach_the_cli(tmp_path, capsys):
+    model = make("qwen3_moe")
+    layout = moe_layout(model)
+    stats = collect(model, layout, torch.randint(3, 256, (2, 16)), sample_tokens=32, progress=False)
+    for grouping in ("anchors", "coverage"):
+        for opts in ({"diversity": 0.5}, {"reserve": 0.5}, {"diversity": 1.0, "representation": "weight"}):
+            for name in ("diverse", "diverse-prune"):
+                plan = get_method(name).plan(stats, keep=4, grouping=grouping, **opts)
+                assert all(lp.keep == 4 for lp in plan.layers.values())
+                assert all(plan.options[k] == v for k, v in opts.items())
+    from moeprune.cli import main
+    path = tmp_path / "model"
+    make("mixtral").save_pretrained(path)
+    code = main(["prune", str(path), "--keep", "4", "--out", str(tmp_path / "o"), "--calib", "random",
+                 "--diversity", "2"])
+    assert code == 2 and "--diversity must lie in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    code = main(["prune", str(path), "--keep", "4", "--out", str(tmp_path / "p"), "--calib", "random",
+                 "--samples", "2", "--seq-len", "16", "--no-eval", "--diversity", "0.5", "--reserve", "0.25"])
+    assert code == 0
+    saved = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert saved["options"]["diversity"] == 0.5 and saved["options"]["reserve"] == 0.25

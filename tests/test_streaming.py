@@ -168,6 +168,7 @@ def test_info_on_an_output_folder_names_where_each_kept_expert_came_from(tmp_pat
     ("wrong_shape", "its config implies"),
     ("no_config", "no config.json"),
     ("nan", "layers.0.block_sparse_moe.experts.3.w1.weight holds 2048 NaN"),
+    ("quantized", "is a quantized checkpoint"),
 ])
 def test_bad_checkpoints_fail_before_writing(damage, message, tmp_path, capsys):
     src = write_hub_folder(tmp_path / "src", "mixtral")
@@ -178,6 +179,10 @@ def test_bad_checkpoints_fail_before_writing(damage, message, tmp_path, capsys):
         files[0].write_bytes(files[0].read_bytes()[:-100])
     elif damage == "no_config":
         (src / "config.json").unlink()
+    elif damage == "quantized":
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+        (src / "config.json").write_text(json.dumps(config))
     else:
         from safetensors.torch import load_file, save_file
         path = next(f for f in files if any(".experts.3.w1" in k for k in load_file(f)))

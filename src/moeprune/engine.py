@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Layout, MoeLayer, decoder_layers, moe_layout
+from .arch import Layout, MoeLayer, MoePruneError, decoder_layers, moe_layout
 from .calibration import first_layer_inputs, observe_layer
 from .plan import LayerPlan
 from .preflight import check_finite
@@ -92,6 +92,12 @@ class CheckpointSource(ModelSource):
         from .shards import Checkpoint
         self.ckpt = Checkpoint(folder)
         config = AutoConfig.from_pretrained(folder)
+        quantized = next((t.name for t in self.ckpt.tensors.values()
+                          if t.dtype.startswith("F8") or t.name.endswith("_scale_inv")), None)
+        if quantized or getattr(config, "quantization_config", None):
+            what = f"tensor {quantized}" if quantized else "its config has a quantization_config"
+            raise MoePruneError(f"{folder} is a quantized checkpoint ({what}); moeprune reads bf16/fp16/fp32 weights: "
+                                "dequantize it to bf16 first (e.g. DeepSeek's fp8_cast_bf16.py for FP8 checkpoints)")
         with init_empty_weights(include_buffers=False):        # parameters on meta; rotary buffers are real
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model, self.layout = model.eval(), moe_layout(model)

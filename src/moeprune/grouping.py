@@ -8,12 +8,23 @@
 
 `anchors` keeps what matters most; `coverage` keeps what matters *and* differs, which is the paper's
 aim: a dropped expert is only harmless when a kept one can stand in for it.
+
+Two knobs move the anchored groupings between saliency and pure diversity (both 0 by default):
+
+    diversity λ    anchors: greedy max of (1-λ) sum_{a in A} s_a + λ mean_j max_{a in A} S_ja (s = saliency
+                   normalised to sum 1); coverage: weights w_j = (1-λ) s_j + λ/E. λ = 1 is pure diversity
+                   for both (every expert weighs alike, usage plays no part).
+    reserve ρ      round(ρK) of the K slots are guaranteed to diversity: the other anchors are chosen first,
+                   then each reserved slot goes to the expert that most raises the unweighted coverage
+                   mean_j max_a S_ja, i.e. the function least represented among those kept.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .arch import MoePruneError
 
 
 def _order(groups: list[list[int]]) -> list[list[int]]:
@@ -98,13 +109,70 @@ def anchors(sim: torch.Tensor, k: int, usage: torch.Tensor) -> list[list[int]]:
     return assign(sim, top_anchors(usage, k))
 
 
+def _share(score: torch.Tensor) -> torch.Tensor:
+    """Saliency as shares that sum to 1 (uniform when there is none)."""
+    w = score.double().clamp(min=0.0)
+    return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
+
+
+def balanced_anchors(sim: torch.Tensor, k: int, score: torch.Tensor, diversity: float,
+                     chosen: list[int] | None = None) -> list[int]:
+    """Greedy max of (1-λ) sum_{a in A} s_a + λ mean_j max_{a in A} S_ja, s = saliency shares, λ = diversity.
+
+    Monotone submodular (a modular term plus facility location), so greedy keeps its 1 - 1/e guarantee.
+    λ = 0 is the top-k of saliency (ties: lower id); λ = 1 is pure, usage-blind coverage. In between, an
+    expert unlike every anchor so far gains λ/E from covering itself, enough to beat a near-copy of an
+    anchor whose extra saliency share is smaller than that. `chosen` continues from anchors already kept.
+    """
+    s = sim.double().clamp(min=0.0)
+    E = s.shape[0]
+    share = _share(score)
+    chosen = list(chosen or [])
+    cover = s[:, chosen].max(1).values if chosen else torch.zeros(E, dtype=torch.float64)
+    for _ in range(k):
+        gain = (1 - diversity) * share
+        if diversity > 0:
+            gain = gain + diversity * (s - cover[:, None]).clamp(min=0.0).sum(0) / E
+        gain[chosen] = -float("inf")
+        best = int(torch.argmax(gain))          # first maximum: the lowest id
+        chosen.append(best)
+        cover = torch.maximum(cover, s[:, best])
+    return chosen
+
+
+def check_share(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise MoePruneError(f"--{name} must lie in [0, 1], got {value}")
+
+
+def pick_anchors(method: str, sim: torch.Tensor, k: int, score: torch.Tensor, diversity: float = 0.0,
+                 reserve: float = 0.0) -> list[int]:
+    """The k anchors of `method` (anchors|coverage), moved towards pure diversity by `diversity` and with
+    round(reserve * k) slots filled last by unweighted coverage (module docstring)."""
+    check_share("diversity", diversity)
+    check_share("reserve", reserve)
+    reserved = min(k, int(round(reserve * k)))
+    first = k - reserved
+    if method == "anchors":
+        ids = balanced_anchors(sim, first, score, diversity) if diversity > 0 else top_anchors(score, first)
+    elif method == "coverage":
+        weight = (1 - diversity) * _share(score) + diversity / score.numel() if diversity > 0 else score
+        ids = coverage_anchors(sim, first, weight) if first else []
+    else:
+        raise ValueError(f"unknown anchored grouping {method!r}")
+    if reserved:
+        ids = balanced_anchors(sim, reserved, score, 1.0, chosen=list(ids))
+    return sorted(ids)
+
+
 ANCHORED = {"anchors": lambda sim, k, score: top_anchors(score, k),
             "coverage": coverage_anchors}
 
 
-def anchored(method: str, sim: torch.Tensor, k: int, score: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+def anchored(method: str, sim: torch.Tensor, k: int, score: torch.Tensor, diversity: float = 0.0,
+             reserve: float = 0.0) -> tuple[list[list[int]], list[int]]:
     """Groups around the anchors `method` (anchors|coverage) picks, and each group's anchor, in group order."""
-    ids = set(ANCHORED[method](sim, k, score))
+    ids = set(pick_anchors(method, sim, k, score, diversity, reserve))
     groups = assign(sim, sorted(ids))
     return groups, [next(e for e in g if e in ids) for g in groups]
 

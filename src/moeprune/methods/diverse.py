@@ -22,7 +22,8 @@ from typing import Literal
 
 import torch
 
-from ..grouping import ANCHORED, anchored, group
+from ..arch import MoePruneError
+from ..grouping import ANCHORED, anchored, check_share, group
 from ..plan import Align, LayerPlan, Merge, RouterRule
 from ..similarity import SIMILARITIES
 from ..stats import LayerStats
@@ -43,6 +44,18 @@ class GroupOptions:
     # their product, its expected share of the layer output per token (contribution)
     # (chosen on domain-out validation of the calibration data, docs/ABLATION.md)
     saliency: Literal["frequency", "reap", "contribution"] = "contribution"
+    # anchored groupings only: how far the anchors move from saliency towards pure diversity (0: saliency
+    # alone, 1: usage-blind coverage of the similarity), and the share of the K slots guaranteed to
+    # diversity (filled last, each by the expert least like those kept); moeprune.grouping has the rules
+    diversity: float = 0.0
+    reserve: float = 0.0
+
+    def __post_init__(self):        # checked when the options are made, before any heavy work
+        check_share("diversity", self.diversity)
+        check_share("reserve", self.reserve)
+        if (self.diversity or self.reserve) and self.grouping not in ANCHORED:
+            raise MoePruneError("--diversity and --reserve choose anchors: they need --grouping anchors or "
+                                f"coverage, not {self.grouping}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ def _groups(ls: LayerStats, keep: int, o: GroupOptions):
     sim = similarity(ls, o.representation, o.similarity)
     score = saliency(ls, o.saliency)
     if o.grouping in ANCHORED:
-        return (sim, *anchored(o.grouping, sim, keep, score))
+        return (sim, *anchored(o.grouping, sim, keep, score, o.diversity, o.reserve))
     groups = group(o.grouping, sim, keep)
     return sim, groups, [representative(g, score) for g in groups]
 
