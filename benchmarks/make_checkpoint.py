@@ -9,7 +9,8 @@ come from the transformers model built on the meta device, its fused experts (`e
 (norms 1.0), seeded per tensor name, so they do not depend on the sharding. Each shard is streamed to disk in 64 MiB
 pieces, so memory stays well under one shard. Writes model-0000k-of-0000N.safetensors (at most --shard-gb GiB of
 tensors each), model.safetensors.index.json, config.json and generation_config.json; no tokenizer (benchmarks on
-these use --calib random). The hidden --tiny flag shrinks the widths (hidden 64, 8 experts) for tests.
+these use --calib random; --tokenizer DIR copies one in). The hidden --tiny flag shrinks the widths (hidden 64,
+16 experts) for tests.
 """
 
 from __future__ import annotations
@@ -67,17 +68,21 @@ SHAPES: dict[str, dict] = {
                          "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
 }
 TINY = {"hidden_size": 64, "intermediate_size": 32, "moe_intermediate_size": 32, "vocab_size": 256, "head_dim": 64,
-        "num_attention_heads": 1, "num_key_value_heads": 1, "num_experts": 8, "num_local_experts": 8,
-        "n_routed_experts": 8, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64}
+        "num_attention_heads": 1, "num_key_value_heads": 1, "num_experts": 16, "num_local_experts": 16,
+        "n_routed_experts": 16, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64}
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}    # (gate, up, down) in the hub files
 
 
-def hub_config(shape: str, dtype: str = "bfloat16", layers: int | None = None, tiny: bool = False) -> dict:
+def hub_config(shape: str, dtype: str = "bfloat16", layers: int | None = None, tiny: bool = False,
+               vocab_size: int | None = None) -> dict:
     """The hub's config.json for SHAPE, keys sorted as the hub has them."""
     cfg = {**COMMON, **SHAPES[shape], "torch_dtype": dtype}
     if tiny:
         cfg.update({k: v for k, v in TINY.items() if k in cfg})
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
+    if tiny or vocab_size is not None:
         cfg.update({k: cfg[k] % cfg["vocab_size"] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                     if cfg.get(k) is not None})
     if layers is not None:
@@ -150,12 +155,19 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int,
 
 
 def make_checkpoint(shape: str, out_dir: str | Path, dtype: str = "bfloat16", shard_gb: float = 2.0, seed: int = 0,
-                    layers: int | None = None, tiny: bool = False) -> dict:
-    """Write the checkpoint; returns a summary (total bytes and GiB, shards, tensors, seconds)."""
+                    layers: int | None = None, tiny: bool = False, tokenizer: Path | None = None) -> dict:
+    """Write the checkpoint; returns a summary (total bytes and GiB, shards, tensors, seconds). `tokenizer`: a
+    folder whose tokenizer files are copied in (the vocabulary size follows the tokenizer)."""
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = hub_config(shape, dtype, layers, tiny)
+    vocab = None
+    if tokenizer is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy2(Path(tokenizer) / name, out / name)
+        vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    cfg = hub_config(shape, dtype, layers, tiny, vocab)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tensors = hub_tensors(out)
     torch_dtype = getattr(torch, dtype)
@@ -188,10 +200,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, help="override num_hidden_layers")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help="copy this folder's tokenizer files; vocab size follows")
     args = parser.parse_args()
     try:
         summary = make_checkpoint(args.shape, args.out_dir, args.dtype, args.shard_gb, args.seed, args.layers,
-                                  args.tiny)
+                                  args.tiny, args.tokenizer)
     except OSError as err:
         sys.exit(f"make_checkpoint: {err}")
     print(f"{args.shape}: {summary['total_gib']} GiB in {summary['shards']} shards, {summary['tensors']} tensors, "
