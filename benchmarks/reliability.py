@@ -68,6 +68,7 @@ def run_case(name: str, argv: list[str], model: Path | None, out: Path, expect_o
     exists, temps = left_over(out)
     lines = [line for line in err.strip().splitlines() if line.strip()]
     message = next((line for line in reversed(lines) if line.startswith("moeprune")), lines[-1] if lines else "")
+    message = " / ".join(line for line in lines if line.startswith("moeprune: warning")) or message
     row = {"case": name, "command": "moeprune " + " ".join(argv), "exit": proc.returncode, "message": message,
            "output_left": exists, "temporary_left": temps, "input_unchanged": None if before is None else
            digest(model) == before, "mid_write_when_stopped": mid_write}
@@ -196,7 +197,7 @@ def full_disk(work: Path, model: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | exit | what the user sees | output / temp folder left | input unchanged |",
+    lines = ["| case | exit | what the user sees (stderr) | output / temp folder left | input unchanged |",
              "| --- | --- | --- | --- | --- |"]
     for r in rows:
         if r.get("ok") is None and "exit" not in r:

@@ -239,3 +239,11 @@ def test_a_full_disk_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch)
                  "--samples", "2", "--seq-len", "16", "--quiet", "--no-eval"])
     assert code == 2 and "no space left on the device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_config_that_does_not_parse_is_named(tmp_path, capsys):
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    (src / "config.json").write_text('{"model_type": "mixtral",')
+    code = main(["prune", str(src), "--keep", "6", "--out", str(tmp_path / "out"), "--calib", "random", "--no-eval"])
+    assert code == 2 and "config.json is not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

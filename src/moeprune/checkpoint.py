@@ -8,6 +8,7 @@ and the input model is never written to.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,11 @@ def resolve(spec: str | None) -> tuple[str, Path | None]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise MoePruneError(f"{path} is not a model folder: it has no config.json")
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoePruneError(f"{path / 'config.json'} is not valid JSON ({e}); the download is damaged or the "
+                                "file was edited by hand: restore it") from None
         return spec, path.resolve()
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:

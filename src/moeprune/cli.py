@@ -14,6 +14,7 @@ import errno
 import dataclasses
 import json
 import sys
+import warnings
 import typing
 
 from .api import PruneConfig, model_info, prune
@@ -137,7 +138,12 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _warning(message, category, filename, lineno, line=None) -> str:
+    return f"moeprune: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods, "eval": cmd_eval}[args.command]
     try:

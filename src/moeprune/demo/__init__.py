@@ -21,6 +21,9 @@ def model_names() -> list[str]:
 
 
 def model_path(name: str) -> Path | None:
+    """The embedded model of this name; None for anything else (a path is not a demo model name)."""
+    if name not in model_names():
+        return None
     path = ROOT / "models" / name
     return path if (path / "config.json").exists() else None
 
