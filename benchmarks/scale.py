@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memwatch import watch  # noqa: E402
 
 from moeprune.calibration import calibration_tokens  # noqa: E402
-from moeprune.engine import CheckpointSource, Job, run  # noqa: E402
+from moeprune.engine import CheckpointSource, Job, run, score  # noqa: E402
 from moeprune.hub import _expert_index, router_names, touched  # noqa: E402
 from moeprune.shards import Checkpoint  # noqa: E402
 
@@ -40,7 +40,7 @@ def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int) ->
     start = time.perf_counter()
     source = CheckpointSource(ckpt, "cpu", torch.float32)
     ids = calibration_tokens("random", None, samples, seq_len, 0, vocab_size=source.model.config.vocab_size)
-    run(source, Job(evaluate=list(ids.split(batch_size)), score=lambda *a: None, progress=False))
+    score(source, run(source, Job(evaluate=list(ids.split(batch_size)), progress=False)), lambda *a: None)
     return time.perf_counter() - start
 
 

@@ -247,3 +247,21 @@ def test_a_config_that_does_not_parse_is_named(tmp_path, capsys):
     code = main(["prune", str(src), "--keep", "6", "--out", str(tmp_path / "out"), "--calib", "random", "--no-eval"])
     assert code == 2 and "config.json is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_error_after_pruning_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from moeprune.evaluate import Tally
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    (tmp_path / "text.txt").write_text("a cat sat on a mat.\n\nthe dog ran to the red ball.\n")
+
+    def broken(self, k, logits):
+        raise RuntimeError("out of memory in the evaluation")
+    monkeypatch.setattr(Tally, "score", broken)
+    with pytest.warns(UserWarning, match="the evaluation failed .*out of memory.*checkpoint is saved"):
+        result = api.prune(api.PruneConfig(model=str(src), keep=6, method="frequency", out=str(tmp_path / "out"),
+                                           calib="random", samples=2, seq_len=16, quiet=True,
+                                           eval_domains=str(tmp_path / "text.txt"), eval_tasks=""))
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert "out of memory" in report["evaluation_error"] and "evaluation" not in report
+    assert (out / "model.safetensors.index.json").exists() and result.plan.keep_per_layer()[0] == 6

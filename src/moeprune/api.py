@@ -33,7 +33,7 @@ from .arch import Layout, MoePruneError, moe_layout
 from .calibration import calibration_tokens, check_spec
 from .atomic import AtomicFolder
 from .checkpoint import check_output, folder_bytes, open_source, resolve, save_model
-from .engine import CheckpointSource, Job, run
+from .engine import CheckpointSource, Job, run, score
 from .hub import CheckpointWriter
 from .methods import get_method
 from .plan import LayerPlan, Plan
@@ -252,8 +252,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
                   source, CheckpointSource), expert_outputs=expert_outputs,
               cached=lambda i: LayerStats.load(cache[i]) if i in cache else None,
               decide=decide, apply=lambda m, lp, ls: apply_layer(m, lp, plan_opts, layout, ls),
-              keep_stats=keep_stats, evaluate=ev.batches if ev is not None else None,
-              score=lambda which, k, logits: tallies[which].score(k, logits), progress=not cfg.quiet)
+              keep_stats=keep_stats, evaluate=ev.batches if ev is not None else None, progress=not cfg.quiet)
 
     # the output is at most the input's size: enough free space for that is checked before the first layer
     needs = folder_bytes(folder) or sum(p.numel() * p.element_size() for p in source.model.parameters())
@@ -287,8 +286,15 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
             "stages": {"seconds": stages.times, "peak_rss_mb": stages.peak_mb},
         }
         if tallies:
+            # the checkpoint is complete: an evaluation that fails now costs the report a section, not the prune
             from .evaluate import evaluation_section
-            report["evaluation"] = evaluation_section(tallies["before"].result(), tallies["after"].result())
+            try:
+                stages.run("evaluate", score, source, outcome, lambda which, k, logits: tallies[which].score(k, logits))
+                report["evaluation"] = evaluation_section(tallies["before"].result(), tallies["after"].result())
+            except Exception as e:  # noqa: BLE001 - any failure here must not throw the pruned checkpoint away
+                report["evaluation_error"] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"the evaluation failed ({type(e).__name__}: {e}); the pruned checkpoint is saved "
+                              "and its report says so", stacklevel=2)
         elif not cfg.no_eval:
             report["evaluation_note"] = "skipped: the model has no tokenizer that can encode text"
         if tmp is not None:

@@ -94,7 +94,7 @@ def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
     name, path = resolve(spec)
     device = resolve_device(device)
     compute = compute_dtype(dtype, device)
-    if path is not None and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+    if path is not None and any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         if compute == "auto":
             own = AutoConfig.from_pretrained(path).dtype
             compute = getattr(torch, own) if isinstance(own, str) else (own or torch.float32)

@@ -171,8 +171,7 @@ class Job:
     apply: Callable[[MoeLayer, LayerPlan, LayerStats | None], None] | None = None
     write: Callable[[int, nn.Module], None] | None = None
     keep_stats: Callable[[int, LayerStats], LayerStats | None] = lambda i, ls: ls   # what to keep of a layer's
-    evaluate: list[torch.Tensor] | None = None        # evaluation batches of token ids, scored before and after
-    score: Callable[[str, int, torch.Tensor], None] | None = None   # ("before" | "after", batch, logits)
+    evaluate: list[torch.Tensor] | None = None        # evaluation batches of token ids, run before and after
     progress: bool = True
 
 
@@ -180,6 +179,9 @@ class Job:
 class Outcome:
     stats: dict[int, LayerStats] = field(default_factory=dict)
     plans: dict[int, LayerPlan] = field(default_factory=dict)
+    # the evaluation batches' last hidden states: "before" (original layers) and, when a layer was pruned,
+    # "after"; scored by `score` once the checkpoint is written
+    streams: dict[str, Batches] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -233,10 +235,17 @@ def run(source: ModelSource, job: Job) -> Outcome:
             job.write(i, layer)
         ls = None
         source.release(i)
-    if before is not None and job.score is not None:
-        streams = [("before", before)] + ([("after", after)] if after is not before else [])
-        for name, stream in streams:
-            for k, (hidden, _) in enumerate(stream):
-                job.score(name, k, source.logits(hidden))
-        source.release_head()
+    if before is not None:
+        outcome.streams = {"before": before, **({"after": after} if after is not before else {})}
     return outcome
+
+
+@torch.no_grad()
+def score(source: ModelSource, outcome: Outcome, fn: Callable[[str, int, torch.Tensor], None]) -> None:
+    """fn(stream, batch index, logits) for every evaluation batch: the final norm and lm_head, one batch at a time."""
+    try:
+        for name, stream in outcome.streams.items():
+            for k, (hidden, _) in enumerate(stream):
+                fn(name, k, source.logits(hidden))
+    finally:
+        source.release_head()

@@ -146,7 +146,8 @@ def output_slots(ckpt: Checkpoint, family: Family, moe_layers: list[int], keep: 
             if e is not None and e >= keep:
                 continue
             axis = router_names(family, i).get(t.name)
-            if axis is None and family.hub_expert is None and t.name.startswith(hub_name(family, experts_prefix(family, i))):
+            fused = hub_name(family, experts_prefix(family, i))
+            if axis is None and family.hub_expert is None and t.name.startswith(fused):
                 axis = 0
             if axis is not None:
                 shape = shape[:axis] + (keep,) + shape[axis + 1:]

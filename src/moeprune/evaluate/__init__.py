@@ -18,12 +18,13 @@ from ..arch import MoePruneError
 import torch
 from tqdm.auto import tqdm
 
-from .multiple_choice import (EmptyContinuation, batch_ll, ll_batches, load_task, max_length, multiple_choice, resolve_tasks,
-                              task_accuracy, task_questions, task_scores)
+from .multiple_choice import (EmptyContinuation, batch_ll, ll_batches, load_task, max_length, multiple_choice,
+                              resolve_tasks, task_accuracy, task_questions, task_scores)
 from .perplexity import _as_stream, batch_nll, domain_perplexity, nll_batches, perplexity, resolve_domains
 
-__all__ = ["Evaluation", "compare", "domain_perplexity", "evaluate_model", "evaluation_section", "lm_eval_tasks", "load_task",
-           "multiple_choice", "perplexity", "resolve_domains", "resolve_tasks", "task_accuracy", "write_task_yaml"]
+__all__ = ["Evaluation", "compare", "domain_perplexity", "evaluate_model", "evaluation_section", "lm_eval_tasks",
+           "load_task", "multiple_choice", "perplexity", "resolve_domains", "resolve_tasks", "task_accuracy",
+           "write_task_yaml"]
 
 
 def lm_eval_tasks(*args, **kwargs):

@@ -78,7 +78,7 @@ def _evaluate(spec, settings: dict, lm: dict, dtype: str, device: str, fallback_
     model (a baseline) is loaded and evaluated in memory; lm-eval always needs the model in memory."""
     from ..api import model_info
     from ..checkpoint import load, open_source
-    from ..engine import Job, run
+    from ..engine import Job, run, score
     from . import Evaluation, _run_lm_eval, evaluate_model
     try:
         name, source, tokenizer, _ = open_source(spec, dtype, device)
@@ -93,7 +93,8 @@ def _evaluate(spec, settings: dict, lm: dict, dtype: str, device: str, fallback_
     info = model_info(source.model, source.layout)
     ev = Evaluation(tokenizer, source.model.config, **settings)
     tally = ev.tally()
-    run(source, Job(evaluate=ev.batches, score=lambda _, k, logits: tally.score(k, logits), progress=progress))
+    outcome = run(source, Job(evaluate=ev.batches, progress=progress))
+    score(source, outcome, lambda _, k, logits: tally.score(k, logits))
     result = tally.result()
     if lm["lm_eval"]:
         names = [n for n in str(lm["lm_eval"]).split(",") if n.strip()]

@@ -26,10 +26,13 @@ def _random(ls: LayerStats, seed: int) -> torch.Tensor:
     return torch.rand(ls.num_experts, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+HC_SMOE = "in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589"
+# selection reads only usage and REAP's sums: no expert outputs on the sample (the costly part of the statistics)
 register(Method("random", "keep K experts chosen at random per layer (seeded)", "", _by(_random), needs_outputs=False))
 register(Method("frequency", "keep the K experts picked most often in the top-k on the calibration tokens",
-                "F-prune in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589", _by(lambda ls, s: ls.counts), needs_outputs=False))
+                f"F-prune {HC_SMOE}", _by(lambda ls, s: ls.counts), needs_outputs=False))
 register(Method("soft-activation", "keep the K experts with the largest summed router probability",
-                "S-prune in Chen et al., HC-SMoE, ICML 2025, arXiv:2410.08589", _by(lambda ls, s: ls.prob_sum), needs_outputs=False))
+                f"S-prune {HC_SMOE}", _by(lambda ls, s: ls.prob_sum), needs_outputs=False))
 register(Method("reap", "keep the K experts of largest mean routing weight x output norm over their routed tokens",
-                "Lasby et al., REAP the Experts, 2025, arXiv:2510.13999", _by(lambda ls, s: ls.reap_saliency), needs_outputs=False))
+                "Lasby et al., REAP the Experts, 2025, arXiv:2510.13999", _by(lambda ls, s: ls.reap_saliency),
+                needs_outputs=False))
