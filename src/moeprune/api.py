@@ -40,6 +40,7 @@ from .plan import LayerPlan, Plan
 from .report import _pick_layers, write_report
 from .stats import LayerStats, Stats
 from .surgery import apply_layer, check_plan, update_config
+from .tradeoff import HELD_OUT, Tradeoff
 
 
 @dataclass
@@ -73,6 +74,11 @@ class PruneConfig:
         "help": "comma-separated multiple-choice tasks: demo task names or .jsonl files (default: the demo tasks)"})
     eval_max_tokens: int | None = field(default=16384, metadata={"help": "evaluation tokens per domain (0: all)"})
     eval_limit: int | None = field(default=100, metadata={"help": "questions per multiple-choice task (0: all)"})
+    report_tradeoff: bool = field(default=False, metadata={
+        "help": "also plan the strongest alternatives from the same statistics, score each on a held-out fifth of the "
+                "calibration text per domain and print the trade-off (the --method plan is written; the others are "
+                "saved under tradeoff/ for --plan)"})
+    tradeoff_tokens: int = field(default=4096, metadata={"help": "held-out tokens per domain for --report-tradeoff"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
@@ -150,7 +156,8 @@ def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
 
 def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool) -> dict:
     return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "seq_len": cfg.seq_len,
-            "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name, "expert_outputs": expert_outputs}
+            "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name, "expert_outputs": expert_outputs,
+            "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
 
 
 def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
@@ -211,14 +218,21 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         keep = resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
     needs_stats = saved_plan is None or saved_plan.needs_stats
     expert_outputs = method.needs_outputs if saved_plan is None else saved_plan.merge == "fit"
+    if cfg.report_tradeoff and saved_plan is not None:
+        raise MoePruneError("--report-tradeoff compares methods planned from this run's statistics; with --plan "
+                            "there is nothing to plan")
+    expert_outputs = expert_outputs or cfg.report_tradeoff         # the alternatives include diverse
 
     # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
     meta = stats_meta(cfg, name, tokenizer, expert_outputs)
+    tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
+                        method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
     cache = cached_stats(cfg.stats_cache, meta, moe) if needs_stats else {}
     tokens = None
     if needs_stats and not cache:
         tokens = calibration_tokens(meta["spec"], tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
-                                    vocab_size=source.model.config.vocab_size)
+                                    vocab_size=source.model.config.vocab_size,
+                                    docs=tradeoff.calibration if tradeoff is not None else None)
     ev = None
     if not cfg.no_eval and tokenizer is not None:
         from .evaluate import Evaluation
@@ -226,6 +240,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
                         batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
                         task_limit=cfg.eval_limit or None)
     tallies = {"before": ev.tally(), "after": ev.tally()} if ev is not None else {}
+    tallies.update(tradeoff.tallies if tradeoff is not None else {})
     plot_layers = set(_pick_layers(moe))
     planning = [0.0]
 
@@ -253,6 +268,8 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
               cached=lambda i: LayerStats.load(cache[i]) if i in cache else None,
               decide=decide, apply=lambda m, lp, ls: apply_layer(m, lp, plan_opts, layout, ls),
               keep_stats=keep_stats, evaluate=ev.batches if ev is not None else None, progress=not cfg.quiet)
+    if tradeoff is not None:
+        job.alternatives, job.held_out = tradeoff.alternatives(), tradeoff.evaluation.batches
 
     # the output is at most the input's size: enough free space for that is checked before the first layer
     needs = folder_bytes(folder) or sum(p.numel() * p.element_size() for p in source.model.parameters())
@@ -290,12 +307,15 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
             from .evaluate import evaluation_section
             try:
                 stages.run("evaluate", score, source, outcome, lambda which, k, logits: tallies[which].score(k, logits))
-                report["evaluation"] = evaluation_section(tallies["before"].result(), tallies["after"].result())
+                if ev is not None:
+                    report["evaluation"] = evaluation_section(tallies["before"].result(), tallies["after"].result())
+                if tradeoff is not None:
+                    report["tradeoff"] = tradeoff.result(outcome.alternatives, tmp)
             except Exception as e:  # noqa: BLE001 - any failure here must not throw the pruned checkpoint away
                 report["evaluation_error"] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"the evaluation failed ({type(e).__name__}: {e}); the pruned checkpoint is saved "
                               "and its report says so", stacklevel=2)
-        elif not cfg.no_eval:
+        if ev is None and not cfg.no_eval:
             report["evaluation_note"] = "skipped: the model has no tokenizer that can encode text"
         if tmp is not None:
             write_report(tmp, report, stats, plan)

@@ -70,10 +70,32 @@ def _jsonl_text(row, where: str) -> str:
     return text
 
 
-def _read_file(path: Path) -> list[str]:
-    """The documents of one file: .jsonl one "text" per line, .txt separated by blank lines."""
-    if path.suffix == ".jsonl":
-        return [_jsonl_text(row, f"{path}:{n}") for n, row in jsonl_rows(path)]
+def _file_domains(path: Path, default: str) -> dict[str, list[str]]:
+    """One file's documents by domain: a .jsonl line's optional "domain" field, else `default`."""
+    if path.suffix != ".jsonl":
+        return {default: _read_txt(path)}
+    out: dict[str, list[str]] = {}
+    for n, row in jsonl_rows(path):
+        text = _jsonl_text(row, f"{path}:{n}")                  # checks that the row is an object with text
+        out.setdefault(str(row.get("domain", default)), []).append(text)
+    return out
+
+
+def split_held_out(domains: dict[str, list[str]], fraction: float, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+    """(calibration documents, held-out documents by domain): per domain, a seeded `fraction` of its documents
+    (at least one) is held out when it has two or more; nothing is in both."""
+    calib, held = [], {}
+    for name, docs in domains.items():
+        order = list(range(len(docs)))
+        random.Random(f"{seed}:{name}").shuffle(order)
+        k = max(1, round(len(docs) * fraction)) if len(docs) >= 2 else 0
+        held.update({name: [docs[i] for i in sorted(order[:k])]} if k else {})
+        calib += [docs[i] for i in sorted(order[k:])]
+    return calib, held
+
+
+def _read_txt(path: Path) -> list[str]:
+    """The documents of a .txt file: separated by blank lines."""
     return [d for d in read_utf8(path).split("\n\n") if d.strip()]
 
 
@@ -94,6 +116,12 @@ def _with_text(docs: list[str], what: str, source: str) -> list[str]:
 
 def load_texts(spec: str, what: str = "calibration") -> list[str]:
     """The documents named by a text spec (see the module docstring); `what` names its use in messages."""
+    return [doc for docs in text_domains(spec, what).values() for doc in docs]
+
+
+def text_domains(spec: str, what: str = "calibration") -> dict[str, list[str]]:
+    """The documents of a text spec by domain: a demo shard, a file of a folder (by its stem), a .jsonl line's
+    "domain" field, else the whole source as one domain."""
     if spec == "demo" or spec.startswith("demo:"):
         available = demo.domains("calib")
         if not available:
@@ -102,19 +130,26 @@ def load_texts(spec: str, what: str = "calibration") -> list[str]:
         unknown = sorted(set(wanted) - set(available))
         if unknown:
             raise MoePruneError(f"unknown demo domain(s) {unknown}; available: {', '.join(available)}")
-        return [doc for d in wanted for doc in _read_file(demo.shard("calib", d))]
+        return {d: _read_txt(demo.shard("calib", d)) for d in wanted}
     if spec.startswith("hf:"):
-        return _load_hf(spec[3:])
+        return {spec[3:]: _load_hf(spec[3:])}
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         if not files:
             raise MoePruneError(f"{what} folder {path} holds no .txt or .jsonl files")
-        return _with_text([doc for f in files for doc in _read_file(f)], what, f"folder {path}")
+        out: dict[str, list[str]] = {}
+        for f in files:
+            for name, docs in _file_domains(f, f.relative_to(path).with_suffix("").as_posix()).items():
+                out.setdefault(name, []).extend(docs)
+        _with_text([d for docs in out.values() for d in docs], what, f"folder {path}")
+        return out
     if path.is_file():
         if path.suffix not in (".txt", ".jsonl"):
             raise MoePruneError(f"{what} file {path} must be .txt or .jsonl")
-        return _with_text(_read_file(path), what, f"file {path}")
+        out = _file_domains(path, path.stem)
+        _with_text([d for docs in out.values() for d in docs], what, f"file {path}")
+        return out
     raise MoePruneError(f"{what} source {spec!r} not found: give demo, demo:DOMAINS, a .txt/.jsonl file or "
                         "folder, hf:NAME[:CONFIG][:SPLIT], or random")
 
@@ -131,8 +166,9 @@ def _load_hf(rest: str) -> list[str]:
 
 
 def calibration_tokens(spec: str, tokenizer, samples: int, seq_len: int, seed: int,
-                       vocab_size: int | None = None) -> torch.Tensor:
-    """`samples` windows of `seq_len` tokens [samples, seq_len], chosen at seeded random from the text."""
+                       vocab_size: int | None = None, docs: list[str] | None = None) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens [samples, seq_len], chosen at seeded random from the text
+    (`docs` when given: the spec's documents less a held-out part)."""
     if samples < 1 or seq_len < 2:
         raise MoePruneError("--samples must be >= 1 and --seq-len >= 2")
     rng = random.Random(seed)
@@ -144,7 +180,7 @@ def calibration_tokens(spec: str, tokenizer, samples: int, seq_len: int, seed: i
     if tokenizer is None:
         raise MoePruneError(f"calibration on {spec!r} needs a tokenizer, and the model folder has none; "
                             "add tokenizer files to it or use --calib random")
-    docs = load_texts(spec)
+    docs = list(docs) if docs is not None else load_texts(spec)
     rng.shuffle(docs)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []

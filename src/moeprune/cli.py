@@ -26,6 +26,7 @@ from .evaluate.command import add_eval_parser, cmd_eval
 from .methods import METHODS
 from .plan import Plan
 from .report import summary_table
+from .tradeoff import tradeoff_table
 
 
 def _flag(name: str) -> str:
@@ -89,6 +90,9 @@ def cmd_prune(args) -> int:
     result = prune(cfg, **options)
     r = result.report
     print("\n" + summary_table(r))          # ends with the parameter counts before/after
+    if "tradeoff" in r:
+        print("\nthe trade-off: perplexity ratio pruned / full on held-out calibration text, per domain\n"
+              + tradeoff_table(r["tradeoff"]))
     print(f"\n{r['method']}: {r['experts_before']} -> {next(iter(r['keep_per_layer'].values()))} experts per "
           "MoE layer")
     print(f"saved to {result.out} (report: {result.out / 'report.md'})")

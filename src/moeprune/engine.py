@@ -22,6 +22,7 @@ and evaluation batches, one layer's statistics, and the embeddings / lm_head whi
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import sys
@@ -172,6 +173,10 @@ class Job:
     write: Callable[[int, nn.Module], None] | None = None
     keep_stats: Callable[[int, LayerStats], LayerStats | None] = lambda i, ls: ls   # what to keep of a layer's
     evaluate: list[torch.Tensor] | None = None        # evaluation batches of token ids, run before and after
+    # the trade-off: other plans, each applied to a copy of the layer's MoE block and run on `held_out`
+    # batches beside the original; name -> (plan a layer, apply a plan to a block)
+    alternatives: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
+    held_out: list[torch.Tensor] | None = None
     progress: bool = True
 
 
@@ -179,6 +184,7 @@ class Job:
 class Outcome:
     stats: dict[int, LayerStats] = field(default_factory=dict)
     plans: dict[int, LayerPlan] = field(default_factory=dict)
+    alternatives: dict[str, dict[int, LayerPlan]] = field(default_factory=dict)
     # the evaluation batches' last hidden states: "before" (original layers) and, when a layer was pruned,
     # "after"; scored by `score` once the checkpoint is written
     streams: dict[str, Batches] = field(default_factory=dict)
@@ -207,6 +213,8 @@ def run(source: ModelSource, job: Job) -> Outcome:
         positions = positions[:min(job.sample_tokens, total)].sort().values
         calib = source.embed(list(job.calib.split(job.batch_size)))
     before = after = source.embed(job.evaluate) if job.evaluate else None
+    held = source.embed(job.held_out) if job.held_out else None
+    alt = {name: held for name in job.alternatives} if held is not None else {}
     whole = job.decide is not None or job.write is not None or before is not None
     outcome = Outcome()
     for i in tqdm(range(n_layers if whole else last_stats + 1), desc="layers", unit="layer",
@@ -223,6 +231,14 @@ def run(source: ModelSource, job: Job) -> Outcome:
         if before is not None:
             shared, after_inputs = after is before, after
             before = _forward(layer, before)
+        if held is not None:               # the trade-off, before the chosen plan changes the layer
+            held_in, held = held, _forward(layer, held)
+            for name, (decide, apply) in job.alternatives.items():
+                if m is None:
+                    alt[name] = held if alt[name] is held_in else _forward(layer, alt[name])
+                    continue
+                lp = outcome.alternatives.setdefault(name, {})[i] = decide(i, ls)
+                alt[name] = _with_plan(layer, m, layout, lambda block: apply(block, lp, ls), alt[name])
         pruned = m is not None and job.decide is not None
         if pruned:
             outcome.plans[i] = job.decide(i, ls)
@@ -237,7 +253,22 @@ def run(source: ModelSource, job: Job) -> Outcome:
         source.release(i)
     if before is not None:
         outcome.streams = {"before": before, **({"after": after} if after is not before else {})}
+    if held is not None:
+        outcome.streams.update({"held-out": held, **{f"held-out:{name}": s for name, s in alt.items()}})
     return outcome
+
+
+def _with_plan(layer: nn.Module, moe: MoeLayer, layout: Layout, apply: Callable[[MoeLayer], None],
+               batches: Batches) -> Batches:
+    """The decoder layer run on `batches` with a pruned copy of its MoE block in place of its own."""
+    family = layout.family
+    block = copy.deepcopy(moe.block)
+    apply(MoeLayer(moe.index, block, getattr(block, family.router), getattr(block, family.experts)))
+    setattr(layer, family.block, block)
+    try:
+        return _forward(layer, batches)
+    finally:
+        setattr(layer, family.block, moe.block)
 
 
 @torch.no_grad()

@@ -348,6 +348,15 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         table = [[t, m, _fmt(v["before"]), _fmt(v["after"])]
                  for t, metrics in comparison["lm_eval"].items() for m, v in metrics.items()]
         out += ["## lm-evaluation-harness", "", _md_table(["task", "metric", "full", "pruned"], table), ""]
+    if report.get("tradeoff"):
+        from .tradeoff import tradeoff_table
+        out += ["## Trade-off on held-out calibration text", "",
+                "Perplexity ratio pruned / full per domain on a held-out fifth of the calibration text, for the "
+                "written plan and the alternatives planned from the same statistics (their plans: tradeoff/).", "",
+                tradeoff_table(report["tradeoff"]), ""]
+    if report.get("evaluation_error"):
+        out += ["## Evaluation", "", f"The evaluation failed after the checkpoint was written: "
+                f"{report['evaluation_error']}", ""]
     stages = report.get("stages") or {}
     if stages.get("seconds"):
         peak = stages.get("peak_rss_mb") or {}

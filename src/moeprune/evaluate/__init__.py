@@ -75,7 +75,9 @@ class Evaluation:
     """
 
     def __init__(self, tokenizer, config, domains=None, tasks=None, seq_len: int = 256, stride: int | None = None,
-                 batch_size: int = 8, max_tokens: int | None = None, task_limit: int | None = None):
+                 batch_size: int = 8, max_tokens: int | None = None, task_limit: int | None = None,
+                 texts: dict[str, list[str]] | None = None):
+        """`texts`: documents per domain, scored instead of `domains` (e.g. held-out calibration text)."""
         from ..preflight import usable_tokenizer
         ok, why = usable_tokenizer(tokenizer)
         if not ok:
@@ -85,12 +87,12 @@ class Evaluation:
                          "task_limit": task_limit}
         self.batches: list[torch.Tensor] = []
         self._owner: list[tuple[str, str, object]] = []          # per batch: ("ppl" | "task", name, extra)
-        files = resolve_domains(domains) if domains is None or len(domains) else {}
+        files = texts if texts is not None else resolve_domains(domains) if domains is None or len(domains) else {}
         for name, path in files.items():
             stream = _as_stream(tokenizer, path, max_tokens)
             if stream.numel() < 2:
                 fix = "raise --eval-max-tokens" if max_tokens is not None and max_tokens < 2 else "give it more text"
-                raise MoePruneError(f"evaluation domain {name!r} ({path}) gives {stream.numel()} token(s) with this "
+                raise MoePruneError(f"evaluation domain {name!r} ({path if texts is None else 'text'}) gives {stream.numel()} token(s) with this "
                                     f"tokenizer and perplexity needs at least 2; {fix}, or leave the domain out "
                                     "(--eval-domains)")
             for ids, starts in nll_batches(stream, seq_len, stride, batch_size):
