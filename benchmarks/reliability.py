@@ -155,6 +155,7 @@ def cases(work: Path) -> list[dict]:
     slow = ["prune", str(model), "--method", "diverse", "--keep", "6", "--out", str(out), "--samples", "64",
             "--seq-len", "256", "--quiet"]
     for case, sig, delay in (("Ctrl-C during calibration (SIGINT at 4 s)", signal.SIGINT, 4.0),
+                             ("Ctrl-C while the output is being written (SIGINT at 12 s)", signal.SIGINT, 12.0),
                              ("SIGTERM while the output is being written (at 12 s)", signal.SIGTERM, 12.0)):
         fresh()
         rows.append(run_case(case, slow, model, out, interrupt=(sig, delay)))
