@@ -183,13 +183,6 @@ def _names(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v.strip()]
 
 
-def evaluation(model, tokenizer, cfg: PruneConfig) -> dict:
-    from .evaluate import evaluate_model
-    return evaluate_model(model, tokenizer, domains=_names(cfg.eval_domains), tasks=_names(cfg.eval_tasks),
-                          batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
-                          task_limit=cfg.eval_limit or None, progress=not cfg.quiet)
-
-
 def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     """Load, calibrate, plan, apply, save and evaluate, one decoder layer at a time (moeprune.engine).
     Validates everything it can before the heavy work."""
@@ -279,6 +272,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
             writer = CheckpointWriter(tmp, source.ckpt, layout.family, moe, keep)
             job.write = writer.write_layer
         outcome = stages.run("prune", run, source, job)
+        stages.times.update({f"prune: {step}": round(s, 3) for step, s in outcome.seconds.items()})
         changes = update_config(source.model, layout, E, keep)
         stats = Stats(layout.family.model_type, name, meta, outcome.stats) if outcome.stats else None
         if cfg.stats_cache and stats is not None and not cache:

@@ -26,6 +26,8 @@ import copy
 import ctypes
 import gc
 import sys
+import time
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +190,16 @@ class Outcome:
     # the evaluation batches' last hidden states: "before" (original layers) and, when a layer was pruned,
     # "after"; scored by `score` once the checkpoint is written
     streams: dict[str, Batches] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)     # wall time per step, summed over the layers
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], step: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -219,38 +231,48 @@ def run(source: ModelSource, job: Job) -> Outcome:
     outcome = Outcome()
     for i in tqdm(range(n_layers if whole else last_stats + 1), desc="layers", unit="layer",
                   disable=not job.progress):
-        layer = source.layer(i)
+        t = outcome.seconds
+        with _timed(t, "read"):
+            layer = source.layer(i)
         m = moe.get(i)
         ls = job.cached(i) if m is not None else None
         if calib is not None and i <= last_stats:
-            if m is not None and ls is None:
-                ls, calib = observe_layer(layer, m, layout, calib, positions, job.weight_similarity,
-                                          job.expert_outputs)
-            else:
-                calib = _forward(layer, calib)
+            with _timed(t, "calibrate"):
+                if m is not None and ls is None:
+                    ls, calib = observe_layer(layer, m, layout, calib, positions, job.weight_similarity,
+                                              job.expert_outputs)
+                else:
+                    calib = _forward(layer, calib)
         if before is not None:
-            shared, after_inputs = after is before, after
-            before = _forward(layer, before)
+            with _timed(t, "evaluate"):
+                shared, after_inputs = after is before, after
+                before = _forward(layer, before)
         if held is not None:               # the trade-off, before the chosen plan changes the layer
-            held_in, held = held, _forward(layer, held)
-            for name, (decide, apply) in job.alternatives.items():
-                if m is None:
-                    alt[name] = held if alt[name] is held_in else _forward(layer, alt[name])
-                    continue
-                lp = outcome.alternatives.setdefault(name, {})[i] = decide(i, ls)
-                alt[name] = _with_plan(layer, m, layout, lambda block: apply(block, lp, ls), alt[name])
+            with _timed(t, "trade-off"):
+                held_in, held = held, _forward(layer, held)
+                for name, (decide, apply) in job.alternatives.items():
+                    if m is None:
+                        alt[name] = held if alt[name] is held_in else _forward(layer, alt[name])
+                        continue
+                    lp = outcome.alternatives.setdefault(name, {})[i] = decide(i, ls)
+                    alt[name] = _with_plan(layer, m, layout, lambda block: apply(block, lp, ls), alt[name])
         pruned = m is not None and job.decide is not None
         if pruned:
-            outcome.plans[i] = job.decide(i, ls)
-            job.apply(m, outcome.plans[i], ls)
+            with _timed(t, "plan"):
+                outcome.plans[i] = job.decide(i, ls)
+            with _timed(t, "apply"):
+                job.apply(m, outcome.plans[i], ls)
         if before is not None:
-            after = before if shared and not pruned else _forward(layer, after_inputs)
+            with _timed(t, "evaluate"):
+                after = before if shared and not pruned else _forward(layer, after_inputs)
         if ls is not None and (kept := job.keep_stats(i, ls)) is not None:
             outcome.stats[i] = kept
         if job.write is not None:
-            job.write(i, layer)
+            with _timed(t, "write"):
+                job.write(i, layer)
         ls = None
-        source.release(i)
+        with _timed(t, "free"):
+            source.release(i)
     if before is not None:
         outcome.streams = {"before": before, **({"after": after} if after is not before else {})}
     if held is not None:

@@ -15,7 +15,6 @@ the problem and the fix:
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -94,9 +93,3 @@ def check_finite(name: str, tensor: torch.Tensor, fix: str = FINITE_FIX) -> None
     nan, inf = _nonfinite(tensor)
     if nan or inf:
         raise MoePruneError(f"{name} holds {nan} NaN and {inf} infinite value(s) of {tensor.numel()}; {fix}")
-
-
-def check_all_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], fix: str = FINITE_FIX) -> None:
-    """check_finite over (name, tensor) pairs, e.g. layer.named_parameters(prefix="model.layers.3")."""
-    for name, tensor in named_tensors:
-        check_finite(name, tensor, fix)
