@@ -33,13 +33,15 @@ def seen_domains() -> list[str]:
     return [d for d in demo.domains("calib") if d not in UNSEEN]
 
 
-def split_calibration(work: Path, valid_fraction: float = 0.2, seed: int = 0) -> tuple[Path, dict[str, Path]]:
-    """Write calib/<d>.txt and valid/<d>.txt for the seen domains (split by document, seeded)."""
-    calib, valid = work / "calib", work / "valid"
+def split_calibration(work: Path, valid_fraction: float = 0.2, seed: int = 0,
+                      domains: list[str] | None = None, suffix: str = "") -> tuple[Path, dict[str, Path]]:
+    """Write calib<suffix>/<d>.txt and valid<suffix>/<d>.txt for the seen domains, or `domains` (split by
+    document, seeded; a domain's split does not depend on which other domains are split with it)."""
+    calib, valid = work / f"calib{suffix}", work / f"valid{suffix}"
     calib.mkdir(parents=True, exist_ok=True)
     valid.mkdir(parents=True, exist_ok=True)
     out = {}
-    for d in seen_domains():
+    for d in domains or seen_domains():
         docs = [x for x in demo.shard("calib", d).read_text(encoding="utf-8").split("\n\n") if x.strip()]
         idx = list(range(len(docs)))
         random.Random(seed).shuffle(idx)
@@ -50,17 +52,24 @@ def split_calibration(work: Path, valid_fraction: float = 0.2, seed: int = 0) ->
     return calib, out
 
 
-def domain_out_folds(work: Path, calib: Path) -> dict[str, Path]:
-    """For each seen domain d, a calibration folder holding the other seen domains' calibration parts.
+def split_all(work: Path) -> tuple[Path, dict[str, Path]]:
+    """The same split over all seven calibration shards, code and math included (calib-all/, valid-all/)."""
+    return split_calibration(work, domains=demo.domains("calib"), suffix="-all")
+
+
+def domain_out_folds(work: Path, calib: Path, domains: list[str] | None = None,
+                     name: str = "folds") -> dict[str, Path]:
+    """For each domain d (default: the seen ones), a calibration folder holding the other domains' parts.
 
     Validating a configuration calibrated without d on d's validation part simulates, on calibration
     data alone, what the benchmark asks of a task-agnostic method: to hold up on domains it never saw.
     """
+    domains = domains or seen_domains()
     folds = {}
-    for d in seen_domains():
-        fold = work / "folds" / d
+    for d in domains:
+        fold = work / name / d
         fold.mkdir(parents=True, exist_ok=True)
-        for other in seen_domains():
+        for other in domains:
             if other != d:      # rewritten every time, so a fold never holds another split's text
                 (fold / f"{other}.txt").write_bytes((calib / f"{other}.txt").read_bytes())
         folds[d] = fold

@@ -273,9 +273,10 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["demo-mixtral", "demo-fine"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["diverse[saliency=frequency]"],
+    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["diverse[grouping=anchors]",
+                                                                     "diverse[grouping=anchors,saliency=frequency]"],
                     help="registered methods, or NAME[OPTION=VALUE,...] for a variant (default: all, and "
-                         "diverse with its previous default saliency)")
+                         "diverse with the anchors of steps 3 (contribution) and 2 (frequency) of docs/ABLATION.md)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)

@@ -162,7 +162,7 @@ def test_representative_is_the_most_salient_member_and_router_rule_recorded(sali
     tokens = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     stats = collect(model, layout, tokens, sample_tokens=64, progress=False)
     for rule in ("weighted", "representative"):
-        plan = get_method("diverse").plan(stats, keep=3, router=rule, saliency=saliency)
+        plan = get_method("diverse").plan(stats, keep=3, router=rule, saliency=saliency, grouping="anchors")
         assert plan.router == rule
         for i, lp in plan.layers.items():
             ls = stats.layers[i]
@@ -230,7 +230,7 @@ def test_anchored_groupings_represent_each_group_by_its_anchor():
     for grouping in ("anchors", "coverage"):
         for saliency in ("frequency", "reap"):
             plan = get_method("diverse").plan(stats, keep=3, grouping=grouping, saliency=saliency,
-                                              weighting="saliency", tau=0.1)
+                                              weighting="saliency", tau=0.1, diversity=0.0)
             for i, lp in plan.layers.items():
                 ls = stats.layers[i]
                 score = ls.counts if saliency == "frequency" else ls.reap_saliency
@@ -403,3 +403,16 @@ def test_diversity_and_reserve_plan_and_reach_the_cli(tmp_path, capsys):
     assert code == 0
     saved = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert saved["options"]["diversity"] == 0.5 and saved["options"]["reserve"] == 0.25
+
+
+def test_default_diversity_applies_to_anchored_groupings_only():
+    from moeprune.methods.diverse import DIVERSITY
+    default = get_method("diverse").make_options()
+    assert (default.grouping, default.diversity, default.saliency) == ("coverage", 0.5, "contribution")
+    assert DIVERSITY == {"coverage": 0.5, "anchors": 0.0}
+    assert get_method("diverse-prune").make_options(grouping="coverage").diversity == 0.5
+    assert get_method("diverse").make_options(grouping="anchors").diversity == 0.0     # plain top saliency
+    for grouping in ("agglomerative", "spectral"):          # no anchors to choose: 0, and no error
+        assert get_method("diverse").make_options(grouping=grouping).diversity == 0.0
+    assert get_method("diverse-paper").make_options().diversity == 0.0
+    assert get_method("diverse").make_options(diversity=0.0).diversity == 0.0

@@ -151,7 +151,7 @@ def pick_anchors(method: str, sim: torch.Tensor, k: int, score: torch.Tensor, di
     round(reserve * k) slots filled last by unweighted coverage (module docstring)."""
     check_share("diversity", diversity)
     check_share("reserve", reserve)
-    reserved = min(k, int(round(reserve * k)))
+    reserved = min(k, round(reserve * k))
     first = k - reserved
     if method == "anchors":
         ids = balanced_anchors(sim, first, score, diversity) if diversity > 0 else top_anchors(score, first)

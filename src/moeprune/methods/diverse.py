@@ -1,9 +1,10 @@
 """The paper's method: group similar experts, merge each group ("diverse"), or keep one per group.
 
 Defaults differ from the paper's description where the ablation on the demo models says so
-(docs/ABLATION.md): the K experts of largest contribution (routing frequency x mean gate-weighted
-output norm) anchor the groups, and merge weights multiply the paper's similarity softmax (tau 0.1)
-by routing frequency. `diverse-paper` keeps the description.
+(docs/ABLATION.md): K anchors chosen greedily to cover the layer's functions, each expert weighted
+halfway between its contribution (routing frequency x mean gate-weighted output norm) and uniform
+(--grouping coverage --diversity 0.5), anchor the groups, and merge weights multiply the paper's
+similarity softmax (tau 0.1) by routing frequency. `diverse-paper` keeps the description.
 
 Zhang et al., "Diversifying the Expert Knowledge for Task-Agnostic Pruning in Sparse
 Mixture-of-Experts" (arXiv:2407.09590, ACL 2025 Findings). Per layer:
@@ -29,6 +30,10 @@ from ..similarity import SIMILARITIES
 from ..stats import LayerStats
 from . import Method, register
 
+# the default --diversity of each anchored grouping: coverage moved halfway to pure diversity was the best on
+# both the mean and the worst held-out domain of the all-domains-out validation (docs/ABLATION.md, step 4);
+# `anchors` keeps its plain top-saliency meaning unless --diversity is given
+DIVERSITY = {"coverage": 0.5, "anchors": 0.0}
 PAPER = "Zhang et al., Diversifying the Expert Knowledge for Task-Agnostic Pruning in Sparse MoE, arXiv:2407.09590"
 
 
@@ -37,8 +42,10 @@ class GroupOptions:
     representation: Literal["output", "weight"] = "output"
     similarity: Literal["cka", "cosine"] = "cka"
     # defaults chosen on calibration validation data (docs/ABLATION.md): usage-aware anchors beat the
-    # usage-blind agglomerative grouping by a wide margin on both demo models
-    grouping: Literal["agglomerative", "spectral", "anchors", "coverage"] = "anchors"
+    # usage-blind agglomerative grouping by a wide margin on both demo models (step 1); anchors that cover
+    # the layer's functions, halfway between saliency and pure diversity, beat top-saliency anchors on
+    # domains left out of the calibration, code and math included (step 4)
+    grouping: Literal["agglomerative", "spectral", "anchors", "coverage"] = "coverage"
     # what makes an expert worth keeping: how often it is routed (frequency); REAP's mean gate x output
     # norm over its routed tokens (reap: blind to how often the calibration mix happens to need it); or
     # their product, its expected share of the layer output per token (contribution)
@@ -47,10 +54,13 @@ class GroupOptions:
     # anchored groupings only: how far the anchors move from saliency towards pure diversity (0: saliency
     # alone, 1: usage-blind coverage of the similarity), and the share of the K slots guaranteed to
     # diversity (filled last, each by the expert least like those kept); moeprune.grouping has the rules
-    diversity: float = 0.0
+    # (None: DIVERSITY[grouping] with an anchored grouping, 0 with the others, which take no anchors)
+    diversity: float | None = None
     reserve: float = 0.0
 
     def __post_init__(self):        # checked when the options are made, before any heavy work
+        if self.diversity is None:
+            object.__setattr__(self, "diversity", DIVERSITY.get(self.grouping, 0.0))
         check_share("diversity", self.diversity)
         check_share("reserve", self.reserve)
         if (self.diversity or self.reserve) and self.grouping not in ANCHORED:
