@@ -9,7 +9,10 @@
         plan_i = decide(i, stats)                 # a method, a saved plan, or nothing (collect only)
         apply(layer, plan_i); after = layer(after)    # evaluation of the pruned model
         writer.write_layer(i, layer); source.release(i)   # and the layer is freed
-    logits = lm_head(norm(before / after))        # per evaluation batch
+    score: logits = lm_head(norm(before / after))   # per evaluation batch, once the checkpoint is written
+
+With --report-tradeoff, each alternative plan is also applied to a copy of the layer's MoE block and run on
+held-out calibration text beside the original (moeprune.tradeoff).
 
 The calibration stream advances through the original layers, as llm-compressor's sequential pipeline
 does for observers: statistics then do not depend on the plan, so one statistics pass (or a
@@ -27,8 +30,8 @@ import ctypes
 import gc
 import sys
 import time
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
