@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import gc
 import sys
 import time
 from collections.abc import Callable
@@ -52,8 +51,8 @@ Batches = list[tuple[torch.Tensor, dict]]       # per batch: (hidden states [B, 
 
 def _return_memory() -> None:
     """Hand a freed layer's memory back to the system: glibc keeps freed heap pages (the per-expert reads fall
-    under its mmap threshold) unless asked, and the next layer would then come on top of them."""
-    gc.collect()
+    under its mmap threshold) unless asked, and the next layer would then come on top of them. (A layer is
+    freed by reference counting; no garbage collection pass is needed.)"""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -166,6 +166,7 @@ class ShardWriter:
         self.where: dict[str, tuple[Path, int, Slot]] = {}
         self.written: set[str] = set()
         self.shards = shards
+        self._files: dict[Path, object] = {}            # open output shards, closed by finish()
         for file, slots in shards.items():
             header, offset = {}, 0
             for s in slots:
@@ -190,9 +191,9 @@ class ShardWriter:
                 raise RuntimeError(f"{name}: {data.dtype}{list(data.shape)} does not fit its slot "
                                    f"{slot.dtype}{list(slot.shape)}")
             data = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
+        f = self._files.get(path) or self._files.setdefault(path, open(path, "r+b"))
+        f.seek(offset)
+        f.write(data)
         self.written.add(name)
 
     def finish(self) -> None:
@@ -206,8 +207,9 @@ class ShardWriter:
             (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                          "weight_map": weight_map}, indent=2) + "\n")
         for path in {p for p, _, _ in self.where.values()}:
-            fd = os.open(path, os.O_RDONLY)
+            f = self._files.pop(path, None) or open(path, "r+b")
             try:
-                os.fsync(fd)
+                f.flush()
+                os.fsync(f.fileno())
             finally:
-                os.close(fd)
+                f.close()
