@@ -17,7 +17,6 @@ and after, with plan.json and the report beside the weights. The CLI is a thin l
 from __future__ import annotations
 
 import dataclasses
-import json
 import resource
 import time
 import warnings
@@ -38,7 +37,7 @@ from .hub import CheckpointWriter
 from .methods import get_method
 from .plan import LayerPlan, Plan
 from .report import _pick_layers, write_report
-from .stats import LayerStats, Stats
+from .stats import LayerStats, Stats, layer_file, read_header
 from .surgery import apply_layer, check_plan, update_config
 from .tradeoff import HELD_OUT, Tradeoff
 
@@ -162,7 +161,6 @@ def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool) -> 
 
 def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
     """Layer -> statistics file of a --stats-cache made with the same settings (else {}: recollect)."""
-    from .stats import read_header
     if folder is None or not (Path(folder) / "stats.json").exists():
         return {}
     try:
@@ -176,7 +174,7 @@ def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int,
         warnings.warn(f"--stats-cache {folder} holds statistics of other settings ({', '.join(differ)} differ); "
                       "they are recollected and replaced", stacklevel=3)
         return {}
-    return {i: Path(folder) / f"layer-{i}.safetensors" for i in layers}
+    return {i: layer_file(folder, i) for i in layers}
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -247,14 +245,13 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
 
     def keep_stats(i: int, ls: LayerStats) -> LayerStats:
         if cfg.stats_cache and i not in cache:
-            Path(cfg.stats_cache).mkdir(parents=True, exist_ok=True)
-            ls.save(Path(cfg.stats_cache) / f"layer-{i}.safetensors")
+            ls.save(layer_file(cfg.stats_cache, i))
         # a checkpoint larger than memory keeps only what the report shows of a layer; a model in memory, all
         return ls.light(similarity=i in plot_layers and ls.outputs.numel() > 0) \
             if isinstance(source, CheckpointSource) else ls
 
-    plan_opts = saved_plan or Plan(method.name, {}, {}, router=getattr(options, "router", "weighted"),
-                                   align=getattr(options, "align", "none"), merge=getattr(options, "merge", "average"))
+    # the plan-wide options (router rule, alignment, merge) that each layer's surgery follows
+    plan_opts = saved_plan or method.assemble({}, keep, options, cfg.seed, layout.family.model_type, 0.0)
     job = Job(calib=tokens, sample_tokens=cfg.sample_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
               weight_similarity=getattr(options, "representation", None) == "weight" or not isinstance(
                   source, CheckpointSource), expert_outputs=expert_outputs,
@@ -276,7 +273,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         changes = update_config(source.model, layout, E, keep)
         stats = Stats(layout.family.model_type, name, meta, outcome.stats) if outcome.stats else None
         if cfg.stats_cache and stats is not None and not cache:
-            (Path(cfg.stats_cache) / "stats.json").write_text(json.dumps(stats.header(), indent=1))
+            stats.save_header(cfg.stats_cache)
         if saved_plan is not None:
             plan = saved_plan
         else:

@@ -295,6 +295,16 @@ def first_layer_inputs(model, batches: list[torch.Tensor], device) -> list[tuple
 
 
 @torch.no_grad()
+def forward_batches(decoder_layer, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """One decoder layer run on every cached batch: [(its output hidden states, the same kwargs)]."""
+    out = []
+    for hidden, kwargs in batches:
+        h = decoder_layer(hidden, **kwargs)
+        out.append((h[0] if isinstance(h, tuple) else h, kwargs))
+    return out
+
+
+@torch.no_grad()
 def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positions: torch.Tensor,
                   weight_similarity: bool = True, expert_outputs: bool = True):
     """Run one decoder layer on the cached batches with the statistics observer on its MoE block;
@@ -303,10 +313,7 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     observer = _Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
     handle = moe.block.register_forward_pre_hook(observer, with_kwargs=True)
     try:
-        outputs = []
-        for hidden, kwargs in batches:
-            out = decoder_layer(hidden, **kwargs)
-            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+        outputs = forward_batches(decoder_layer, batches)
     finally:
         handle.remove()
     ls = observer.result()

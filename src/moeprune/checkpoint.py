@@ -73,6 +73,13 @@ def compute_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def own_dtype(source: str | Path) -> torch.dtype | None:
+    """The checkpoint's own dtype as its config.json states it (None when it states none)."""
+    own = AutoConfig.from_pretrained(source).dtype
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if isinstance(own, torch.dtype) else None
+
+
 def load_tokenizer(source: str):
     """The model's tokenizer, or None when the folder has none that can encode text (transformers 5 builds an
     empty placeholder tokenizer for some families when the folder has no tokenizer files)."""
@@ -96,8 +103,7 @@ def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
     compute = compute_dtype(dtype, device)
     if path is not None and any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         if compute == "auto":
-            own = AutoConfig.from_pretrained(path).dtype
-            compute = getattr(torch, own) if isinstance(own, str) else (own or torch.float32)
+            compute = own_dtype(path) or torch.float32
         return name, CheckpointSource(path, device, compute), load_tokenizer(str(path)), path
     loaded = load(spec, dtype, device)
     return name, ModelSource(loaded.model, save_dtype=loaded.save_dtype), loaded.tokenizer, path
@@ -118,14 +124,13 @@ def load(spec: str | None, dtype: str = "auto", device: str = "auto") -> Loaded:
         return Loaded(model.to(device), None, name, None)
     source = str(path) if path is not None else name
     try:
-        own = AutoConfig.from_pretrained(source).dtype           # the checkpoint's own dtype, before loading
+        own = own_dtype(source)                                  # the checkpoint's own dtype, before loading
         model = AutoModelForCausalLM.from_pretrained(source, dtype=compute)
     except OSError as e:
         raise MoePruneError(f"could not load model {name!r}: {e}. Is it a local folder, or is the machine "
                             "online for a hub id?") from e
     tokenizer = load_tokenizer(source)
-    own = getattr(torch, own) if isinstance(own, str) else own
-    save_dtype = DTYPES[dtype] if dtype != "auto" else (own if isinstance(own, torch.dtype) else None)
+    save_dtype = DTYPES[dtype] if dtype != "auto" else own
     return Loaded(model.to(device).eval(), tokenizer, name, path, save_dtype)
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Layout, MoeLayer, MoePruneError, decoder_layers, moe_layout
-from .calibration import first_layer_inputs, observe_layer
+from .calibration import first_layer_inputs, forward_batches, observe_layer
 from .plan import LayerPlan
 from .preflight import check_finite
 from .stats import LayerStats
@@ -205,15 +205,6 @@ def _timed(seconds: dict[str, float], step: str):
 
 
 @torch.no_grad()
-def _forward(layer: nn.Module, batches: Batches) -> Batches:
-    out = []
-    for hidden, kwargs in batches:
-        h = layer(hidden, **kwargs)
-        out.append((h[0] if isinstance(h, tuple) else h, kwargs))
-    return out
-
-
-@torch.no_grad()
 def run(source: ModelSource, job: Job) -> Outcome:
     """Read a layer -> calibrate it -> plan -> apply -> write -> free, for every decoder layer in order."""
     layout, moe = source.layout, source.layout.by_index()
@@ -244,17 +235,17 @@ def run(source: ModelSource, job: Job) -> Outcome:
                     ls, calib = observe_layer(layer, m, layout, calib, positions, job.weight_similarity,
                                               job.expert_outputs)
                 else:
-                    calib = _forward(layer, calib)
+                    calib = forward_batches(layer, calib)
         if before is not None:
             with _timed(t, "evaluate"):
                 shared, after_inputs = after is before, after
-                before = _forward(layer, before)
+                before = forward_batches(layer, before)
         if held is not None:               # the trade-off, before the chosen plan changes the layer
             with _timed(t, "trade-off"):
-                held_in, held = held, _forward(layer, held)
+                held_in, held = held, forward_batches(layer, held)
                 for name, (decide, apply) in job.alternatives.items():
                     if m is None:
-                        alt[name] = held if alt[name] is held_in else _forward(layer, alt[name])
+                        alt[name] = held if alt[name] is held_in else forward_batches(layer, alt[name])
                         continue
                     lp = outcome.alternatives.setdefault(name, {})[i] = decide(i, ls)
                     alt[name] = _with_plan(layer, m, layout, lambda block: apply(block, lp, ls), alt[name])
@@ -266,7 +257,7 @@ def run(source: ModelSource, job: Job) -> Outcome:
                 job.apply(m, outcome.plans[i], ls)
         if before is not None:
             with _timed(t, "evaluate"):
-                after = before if shared and not pruned else _forward(layer, after_inputs)
+                after = before if shared and not pruned else forward_batches(layer, after_inputs)
         if ls is not None and (kept := job.keep_stats(i, ls)) is not None:
             outcome.stats[i] = kept
         if job.write is not None:
@@ -290,7 +281,7 @@ def _with_plan(layer: nn.Module, moe: MoeLayer, layout: Layout, apply: Callable[
     apply(MoeLayer(moe.index, block, getattr(block, family.router), getattr(block, family.experts)))
     setattr(layer, family.block, block)
     try:
-        return _forward(layer, batches)
+        return forward_batches(layer, batches)
     finally:
         setattr(layer, family.block, moe.block)
 

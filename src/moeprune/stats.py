@@ -101,22 +101,30 @@ class Stats:
 
     def save(self, folder: str | Path) -> None:
         """stats.json and one layer-<i>.safetensors per MoE layer (a later run reads them one at a time)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         for i, ls in self.layers.items():
-            ls.save(folder / f"layer-{i}.safetensors")
-        (folder / "stats.json").write_text(json.dumps(self.header(), indent=1))
+            ls.save(layer_file(folder, i))
+        self.save_header(folder)
+
+    def save_header(self, folder: str | Path) -> None:
+        """stats.json: written last, so a folder whose layers are still being written is not a cache."""
+        (Path(folder) / "stats.json").write_text(json.dumps(self.header(), indent=1))
 
     @classmethod
     def load(cls, folder: str | Path) -> "Stats":
         folder = Path(folder)
         header = read_header(folder)
-        layers = {i: LayerStats.load(folder / f"layer-{i}.safetensors") for i in header["layers"]}
+        layers = {i: LayerStats.load(layer_file(folder, i)) for i in header["layers"]}
         return cls(header["model_type"], header["model"], header["calibration"], layers)
 
     def summary(self) -> dict:
         return {"model": self.model, "model_type": self.model_type, **self.calibration,
                 "layers": len(self.layers)}
+
+
+def layer_file(folder: str | Path, i: int) -> Path:
+    """Where layer i's statistics are saved in a statistics folder (created if needed)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"layer-{i}.safetensors"
 
 
 def read_header(folder: Path) -> dict:
