@@ -44,6 +44,7 @@ from common import (domain_out_folds, eval_domains, keeps_for, ppl, pruned_copy,
 from moeprune.arch import moe_layout  # noqa: E402
 from moeprune.checkpoint import load  # noqa: E402
 from moeprune.methods import METHODS  # noqa: E402
+from moeprune.selfcalib import DEFAULT_SHARE  # noqa: E402
 
 BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity",   # the paper's description
                    "saliency": "frequency"},
@@ -51,6 +52,8 @@ BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "simila
          "step2": {"grouping": "anchors", "saliency": "frequency"},
          # the defaults step 4 started from (step 3's choice), pinned so that a rerun reproduces step 4
          "step3": {"grouping": "anchors", "saliency": "contribution", "diversity": 0.0, "reserve": 0.0},
+         # the defaults step 5 started from (step 4's choice)
+         "step4": {"grouping": "coverage", "saliency": "contribution", "diversity": 0.5, "reserve": 0.0},
          "current": {}}                        # today's defaults
 VARIANTS = {
     "paper": [{}, {"representation": "weight"}, {"similarity": "cosine"}, {"grouping": "spectral"},
@@ -79,9 +82,21 @@ VARIANTS = {
             {"representation": "weight", "diversity": 0.75},
             {"representation": "weight", "saliency": "frequency", "diversity": 0.5}],
 }
+# step 5 (protocol all-out with code and math also out together, self-calibrated): with the model writing half
+# the calibration windows, how much diversity the anchors still need, and which saliency
+VARIANTS["self"] = [{}, {"grouping": "anchors"}, {"grouping": "anchors", "saliency": "frequency"},
+                    {"grouping": "anchors", "saliency": "reap"}, {"grouping": "anchors", "diversity": 0.5},
+                    {"diversity": 0.25}, {"diversity": 0.75}, {"saliency": "frequency"}, {"saliency": "reap"},
+                    {"representation": "weight"}]
+VARIANTS["step4"] = VARIANTS["self"]
 VARIANTS["current"] = VARIANTS["step2"]
 VARIANTS["step3"] = VARIANTS["far"]
 REFERENCES = ["frequency", "reap", "naee", "msmoe"]
+
+
+def scored(folds: dict) -> list[str]:
+    """The domains the all-out folds score: "code+math" scores code and math."""
+    return sorted({d for fold in folds for d in fold.split("+")})
 
 
 def label(v: dict) -> str:
@@ -97,6 +112,10 @@ def main() -> int:
     ap.add_argument("--variants", choices=list(VARIANTS), default=None, help="default: the base's own list")
     ap.add_argument("--references", nargs="*", default=REFERENCES, help="reference methods scored alongside")
     ap.add_argument("--folds", nargs="+", default=None, help="all-out: only these held-out domains (a quick look)")
+    ap.add_argument("--out-together", nargs="+", default=None, metavar="DOMAIN",
+                    help="all-out: one more fold that leaves these domains out at once and scores each of them")
+    ap.add_argument("--self-calib", type=float, default=DEFAULT_SHARE,
+                    help="share of the calibration windows the model writes itself (moeprune.selfcalib)")
     ap.add_argument("--no-record", action="store_true", help="skip the evaluation-shard record (a quick look)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=64)
@@ -126,6 +145,10 @@ def main() -> int:
         all_dir, valid = split_all(work)
         folds = domain_out_folds(work, all_dir, list(valid), name="folds-all")
         folds = {d: f for d, f in folds.items() if not args.folds or d in args.folds}
+        if args.out_together:           # e.g. code and math out at once, as the benchmark's calibration has them
+            together = "+".join(args.out_together)
+            folds[together] = domain_out_folds(work, all_dir, [d for d in valid if d not in args.out_together[1:]],
+                                               name=f"folds-{together}")[args.out_together[0]]
     else:
         folds = domain_out_folds(work, calib_dir) if args.protocol == "domain-out" else {"": calib_dir}
     evald = eval_domains()
@@ -136,13 +159,13 @@ def main() -> int:
         loaded = load(name, dtype="float32")      # CPU: float32 kernels are faster than bfloat16
         model, tok = loaded.model, loaded.tokenizer
         E = moe_layout(model).layers[0].num_experts
-        full_valid = ppl(model, tok, {d: valid[d] for d in folds} if args.protocol == "all-out" else valid,
+        full_valid = ppl(model, tok, {d: valid[d] for d in scored(folds)} if args.protocol == "all-out" else valid,
                          args.valid_tokens)
         full_eval = ppl(model, tok, evald, args.eval_tokens) if not args.no_record else {}
-        fold_stats = {d: stats_for(model, tok, str(c), args.samples, args.seq_len, args.seed, args.sample_tokens)[0]
-                      for d, c in folds.items()}
+        fold_stats = {d: stats_for(model, tok, str(c), args.samples, args.seq_len, args.seed, args.sample_tokens,
+                                   args.self_calib)[0] for d, c in folds.items()}
         record_stats = None if args.no_record else stats_for(model, tok, str(calib_dir), args.samples, args.seq_len,
-                                                             args.seed, args.sample_tokens)[0]
+                                                             args.seed, args.sample_tokens, args.self_calib)[0]
 
         def score(method: str, options: dict, stats, keep: int, domains, full, tokens: int) -> dict[str, float]:
             pruned, _ = pruned_copy(model, METHODS[method].plan(stats, keep, args.seed, **options), stats)
@@ -151,10 +174,13 @@ def main() -> int:
         for keep in args.keep or keeps_for(name, E):
             rows = []
             for text, method, options in candidates:
-                if args.protocol == "all-out":      # each fold scores only the domain it left out
-                    per_fold = {d: score(method, options, s, keep, {d: valid[d]}, {d: full_valid[d]},
-                                         args.valid_tokens) for d, s in fold_stats.items()}
-                    held = {d: r[d] for d, r in per_fold.items()}
+                if args.protocol == "all-out":      # each fold scores only the domain(s) it left out
+                    held = {}
+                    for fold, s in fold_stats.items():
+                        out = fold.split("+")
+                        r = score(method, options, s, keep, {d: valid[d] for d in out},
+                                  {d: full_valid[d] for d in out}, args.valid_tokens)
+                        held.update({d if len(out) == 1 else f"{d} ({fold} out)": r[d] for d in out})
                     row = {"variant": text, "method": method, "options": options, "held_out_by_domain": held,
                            "held_out": statistics.mean(held.values()), "held_out_worst": max(held.values())}
                     row["valid"] = row["held_out"]

@@ -37,6 +37,7 @@ from .hub import CheckpointWriter
 from .methods import get_method
 from .plan import LayerPlan, Plan
 from .report import _pick_layers, write_report
+from .selfcalib import mixed_windows, resolve_share, start_token, windows_for
 from .stats import LayerStats, Stats, layer_file, read_header
 from .surgery import apply_layer, check_plan, update_config
 from .tradeoff import HELD_OUT, Tradeoff
@@ -55,6 +56,10 @@ class PruneConfig:
         "help": "calibration text: demo, demo:DOMAINS, a .txt/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT], "
                 "random (default: demo when the model has a tokenizer, else random)"})
     samples: int = field(default=64, metadata={"help": "calibration sequences"})
+    self_calib: float | None = field(default=None, metadata={
+        "help": "share of the calibration sequences the model writes itself, sampled from it (seeded): they cover the "
+                "domains the model serves that the calibration text lacks; 0: the text alone, 1: no text "
+                "(default: 0.5 when the whole model fits in memory, else 0)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     seed: int = field(default=0, metadata={"help": "seed for calibration sampling and seeded methods"})
     sample_tokens: int = field(default=512, metadata={"help": "tokens per layer on which every expert is run"})
@@ -153,8 +158,9 @@ def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
     return cfg.calib or ("demo" if tokenizer is not None and demo.domains("calib") else "random")
 
 
-def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool) -> dict:
-    return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "seq_len": cfg.seq_len,
+def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool, self_share: float) -> dict:
+    return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": self_share,
+            "seq_len": cfg.seq_len,
             "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name, "expert_outputs": expert_outputs,
             "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
 
@@ -195,6 +201,8 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         raise MoePruneError("method options do not apply with --plan (the plan already fixes them)")
     if cfg.calib is not None:
         check_spec(cfg.calib)
+    if cfg.self_calib is not None:
+        windows_for(cfg.self_calib, cfg.samples)
     if cfg.quiet:
         transformers.utils.logging.disable_progress_bar()
     name, source, tokenizer, folder = stages.run("load", open_source, cfg.model, cfg.dtype, cfg.device)
@@ -215,15 +223,18 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     expert_outputs = expert_outputs or cfg.report_tradeoff         # the alternatives include diverse
 
     # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
-    meta = stats_meta(cfg, name, tokenizer, expert_outputs)
+    start = start_token(source.model.config, tokenizer)
+    share = resolve_share(cfg.self_calib, source, start) if needs_stats else 0.0
+    meta = stats_meta(cfg, name, tokenizer, expert_outputs, share)
     tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
     cache = cached_stats(cfg.stats_cache, meta, moe) if needs_stats else {}
     tokens = None
     if needs_stats and not cache:
-        tokens = calibration_tokens(meta["spec"], tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
-                                    vocab_size=source.model.config.vocab_size,
-                                    docs=tradeoff.calibration if tradeoff is not None else None)
+        tokens = stages.run("self-calibration" if share else "calibration text", mixed_windows, lambda n: calibration_tokens(
+            meta["spec"], tokenizer, n, cfg.seq_len, cfg.seed, vocab_size=source.model.config.vocab_size,
+            docs=tradeoff.calibration if tradeoff is not None else None),
+            source, start, share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet)
     ev = None
     if not cfg.no_eval and tokenizer is not None:
         from .evaluate import Evaluation

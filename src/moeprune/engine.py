@@ -85,6 +85,15 @@ class ModelSource:
     def release_head(self) -> None:
         pass
 
+    def weight_bytes(self) -> int:
+        """Bytes the whole model takes in the compute dtype."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @contextmanager
+    def whole(self):
+        """The whole model, runnable end to end (self-calibration samples from it)."""
+        yield self.model
+
 
 class CheckpointSource(ModelSource):
     """A safetensors checkpoint folder read lazily: the model skeleton on the meta device, each module's
@@ -158,6 +167,25 @@ class CheckpointSource(ModelSource):
     def release_head(self) -> None:
         self.model.model.norm.to("meta")
         self.model.lm_head.to("meta")
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
+
+    @contextmanager
+    def whole(self):
+        """Every module materialised at once, for a model that fits in memory; back to meta after."""
+        base = self.model.model
+        parts = [(base.embed_tokens, "model.embed_tokens."), (base.norm, "model.norm."), (self.model.lm_head, "lm_head.")]
+        parts += [(layer, f"model.layers.{i}.") for i, layer in enumerate(decoder_layers(self.model))]
+        try:
+            for module, prefix in parts:
+                layer = int(prefix.split(".")[2]) if prefix.startswith("model.layers.") else None
+                self.materialise(module, prefix, layer=layer)
+            yield self.model
+        finally:
+            for module, _ in parts:             # not the whole model: the rotary tables are real buffers
+                module.to("meta")
+            _return_memory()
 
 
 # ---------------------------------------------------------------- the loop

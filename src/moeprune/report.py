@@ -368,7 +368,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         out += ["## Cost", "", _md_table(["stage", "seconds", "peak RSS (MB)"], table), ""]
     calib = report.get("calibration")
     if calib:
-        keys = ("spec", "samples", "seq_len", "sample_tokens", "seed")
+        keys = ("spec", "samples", "self_calib", "seq_len", "sample_tokens", "seed")
         out += ["## Calibration", "", ", ".join(f"{k} = {calib[k]}" for k in keys if k in calib) + ".", ""]
     plan = report.get("plan")
     if plan:
