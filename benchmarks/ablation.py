@@ -54,6 +54,8 @@ BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "simila
          "step3": {"grouping": "anchors", "saliency": "contribution", "diversity": 0.0, "reserve": 0.0},
          # the defaults step 5 started from (step 4's choice)
          "step4": {"grouping": "coverage", "saliency": "contribution", "diversity": 0.5, "reserve": 0.0},
+         # today's defaults, pinned (step 5's choice)
+         "step5": {"grouping": "coverage", "saliency": "contribution", "diversity": 0.25, "reserve": 0.0},
          "current": {}}                        # today's defaults
 VARIANTS = {
     "paper": [{}, {"representation": "weight"}, {"similarity": "cosine"}, {"grouping": "spectral"},
@@ -89,6 +91,7 @@ VARIANTS["self"] = [{}, {"grouping": "anchors"}, {"grouping": "anchors", "salien
                     {"diversity": 0.25}, {"diversity": 0.75}, {"saliency": "frequency"}, {"saliency": "reap"},
                     {"representation": "weight"}]
 VARIANTS["step4"] = VARIANTS["self"]
+VARIANTS["step5"] = [{}]        # with --self-calib S: how the share of self-written windows moves the default
 VARIANTS["current"] = VARIANTS["step2"]
 VARIANTS["step3"] = VARIANTS["far"]
 REFERENCES = ["frequency", "reap", "naee", "msmoe"]

@@ -16,10 +16,9 @@ import torch
 
 from moeprune import demo
 from moeprune.arch import moe_layout
-from moeprune.calibration import calibration_tokens, collect
-from moeprune.engine import ModelSource
-from moeprune.selfcalib import DEFAULT_SHARE, mixed_windows, start_token
+from moeprune.calibration import collect
 from moeprune.evaluate.perplexity import domain_perplexity
+from moeprune.selfcalib import DEFAULT_SHARE, calibration_windows
 from moeprune.surgery import apply_plan
 
 UNSEEN = ["code", "math"]
@@ -87,8 +86,7 @@ def stats_for(model, tokenizer, calib_spec: str, samples: int, seq_len: int, see
     """Statistics on `samples` windows, as `moeprune prune` makes them: a `self_calib` share written by the
     model itself (moeprune.selfcalib), the rest from the text. The time returned is the statistics pass."""
     layout = moe_layout(model)
-    tokens = mixed_windows(lambda n: calibration_tokens(calib_spec, tokenizer, n, seq_len, seed), ModelSource(model),
-                           start_token(model.config, tokenizer), self_calib, samples, seq_len, seed, progress=False)
+    tokens = calibration_windows(calib_spec, model, tokenizer, samples, seq_len, seed, self_calib)
     start = time.perf_counter()
     stats = collect(model, layout, tokens, sample_tokens=sample_tokens, seed=seed, progress=False)
     return stats, tokens, time.perf_counter() - start

@@ -33,6 +33,7 @@ from moeprune.arch import moe_layout  # noqa: E402
 from moeprune.checkpoint import load, save_model  # noqa: E402
 from moeprune.evaluate.multiple_choice import task_accuracy  # noqa: E402
 from moeprune.methods import METHODS  # noqa: E402
+from moeprune.selfcalib import DEFAULT_SHARE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def run_model(name: str, args, calib_dir: Path) -> dict:
               "full_acc": {t: v["acc"] for t, v in full_acc.items()}, "runs": []}
     for seed in args.seeds:
         stats, tokens, t_stats = stats_for(model, tok, str(calib_dir), args.samples, args.seq_len, seed,
-                                           args.sample_tokens)
+                                           args.sample_tokens, args.self_calib)
         start = time.perf_counter()
         with torch.no_grad():
             for batch in tokens.split(8):
@@ -165,7 +166,9 @@ def markdown(results: list[dict], args, wall: float) -> str:
              f"{os.cpu_count()} CPUs, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
              f"Python {platform.python_version()}, "
              f"torch {torch.__version__}; wall time {wall / 60:.1f} min.  ",
-             f"Calibration: {args.samples} x {args.seq_len} tokens from the seen domains "
+             f"Calibration: {args.samples} x {args.seq_len} tokens, "
+             f"{round(args.self_calib * args.samples)} of the windows written by the model itself (`--self-calib "
+             f"{args.self_calib}`, moeprune's default), the rest from the seen domains "
              f"({', '.join(seen_domains())}; 80% of each calibration shard, by document), seeds {args.seeds}. "
              f"Unseen domains: {', '.join(UNSEEN)}. Evaluation: first {args.eval_tokens} tokens of every domain's "
              "held-out shard; task accuracy on the multiple-choice tasks (first seed).", "",
@@ -273,14 +276,16 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["demo-mixtral", "demo-fine"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["diverse[grouping=anchors]",
+    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["diverse[diversity=0.5]", "diverse[grouping=anchors]",
                                                                      "diverse[grouping=anchors,saliency=frequency]"],
                     help="registered methods, or NAME[OPTION=VALUE,...] for a variant (default: all, and "
-                         "diverse with the anchors of steps 3 (contribution) and 2 (frequency) of docs/ABLATION.md)")
+                         "diverse with the defaults of steps 4, 3 and 2 of docs/ABLATION.md)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--sample-tokens", type=int, default=512)
+    ap.add_argument("--self-calib", type=float, default=DEFAULT_SHARE,
+                    help="share of the calibration windows the model writes itself (moeprune.selfcalib)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--task-limit", type=int, default=200, help="questions per task, first seed only (0: no tasks)")
     ap.add_argument("--work", default="runs/bench")

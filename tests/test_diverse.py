@@ -408,9 +408,9 @@ def test_diversity_and_reserve_plan_and_reach_the_cli(tmp_path, capsys):
 def test_default_diversity_applies_to_anchored_groupings_only():
     from moeprune.methods.diverse import DIVERSITY
     default = get_method("diverse").make_options()
-    assert (default.grouping, default.diversity, default.saliency) == ("coverage", 0.5, "contribution")
-    assert DIVERSITY == {"coverage": 0.5, "anchors": 0.0}
-    assert get_method("diverse-prune").make_options(grouping="coverage").diversity == 0.5
+    assert (default.grouping, default.diversity, default.saliency) == ("coverage", 0.25, "contribution")
+    assert DIVERSITY == {"coverage": 0.25, "anchors": 0.0}
+    assert get_method("diverse-prune").make_options(grouping="coverage").diversity == 0.25
     assert get_method("diverse").make_options(grouping="anchors").diversity == 0.0     # plain top saliency
     for grouping in ("agglomerative", "spectral"):          # no anchors to choose: 0, and no error
         assert get_method("diverse").make_options(grouping=grouping).diversity == 0.0

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_streaming import write_hub_folder
 
 from moeprune import api
 from moeprune.arch import MoePruneError, decoder_layers, moe_layout
@@ -15,8 +16,6 @@ from moeprune.engine import CheckpointSource, ModelSource
 from moeprune.methods import get_method
 from moeprune.selfcalib import mixed_windows, resolve_share, sample_windows, start_token, windows_for
 from moeprune.tiny import tiny_model
-
-from test_streaming import write_hub_folder
 
 RARE = 7            # the expert only the "unseen domain" (tokens below 128) routes to
 

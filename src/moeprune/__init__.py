@@ -6,10 +6,11 @@ from .calibration import calibration_tokens, collect
 from .checkpoint import load
 from .methods import METHODS, get_method
 from .plan import LayerPlan, Plan
+from .selfcalib import calibration_windows
 from .stats import LayerStats, Stats
 from .surgery import apply_plan
 
 __version__ = "0.1.0"
 __all__ = ["FAMILIES", "METHODS", "LayerPlan", "LayerStats", "MoePruneError", "Plan", "PruneConfig", "PruneResult",
-           "Stats", "apply_plan", "calibration_tokens", "collect", "get_method", "load", "model_info", "moe_layout",
+           "Stats", "apply_plan", "calibration_tokens", "calibration_windows", "collect", "get_method", "load", "model_info", "moe_layout",
            "prune"]

@@ -98,7 +98,7 @@ def resolve_share(requested: float | None, source, start: int | None) -> float:
     import warnings
     need, free = source.weight_bytes(), free_memory(source.device)
     fits = need <= FITS * free
-    gib = lambda b: f"{b / 2**30:.1f} GiB"      # noqa: E731
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
     if requested is not None:
         windows_for(requested, 1)
         if requested > 0 and start is None:
@@ -132,3 +132,17 @@ def mixed_windows(user_windows, source, start: int | None, share: float, samples
         with source.whole() as model:
             parts.append(sample_windows(model, start, own, seq_len, seed, progress=progress))
     return torch.cat(parts)
+
+
+def calibration_windows(spec: str, model, tokenizer, samples: int = 64, seq_len: int = 256, seed: int = 0,
+                        self_calib: float = DEFAULT_SHARE, progress: bool = False) -> torch.Tensor:
+    """The in-memory API's calibration windows, as `moeprune prune` makes them: a `self_calib` share sampled
+    from `model`, the rest cut from the text `spec` (moeprune.calibration.calibration_tokens)."""
+    from .calibration import calibration_tokens
+    from .engine import ModelSource
+    start = start_token(model.config, tokenizer)
+    if self_calib and start is None:
+        raise MoePruneError("the model names no BOS or end-of-text token to start sampling from; use self_calib=0")
+    return mixed_windows(lambda n: calibration_tokens(spec, tokenizer, n, seq_len, seed,
+                                                      vocab_size=model.config.vocab_size),
+                         ModelSource(model), start, self_calib, samples, seq_len, seed, progress)
