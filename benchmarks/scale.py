@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--self-calib", default=None,
+                        help="passed to moeprune prune (default: its own, 0.5 when the model fits in memory, else 0)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep-output", action="store_true", help="do not delete --out afterwards")
     args = parser.parse_args()
@@ -99,6 +101,8 @@ def main() -> None:
     prune = [str(bin_dir / "moeprune"), "prune", str(args.ckpt), "--method", args.method, "--keep", str(args.keep),
              "--calib", "random", "--samples", str(args.samples), "--seq-len", str(args.seq_len),
              "--batch-size", str(args.batch_size), "--no-eval", "--out", str(args.out), "--overwrite", "--quiet"]
+    if args.self_calib is not None:
+        prune += ["--self-calib", args.self_calib]
     forward = [sys.executable, __file__, "forward", str(args.ckpt), str(args.samples), str(args.seq_len),
                str(args.batch_size)]
     result = {"ckpt": str(args.ckpt), "method": args.method, "keep": args.keep, "samples": args.samples,
@@ -109,6 +113,7 @@ def main() -> None:
         raise SystemExit(f"prune failed: {result['prune']}")
     report = json.loads((args.out / "report.json").read_text())
     result["prune"]["stages_s"] = report["stages"]["seconds"]
+    result["self_calib"] = report["calibration"]["self_calib"]          # what the prune used
     drop_page_cache()
     result["forward"] = {k: v for k, v in watch(forward, 0.2).items() if k != "samples"}
     result["check"] = check_output(args.ckpt, args.out, args.keep)
