@@ -92,15 +92,16 @@ def test_share_is_checked_and_a_model_too_large_falls_back_with_a_warning(tmp_pa
         windows_for(1.5, 64)
     assert windows_for(0.5, 64) == 32 and windows_for(1.0, 64) == 64
     source = ModelSource(tiny_model("mixtral"))
-    assert resolve_share(None, source, 1) == 0.5
-    assert resolve_share(0.25, source, 1) == 0.25
+    assert resolve_share(None, source, 1) == (0.5, None)
+    assert resolve_share(0.25, source, 1) == (0.25, None)
     with pytest.warns(UserWarning, match="no BOS"):
-        assert resolve_share(None, source, None) == 0.0
+        assert resolve_share(None, source, None)[0] == 0.0
     with pytest.raises(MoePruneError, match="BOS"):
         resolve_share(0.5, source, None)
     source.weight_bytes = lambda: 2**50                     # a petabyte model: does not fit anywhere
     with pytest.warns(UserWarning, match="does not fit"):
-        assert resolve_share(None, source, 1) == 0.0
+        share, why = resolve_share(None, source, 1)
+    assert share == 0.0 and "does not fit" in why
     with pytest.raises(MoePruneError, match="--self-calib 0"):
         resolve_share(0.5, source, 1)
 
@@ -121,3 +122,15 @@ def test_prune_mixes_self_written_windows_by_default_and_says_so(tmp_path):
     assert report_c["calibration"]["self_calib"] == 0.0
     assert a != c
     assert "self_calib = 0.5" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_a_model_that_does_not_fit_is_pruned_on_the_text_and_the_report_says_why(tmp_path, monkeypatch):
+    from moeprune import selfcalib
+    src = write_hub_folder(tmp_path / "src", "mixtral", dtype=torch.float32)
+    monkeypatch.setattr(selfcalib, "FITS", 1e-12)          # as if the machine had almost no free memory
+    with pytest.warns(UserWarning, match="does not fit"):
+        api.prune(api.PruneConfig(model=str(src), method="frequency", keep=4, out=str(tmp_path / "out"),
+                                  calib="random", samples=8, seq_len=16, quiet=True, no_eval=True))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration"]["self_calib"] == 0.0 and "does not fit" in report["calibration_note"]
+    assert "No window was written by the model: the whole model" in (tmp_path / "out" / "report.md").read_text()

@@ -224,7 +224,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
 
     # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
     start = start_token(source.model.config, tokenizer)
-    share = resolve_share(cfg.self_calib, source, start) if needs_stats else 0.0
+    share, no_self = resolve_share(cfg.self_calib, source, start) if needs_stats else (0.0, None)
     meta = stats_meta(cfg, name, tokenizer, expert_outputs, share)
     tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
@@ -301,6 +301,7 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
             "align": plan.align, "keep_per_layer": {str(k): v for k, v in plan.keep_per_layer().items()},
             "experts_before": E, "before": info_before, "after": info_after,
             "calibration": stats.calibration if stats is not None else None,
+            "calibration_note": no_self,
             "bytes_on_disk": {"before": folder_bytes(folder), "after": folder_bytes(tmp)},
             "stages": {"seconds": stages.times, "peak_rss_mb": stages.peak_mb},
         }

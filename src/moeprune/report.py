@@ -369,7 +369,14 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     calib = report.get("calibration")
     if calib:
         keys = ("spec", "samples", "self_calib", "seq_len", "sample_tokens", "seed")
-        out += ["## Calibration", "", ", ".join(f"{k} = {calib[k]}" for k in keys if k in calib) + ".", ""]
+        out += ["## Calibration", "", ", ".join(f"{k} = {calib[k]}" for k in keys if k in calib) + "."]
+        if calib.get("self_calib"):
+            own = round(calib["self_calib"] * calib["samples"])
+            out += [(f"{own} of the {calib['samples']} windows were written by the model itself (sampled from it, "
+                     "seeded), the rest cut from the calibration text.")]
+        if report.get("calibration_note"):
+            out += [f"No window was written by the model: {report['calibration_note']}."]
+        out.append("")
     plan = report.get("plan")
     if plan:
         out += ["## Plan", "", _md_table(["layer", "output experts (original ids; a+b = merged)"],

@@ -92,9 +92,11 @@ def sample_windows(model, start: int, samples: int, seq_len: int, seed: int, bat
     return torch.cat(out)
 
 
-def resolve_share(requested: float | None, source, start: int | None) -> float:
-    """The share of calibration windows the model writes: --self-calib as given (checked), or by default
-    DEFAULT_SHARE when the model fits in memory and has a start token, else 0 with a warning saying why."""
+def resolve_share(requested: float | None, source, start: int | None) -> tuple[float, str | None]:
+    """(the share of calibration windows the model writes, why it writes none by default or None).
+
+    --self-calib as given (checked), or by default DEFAULT_SHARE when the model fits in memory and has a
+    start token, else 0 with a warning that says why (the reason also goes into the report)."""
     import warnings
     need, free = source.weight_bytes(), free_memory(source.device)
     fits = need <= FITS * free
@@ -109,18 +111,17 @@ def resolve_share(requested: float | None, source, start: int | None) -> float:
                                 f"free on {source.device} (at most {FITS:.0%} may be used). Use --self-calib 0, or sample "
                                 "text from the model with your serving stack (e.g. vLLM, temperature 1) and pass it "
                                 "with --calib")
-        return requested
+        return requested, None
     if start is None:
-        warnings.warn("the model names no BOS or end-of-text token, so it cannot write calibration text itself: "
-                      "the calibration text alone is used (--self-calib 0)", stacklevel=3)
-        return 0.0
-    if not fits:
-        warnings.warn(f"the whole model ({gib(need)}) does not fit in the {gib(free)} free on {source.device}, so it "
-                      "cannot write calibration text itself: the calibration text alone is used (--self-calib 0). "
-                      "Domains the text lacks may lose more; sample text from the model with your serving stack "
-                      "(e.g. vLLM, temperature 1) and add it to --calib", stacklevel=3)
-        return 0.0
-    return DEFAULT_SHARE
+        why = "the model names no BOS or end-of-text token, so it cannot write calibration text itself"
+    elif not fits:
+        why = (f"the whole model ({gib(need)}) does not fit in half the {gib(free)} free on {source.device}, so it "
+               "cannot write calibration text itself; domains the text lacks may lose more: sample text from the "
+               "model with your serving stack (e.g. vLLM, temperature 1) and add it to --calib")
+    else:
+        return DEFAULT_SHARE, None
+    warnings.warn(f"{why}: the calibration text alone is used (--self-calib 0)", stacklevel=3)
+    return 0.0, why
 
 
 def mixed_windows(user_windows, source, start: int | None, share: float, samples: int, seq_len: int, seed: int,
