@@ -29,8 +29,8 @@ import transformers
 
 from . import demo
 from .arch import Layout, MoePruneError, moe_layout
-from .calibration import calibration_tokens, check_spec
 from .atomic import AtomicFolder
+from .calibration import calibration_tokens, check_spec
 from .checkpoint import check_output, folder_bytes, open_source, resolve, save_model
 from .engine import CheckpointSource, Job, run, score
 from .hub import CheckpointWriter
@@ -160,9 +160,8 @@ def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
 
 def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool, self_share: float) -> dict:
     return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": self_share,
-            "seq_len": cfg.seq_len,
-            "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name, "expert_outputs": expert_outputs,
-            "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
+            "seq_len": cfg.seq_len, "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name,
+            "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
 
 
 def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
@@ -231,10 +230,12 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     cache = cached_stats(cfg.stats_cache, meta, moe) if needs_stats else {}
     tokens = None
     if needs_stats and not cache:
-        tokens = stages.run("self-calibration" if share else "calibration text", mixed_windows, lambda n: calibration_tokens(
-            meta["spec"], tokenizer, n, cfg.seq_len, cfg.seed, vocab_size=source.model.config.vocab_size,
-            docs=tradeoff.calibration if tradeoff is not None else None),
-            source, start, share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet)
+        def text_windows(n: int) -> torch.Tensor:
+            return calibration_tokens(meta["spec"], tokenizer, n, cfg.seq_len, cfg.seed,
+                                      vocab_size=source.model.config.vocab_size,
+                                      docs=tradeoff.calibration if tradeoff is not None else None)
+        tokens = stages.run("self-calibration" if share else "calibration text", mixed_windows, text_windows,
+                            source, start, share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet)
     ev = None
     if not cfg.no_eval and tokenizer is not None:
         from .evaluate import Evaluation

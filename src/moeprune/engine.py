@@ -175,15 +175,15 @@ class CheckpointSource(ModelSource):
     def whole(self):
         """Every module materialised at once, for a model that fits in memory; back to meta after."""
         base = self.model.model
-        parts = [(base.embed_tokens, "model.embed_tokens."), (base.norm, "model.norm."), (self.model.lm_head, "lm_head.")]
-        parts += [(layer, f"model.layers.{i}.") for i, layer in enumerate(decoder_layers(self.model))]
+        parts = [(base.embed_tokens, "model.embed_tokens.", None), (base.norm, "model.norm.", None),
+                 (self.model.lm_head, "lm_head.", None)]
+        parts += [(layer, f"model.layers.{i}.", i) for i, layer in enumerate(decoder_layers(self.model))]
         try:
-            for module, prefix in parts:
-                layer = int(prefix.split(".")[2]) if prefix.startswith("model.layers.") else None
+            for module, prefix, layer in parts:
                 self.materialise(module, prefix, layer=layer)
             yield self.model
         finally:
-            for module, _ in parts:             # not the whole model: the rotary tables are real buffers
+            for module, _, _ in parts:          # not the whole model: the rotary tables are real buffers
                 module.to("meta")
             _return_memory()
 
