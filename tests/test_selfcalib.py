@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -134,3 +135,30 @@ def test_a_model_that_does_not_fit_is_pruned_on_the_text_and_the_report_says_why
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["calibration"]["self_calib"] == 0.0 and "does not fit" in report["calibration_note"]
     assert "No window was written by the model: the whole model" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_text_the_model_wrote_elsewhere_serves_a_model_that_does_not_fit(tmp_path, monkeypatch):
+    from moeprune import selfcalib
+    src = write_hub_folder(tmp_path / "src", "mixtral", dtype=torch.float32)
+    (tmp_path / "self.jsonl").write_text("\n".join(json.dumps({"text": f"question {i}: what is {i} + {i}? answer: "
+                                                                       f"{2 * i}."}) for i in range(300)))
+    (tmp_path / "mine.txt").write_text("\n\n".join(f"the cat sat on mat number {i}." for i in range(300)))
+    monkeypatch.setattr(selfcalib, "FITS", 1e-12)          # too large to sample from here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # no "does not fit" fallback: the text is given
+        api.prune(api.PruneConfig(model=str(src), method="frequency", keep=4, out=str(tmp_path / "out"),
+                                  calib=str(tmp_path / "mine.txt"), self_text=str(tmp_path / "self.jsonl"),
+                                  samples=8, seq_len=16, quiet=True, no_eval=True))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration"]["self_calib"] == 0.5 and report["calibration"]["self_text"].endswith("self.jsonl")
+    assert "cut from" in (tmp_path / "out" / "report.md").read_text()
+    # the self-written share comes from the text written elsewhere, and nothing is sampled (no source given)
+    windows = mixed_windows(lambda n: torch.full((n, 16), 5), None, None, 0.5, 8, 16, 0, False,
+                            self_windows=lambda n: torch.full((n, 16), 7))
+    assert torch.equal(windows, torch.cat([torch.full((4, 16), 5), torch.full((4, 16), 7)]))
+
+
+def test_self_text_that_does_not_exist_is_refused_before_any_work(tmp_path):
+    with pytest.raises(MoePruneError, match="nothing.jsonl"):
+        api.prune(api.PruneConfig(model="tiny:mixtral", keep=4, self_text=str(tmp_path / "nothing.jsonl"),
+                                  no_eval=True))

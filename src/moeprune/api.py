@@ -60,6 +60,9 @@ class PruneConfig:
         "help": "share of the calibration sequences the model writes itself, sampled from it (seeded): they cover the "
                 "domains the model serves that the calibration text lacks; 0: the text alone, 1: no text "
                 "(default: 0.5 when the whole model fits in memory, else 0)"})
+    self_text: str | None = field(default=None, metadata={
+        "help": "text the model wrote elsewhere, for a model too large to sample from here (a .txt/.jsonl file "
+                "or folder; scripts/sample_self_text.py makes one with vLLM): the --self-calib share is cut from it"})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     seed: int = field(default=0, metadata={"help": "seed for calibration sampling and seeded methods"})
     sample_tokens: int = field(default=512, metadata={"help": "tokens per layer on which every expert is run"})
@@ -160,6 +163,7 @@ def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
 
 def stats_meta(cfg: PruneConfig, name: str, tokenizer, expert_outputs: bool, self_share: float) -> dict:
     return {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": self_share,
+            "self_text": cfg.self_text,
             "seq_len": cfg.seq_len, "seed": cfg.seed, "sample_tokens": cfg.sample_tokens, "model": name,
             "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
 
@@ -202,6 +206,8 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         check_spec(cfg.calib)
     if cfg.self_calib is not None:
         windows_for(cfg.self_calib, cfg.samples)
+    if cfg.self_text is not None:
+        check_spec(cfg.self_text)
     if cfg.quiet:
         transformers.utils.logging.disable_progress_bar()
     name, source, tokenizer, folder = stages.run("load", open_source, cfg.model, cfg.dtype, cfg.device)
@@ -223,7 +229,8 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
 
     # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
     start = start_token(source.model.config, tokenizer)
-    share, no_self = resolve_share(cfg.self_calib, source, start) if needs_stats else (0.0, None)
+    share, no_self = resolve_share(cfg.self_calib, source, start, cfg.self_text is not None) \
+        if needs_stats else (0.0, None)
     meta = stats_meta(cfg, name, tokenizer, expert_outputs, share)
     tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
@@ -234,8 +241,15 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
             return calibration_tokens(meta["spec"], tokenizer, n, cfg.seq_len, cfg.seed,
                                       vocab_size=source.model.config.vocab_size,
                                       docs=tradeoff.calibration if tradeoff is not None else None)
-        tokens = stages.run("self-calibration" if share else "calibration text", mixed_windows, text_windows,
-                            source, start, share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet)
+        def written_elsewhere(n: int) -> torch.Tensor:
+            if tokenizer is None:
+                raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
+            return calibration_tokens(cfg.self_text, tokenizer, n, cfg.seq_len, cfg.seed,
+                                      vocab_size=source.model.config.vocab_size)
+        sampling = share and cfg.self_text is None
+        tokens = stages.run("self-calibration" if sampling else "calibration text", mixed_windows, text_windows,
+                            source, start, share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet,
+                            written_elsewhere if cfg.self_text is not None else None)
     ev = None
     if not cfg.no_eval and tokenizer is not None:
         from .evaluate import Evaluation

@@ -372,8 +372,9 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         out += ["## Calibration", "", ", ".join(f"{k} = {calib[k]}" for k in keys if k in calib) + "."]
         if calib.get("self_calib"):
             own = round(calib["self_calib"] * calib["samples"])
-            out += [(f"{own} of the {calib['samples']} windows were written by the model itself (sampled from it, "
-                     "seeded), the rest cut from the calibration text.")]
+            how = f"cut from {calib['self_text']}" if calib.get("self_text") else "sampled from it here, seeded"
+            out += [(f"{own} of the {calib['samples']} windows were written by the model itself ({how}), the rest "
+                     "cut from the calibration text.")]
         if report.get("calibration_note"):
             out += [f"No window was written by the model: {report['calibration_note']}."]
         out.append("")

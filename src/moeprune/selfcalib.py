@@ -8,7 +8,9 @@ of prose and self-written windows cut the worst held-out domain (math, absent fr
 the experts from 4.92x to 1.27x the full model's perplexity (docs/ABLATION.md, step 5). The idea is
 Williams et al., "Self-calibration for language model quantization and pruning" (arXiv:2410.17170).
 
-Sampling needs the whole model (one forward per token), so it runs where the model fits in memory.
+Sampling needs the whole model (one forward per token), so it runs here when the model fits in memory;
+for a model that does not, the same text sampled with a serving stack (scripts/sample_self_text.py, vLLM)
+is passed with --self-text and the self-written share is cut from it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from .arch import MoePruneError
 # share of the calibration windows the model writes when --self-calib is not given and the model fits
 DEFAULT_SHARE = 0.5
 FITS = 0.5          # a model fits when its weights in the compute dtype take at most this share of free memory
+# for a model that does not fit: the same sampling with a serving stack, its output passed with --self-text
+SAMPLE_ELSEWHERE = "scripts/sample_self_text.py samples it with vLLM"
 
 
 def start_token(config, tokenizer) -> int | None:
@@ -92,12 +96,18 @@ def sample_windows(model, start: int, samples: int, seq_len: int, seed: int, bat
     return torch.cat(out)
 
 
-def resolve_share(requested: float | None, source, start: int | None) -> tuple[float, str | None]:
+def resolve_share(requested: float | None, source, start: int | None,
+                  sampled_elsewhere: bool = False) -> tuple[float, str | None]:
     """(the share of calibration windows the model writes, why it writes none by default or None).
 
     --self-calib as given (checked), or by default DEFAULT_SHARE when the model fits in memory and has a
-    start token, else 0 with a warning that says why (the reason also goes into the report)."""
+    start token (or its text was sampled elsewhere: --self-text), else 0 with a warning that says why (the
+    reason also goes into the report)."""
     import warnings
+    if sampled_elsewhere:
+        share = DEFAULT_SHARE if requested is None else requested
+        windows_for(share, 1)
+        return share, None
     need, free = source.weight_bytes(), free_memory(source.device)
     fits = need <= FITS * free
     gib = lambda b: f"{b / 2**30:.1f} GiB"
@@ -108,16 +118,15 @@ def resolve_share(requested: float | None, source, start: int | None) -> tuple[f
                                 "names a BOS or end-of-text token to start from; use --self-calib 0")
         if requested > 0 and not fits:
             raise MoePruneError(f"--self-calib samples from the whole model: it needs {gib(need)} and {gib(free)} are "
-                                f"free on {source.device} (at most {FITS:.0%} may be used). Use --self-calib 0, or sample "
-                                "text from the model with your serving stack (e.g. vLLM, temperature 1) and pass it "
-                                "with --calib")
+                                f"free on {source.device} (at most {FITS:.0%} may be used). Sample the text with your "
+                                f"serving stack and pass it with --self-text ({SAMPLE_ELSEWHERE}), or use --self-calib 0")
         return requested, None
     if start is None:
         why = "the model names no BOS or end-of-text token, so it cannot write calibration text itself"
     elif not fits:
         why = (f"the whole model ({gib(need)}) does not fit in half the {gib(free)} free on {source.device}, so it "
-               "cannot write calibration text itself; domains the text lacks may lose more: sample text from the "
-               "model with your serving stack (e.g. vLLM, temperature 1) and add it to --calib")
+               "cannot write calibration text itself here; domains the text lacks may lose more: sample the text "
+               f"with your serving stack and pass it with --self-text ({SAMPLE_ELSEWHERE})")
     else:
         return DEFAULT_SHARE, None
     warnings.warn(f"{why}: the calibration text alone is used (--self-calib 0)", stacklevel=3)
@@ -125,11 +134,14 @@ def resolve_share(requested: float | None, source, start: int | None) -> tuple[f
 
 
 def mixed_windows(user_windows, source, start: int | None, share: float, samples: int, seq_len: int, seed: int,
-                  progress: bool) -> torch.Tensor:
-    """The calibration windows: samples - n from the text (`user_windows(count)`), n sampled from the model."""
+                  progress: bool, self_windows=None) -> torch.Tensor:
+    """The calibration windows: samples - n from the text (`user_windows(count)`), n written by the model:
+    sampled from it here, or cut from text it wrote elsewhere (`self_windows(count)`, --self-text)."""
     own = windows_for(share, samples)
     parts = [user_windows(samples - own)] if own < samples else []
-    if own:
+    if own and self_windows is not None:
+        parts.append(self_windows(own))
+    elif own:
         with source.whole() as model:
             parts.append(sample_windows(model, start, own, seq_len, seed, progress=progress))
     return torch.cat(parts)
