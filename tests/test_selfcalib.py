@@ -162,3 +162,11 @@ def test_self_text_that_does_not_exist_is_refused_before_any_work(tmp_path):
     with pytest.raises(MoePruneError, match="nothing.jsonl"):
         api.prune(api.PruneConfig(model="tiny:mixtral", keep=4, self_text=str(tmp_path / "nothing.jsonl"),
                                   no_eval=True))
+
+
+def test_self_text_needs_a_tokenizer_and_says_so(tmp_path):
+    (tmp_path / "self.txt").write_text("some text the model wrote")
+    with pytest.raises(MoePruneError, match="needs tokenizer files"):
+        api.prune(api.PruneConfig(model="tiny:mixtral", keep=4, out=str(tmp_path / "out"),
+                                  self_text=str(tmp_path / "self.txt"), no_eval=True, quiet=True))
+    assert not (tmp_path / "out").exists()

@@ -207,7 +207,10 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     if cfg.self_calib is not None:
         windows_for(cfg.self_calib, cfg.samples)
     if cfg.self_text is not None:
-        check_spec(cfg.self_text)
+        try:
+            check_spec(cfg.self_text)
+        except MoePruneError as e:
+            raise MoePruneError(f"--self-text: {e}") from e
     if cfg.quiet:
         transformers.utils.logging.disable_progress_bar()
     name, source, tokenizer, folder = stages.run("load", open_source, cfg.model, cfg.dtype, cfg.device)
@@ -228,6 +231,8 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     expert_outputs = expert_outputs or cfg.report_tradeoff         # the alternatives include diverse
 
     # calibration: from --stats-cache when its settings match, else token windows for a fresh pass
+    if cfg.self_text is not None and tokenizer is None:
+        raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
     start = start_token(source.model.config, tokenizer)
     share, no_self = resolve_share(cfg.self_calib, source, start, cfg.self_text is not None) \
         if needs_stats else (0.0, None)
@@ -242,8 +247,6 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
                                       vocab_size=source.model.config.vocab_size,
                                       docs=tradeoff.calibration if tradeoff is not None else None)
         def written_elsewhere(n: int) -> torch.Tensor:
-            if tokenizer is None:
-                raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
             return calibration_tokens(cfg.self_text, tokenizer, n, cfg.seq_len, cfg.seed,
                                       vocab_size=source.model.config.vocab_size)
         sampling = share and cfg.self_text is None
