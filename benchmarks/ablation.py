@@ -91,7 +91,10 @@ VARIANTS["self"] = [{}, {"grouping": "anchors"}, {"grouping": "anchors", "salien
                     {"diversity": 0.25}, {"diversity": 0.75}, {"saliency": "frequency"}, {"saliency": "reap"},
                     {"representation": "weight"}]
 VARIANTS["step4"] = VARIANTS["self"]
-VARIANTS["step5"] = [{}]        # with --self-calib S: how the share of self-written windows moves the default
+VARIANTS["step5"] = [{}]
+# after step 5: a saliency between contribution and REAP's, checked over calibration seeds (docs/ABLATION.md)
+VARIANTS["seeds"] = [{}, {"saliency": "balanced"}, {"grouping": "anchors", "saliency": "balanced"},
+                     {"grouping": "anchors", "saliency": "reap"}]        # with --self-calib S: how the share of self-written windows moves the default
 VARIANTS["current"] = VARIANTS["step2"]
 VARIANTS["step3"] = VARIANTS["far"]
 REFERENCES = ["frequency", "reap", "naee", "msmoe"]

@@ -416,3 +416,18 @@ def test_default_diversity_applies_to_anchored_groupings_only():
         assert get_method("diverse").make_options(grouping=grouping).diversity == 0.0
     assert get_method("diverse-paper").make_options().diversity == 0.0
     assert get_method("diverse").make_options(diversity=0.0).diversity == 0.0
+
+
+def test_balanced_saliency_lies_between_contribution_and_reap():
+    """A rare expert that acts strongly when routed: REAP ranks it first, contribution (x its frequency) last,
+    balanced (x the square root of its frequency) in between."""
+    from moeprune.methods.diverse import saliency
+    from moeprune.stats import LayerStats
+    counts = torch.tensor([100.0, 100.0, 4.0], dtype=torch.float64)     # expert 2 is rare
+    strength = torch.tensor([1.0, 0.5, 4.0], dtype=torch.float64)       # ... and strong when routed
+    empty = torch.empty(0)
+    ls = LayerStats(layer=0, top_k=1, tokens=204, counts=counts, prob_sum=counts.clone(), weight_sum=counts.clone(),
+                    reap_sum=strength * counts, inputs=empty, logits=empty, outputs=empty)
+    order = {k: saliency(ls, k).argsort(descending=True).tolist() for k in ("reap", "contribution", "balanced")}
+    assert order["reap"] == [2, 0, 1] and order["contribution"] == [0, 1, 2] and order["balanced"] == [0, 2, 1]
+    assert torch.allclose(saliency(ls, "balanced"), strength * counts.sqrt())

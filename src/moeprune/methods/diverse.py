@@ -50,9 +50,10 @@ class GroupOptions:
     grouping: Literal["agglomerative", "spectral", "anchors", "coverage"] = "coverage"
     # what makes an expert worth keeping: how often it is routed (frequency); REAP's mean gate x output
     # norm over its routed tokens (reap: blind to how often the calibration mix happens to need it); or
-    # their product, its expected share of the layer output per token (contribution)
+    # their product, its expected share of the layer output per token (contribution); or between the last two,
+    # REAP's saliency x sqrt(frequency) (balanced: rare experts count more than under contribution)
     # (chosen on domain-out validation of the calibration data, docs/ABLATION.md)
-    saliency: Literal["frequency", "reap", "contribution"] = "contribution"
+    saliency: Literal["frequency", "reap", "contribution", "balanced"] = "contribution"
     # anchored groupings only: how far the anchors move from saliency towards pure diversity (0: saliency
     # alone, 1: usage-blind coverage of the similarity), and the share of the K slots guaranteed to
     # diversity (filled last, each by the expert least like those kept); moeprune.grouping has the rules
@@ -92,6 +93,8 @@ def similarity(ls: LayerStats, representation: str, kind: str) -> torch.Tensor:
 
 
 def saliency(ls: LayerStats, kind: str) -> torch.Tensor:
+    if kind == "balanced":          # sqrt(reap x contribution): the geometric mean of the two
+        return (ls.reap_saliency.double() * ls.reap_sum.double()).sqrt()
     return {"frequency": ls.counts, "reap": ls.reap_saliency, "contribution": ls.reap_sum}[kind].double()
 
 
