@@ -31,7 +31,7 @@ from memwatch import watch  # noqa: E402
 
 from moeprune.calibration import calibration_tokens  # noqa: E402
 from moeprune.engine import CheckpointSource, Job, run, score  # noqa: E402
-from moeprune.hub import _expert_index, router_names, touched  # noqa: E402
+from moeprune.hub import _expert_index, expert_axis, touched  # noqa: E402
 from moeprune.shards import Checkpoint  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def check_output(src: Path, out: Path, keep: int) -> dict:
             continue
         u = b.info(name)
         shape = list(t.shape)
-        axis = router_names(family, i).get(name) if i >= 0 else None
+        axis = expert_axis(family, i, name) if i >= 0 else None
         if axis is not None:
             shape[axis] = keep
         if list(u.shape) != shape or u.dtype != t.dtype:

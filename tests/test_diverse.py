@@ -73,11 +73,16 @@ def test_anchor_grouping_uses_usage():
     assert groups == truth
 
 
+def _labelled(labels: list[int], across: float) -> torch.Tensor:
+    """Similarity 0.95 between experts of the same label, `across` between labels, 1 on the diagonal."""
+    labels = torch.tensor(labels)
+    sim = torch.where(labels[:, None] == labels[None, :], 0.95, across).double()
+    return sim.fill_diagonal_(1.0)
+
+
 def _distinct_minority():
     """Experts 0-3 near copies (heavily used), 4-6 near copies (medium), 7 unlike all (rarely used)."""
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
-    sim = torch.where(labels[:, None] == labels[None, :], 0.95, 0.1).double()
-    sim.fill_diagonal_(1.0)
+    sim = _labelled([0, 0, 0, 0, 1, 1, 1, 2], across=0.1)
     return sim, torch.tensor([10.0, 9, 8, 7, 5, 4, 3, 2], dtype=torch.float64)
 
 
@@ -311,9 +316,7 @@ def test_usage_weighting_multiplies_the_softmax_by_usage():
 
 def _copies_and_a_rare_one():
     """Experts 0-5 near copies of one function (heavily used), 6 and 7 each unlike all others, 7 rarely used."""
-    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
-    sim = torch.where(labels[:, None] == labels[None, :], 0.95, 0.05).double()
-    sim.fill_diagonal_(1.0)
+    sim = _labelled([0, 0, 0, 0, 0, 0, 1, 2], across=0.05)
     return sim, torch.tensor([20.0, 18, 16, 14, 12, 10, 6, 1], dtype=torch.float64)
 
 

@@ -242,17 +242,14 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     cache = cached_stats(cfg.stats_cache, meta, moe) if needs_stats else {}
     tokens = None
     if needs_stats and not cache:
-        def text_windows(n: int) -> torch.Tensor:
-            return calibration_tokens(meta["spec"], tokenizer, n, cfg.seq_len, cfg.seed,
-                                      vocab_size=source.model.config.vocab_size,
-                                      docs=tradeoff.calibration if tradeoff is not None else None)
-        def written_elsewhere(n: int) -> torch.Tensor:
-            return calibration_tokens(cfg.self_text, tokenizer, n, cfg.seq_len, cfg.seed,
-                                      vocab_size=source.model.config.vocab_size)
+        def windows(spec: str, docs: list[str] | None = None):
+            return lambda n: calibration_tokens(spec, tokenizer, n, cfg.seq_len, cfg.seed,
+                                                vocab_size=source.model.config.vocab_size, docs=docs)
         sampling = share and cfg.self_text is None
-        tokens = stages.run("self-calibration" if sampling else "calibration text", mixed_windows, text_windows,
+        tokens = stages.run("self-calibration" if sampling else "calibration text", mixed_windows,
+                            windows(meta["spec"], tradeoff.calibration if tradeoff is not None else None),
                             source, start, share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet,
-                            written_elsewhere if cfg.self_text is not None else None)
+                            windows(cfg.self_text) if cfg.self_text is not None else None)
     ev = None
     if not cfg.no_eval and tokenizer is not None:
         from .evaluate import Evaluation

@@ -75,11 +75,18 @@ def _expert_index(family: Family, i: int, name: str) -> int | None:
     return int(e) if e.isdigit() and rest in family.hub_expert else None
 
 
+def expert_axis(family: Family, i: int, name: str) -> int | None:
+    """The expert axis of a layer-i file tensor that pruning cuts to K (router tensors, and the expert tensors
+    of a family whose files keep them fused), else None."""
+    axis = router_names(family, i).get(name)
+    if axis is None and family.hub_expert is None and name.startswith(hub_name(family, experts_prefix(family, i))):
+        axis = 0
+    return axis
+
+
 def touched(family: Family, i: int, name: str) -> bool:
     """Whether pruning layer i rewrites this file tensor (routed experts and router); the rest is copied."""
-    fused = hub_name(family, experts_prefix(family, i))
-    return (name in router_names(family, i) or _expert_index(family, i, name) is not None
-            or (family.hub_expert is None and name.startswith(fused)))
+    return expert_axis(family, i, name) is not None or _expert_index(family, i, name) is not None
 
 
 # ---------------------------------------------------------------- tensors: files <-> modules
@@ -145,10 +152,7 @@ def output_slots(ckpt: Checkpoint, family: Family, moe_layers: list[int], keep: 
             e = _expert_index(family, i, t.name)
             if e is not None and e >= keep:
                 continue
-            axis = router_names(family, i).get(t.name)
-            fused = hub_name(family, experts_prefix(family, i))
-            if axis is None and family.hub_expert is None and t.name.startswith(fused):
-                axis = 0
+            axis = expert_axis(family, i, t.name)
             if axis is not None:
                 shape = shape[:axis] + (keep,) + shape[axis + 1:]
         shards[t.file.name].append(Slot(t.name, t.dtype, shape))

@@ -42,6 +42,11 @@ def dtype_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
+def tensor_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor's data in a safetensors file."""
+    return math.prod(shape) * dtype_size(dtype)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -75,7 +80,7 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
         dtype, shape, (start, end) = v["dtype"], tuple(v["shape"]), v["data_offsets"]
         if dtype not in DTYPES:
             raise MoePruneError(f"{path}: tensor {name} has dtype {dtype}, which moeprune cannot read")
-        if end - start != math.prod(shape) * dtype_size(dtype):
+        if end - start != tensor_bytes(dtype, shape):
             raise MoePruneError(f"{path}: tensor {name} {dtype}{list(shape)} has {end - start} bytes of data; {fix}")
         infos.append(TensorInfo(name, path, dtype, shape, 8 + n + start, 8 + n + end))
     infos.sort(key=lambda t: t.start)
@@ -170,7 +175,7 @@ class ShardWriter:
         for file, slots in shards.items():
             header, offset = {}, 0
             for s in slots:
-                nbytes = math.prod(s.shape) * dtype_size(s.dtype)
+                nbytes = tensor_bytes(s.dtype, s.shape)
                 header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             meta = (metadata or {}).get(file) or {"format": "pt"}
@@ -202,7 +207,7 @@ class ShardWriter:
         if unwritten:
             raise RuntimeError(f"{len(unwritten)} tensors were never written, e.g. {unwritten[0]}")
         if self.index:
-            total = sum(math.prod(s.shape) * dtype_size(s.dtype) for _, _, s in self.where.values())
+            total = sum(tensor_bytes(s.dtype, s.shape) for _, _, s in self.where.values())
             weight_map = {s.name: file for file, slots in self.shards.items() for s in slots}
             (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                          "weight_map": weight_map}, indent=2) + "\n")
