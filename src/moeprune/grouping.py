@@ -165,8 +165,7 @@ def pick_anchors(method: str, sim: torch.Tensor, k: int, score: torch.Tensor, di
     return sorted(ids)
 
 
-ANCHORED = {"anchors": lambda sim, k, score: top_anchors(score, k),
-            "coverage": coverage_anchors}
+ANCHORED = ("anchors", "coverage")         # the groupings built around anchors (pick_anchors)
 
 
 def anchored(method: str, sim: torch.Tensor, k: int, score: torch.Tensor, diversity: float = 0.0,

@@ -3,11 +3,10 @@
 A prune of a large checkpoint takes hours; a tokenizer that cannot encode text, an evaluation task that
 cannot be scored, a full disk or a NaN in the weights must not surface at the end of it (or, worse, as a
 silently wrong report). Each check here is cheap next to a forward pass and raises MoePruneError naming
-the problem and the fix:
+the problem and the fix (evaluation inputs are checked by moeprune.evaluate.Evaluation, which reads and
+tokenises them before any model runs):
 
     usable_tokenizer(tokenizer)                 -> (ok, reason): can it encode text at all?
-    check_eval_inputs(tokenizer, domains, tasks, max_tokens, limit)
-                                                -> every evaluation input loads and tokenises as evaluation needs
     check_free_space(folder, needed_bytes)      -> room for the output, plus a margin
     check_finite(name, tensor)                  -> no NaN or Inf in a tensor
 """
@@ -49,8 +48,6 @@ def usable_tokenizer(tokenizer) -> tuple[bool, str]:
         return False, f"{name} encodes {PROBE!r} to no tokens"
     return True, ""
 
-
-# ---------------------------------------------------------------- evaluation inputs
 
 # ---------------------------------------------------------------- disk
 

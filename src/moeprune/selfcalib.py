@@ -69,8 +69,8 @@ def sample_windows(model, start: int, samples: int, seq_len: int, seed: int, bat
 
     Sampling is seeded and done in float64 on the CPU from the model's probabilities, so the same seed
     gives the same windows. Sequences are sampled `batch_size` at a time (one forward per token for all:
-    a large batch costs about what one sequence does on small models). An end-of-text token does not stop a window: the next document begins, as in
-    the text the model was trained on."""
+    a large batch costs about what one sequence does). An end-of-text token does not stop a window: the
+    next document begins, as in the text the model was trained on."""
     import inspect
 
     from tqdm.auto import tqdm
@@ -124,8 +124,8 @@ def resolve_share(requested: float | None, source, start: int | None,
     if start is None:
         why = "the model names no BOS or end-of-text token, so it cannot write calibration text itself"
     elif not fits:
-        why = (f"the whole model ({gib(need)}) does not fit in half the {gib(free)} free on {source.device}, so it "
-               "cannot write calibration text itself here; domains the text lacks may lose more: sample the text "
+        why = (f"the whole model ({gib(need)}) does not fit in {FITS:.0%} of the {gib(free)} free on "
+               f"{source.device}, so it cannot write calibration text itself here; domains the text lacks may lose more: sample the text "
                f"with your serving stack and pass it with --self-text ({SAMPLE_ELSEWHERE})")
     else:
         return DEFAULT_SHARE, None
