@@ -130,13 +130,13 @@ def main() -> int:
     ap.add_argument("--valid-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--work", default="runs/bench")
-    ap.add_argument("--md", default=None, help="default docs/ablation-PROTOCOL-BASE.md")
-    ap.add_argument("--json", default=None, help="default docs/ablation-PROTOCOL-BASE.json")
+    ap.add_argument("--md", default=None, help="default docs/data/ablation-PROTOCOL-BASE.md")
+    ap.add_argument("--json", default=None, help="default docs/data/ablation-PROTOCOL-BASE.json")
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="only write --md and --json from finished runs' JSON files (e.g. one run per model, in "
                          "parallel), concatenated in this order")
     args = ap.parse_args()
-    stem = f"docs/ablation-{args.protocol}-{args.variants or args.base}"
+    stem = f"docs/data/ablation-{args.protocol}-{args.variants or args.base}"
     args.md, args.json = args.md or stem + ".md", args.json or stem + ".json"
     if args.render:
         results = [res for path in args.render for res in json.loads(Path(path).read_text())]

@@ -6,8 +6,8 @@
 Per model and calibration seed: one statistics pass on the seen-domain mix, then every registered
 method at both sparsities, each applied to a copy of the model and evaluated on every domain's
 held-out shard (seen and unseen reported apart) and on the multiple-choice tasks.
-Time per stage and peak memory (RSS) are recorded; results go to docs/benchmarks.json and the tables
-and plot to docs/BENCHMARKS.md and docs/img/quality_vs_sparsity.png.
+Time per stage and peak memory (RSS) are recorded; results go to docs/data/benchmarks.json and the tables
+and plot to docs/BENCHMARKS.md and docs/data/img/quality_vs_sparsity.png.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def markdown(results: list[dict], args, wall: float) -> str:
                   f"Peak RSS {max(r['peak_rss_mb'] for r in res['agg']):.0f} MB.",
                   ""]
     task_limit = max((r.get("task_limit", args.task_limit) for r in results), default=args.task_limit)
-    lines += ["![quality vs sparsity](img/quality_vs_sparsity.png)", ""] + verdict(results, task_limit)
+    lines += ["![quality vs sparsity](data/img/quality_vs_sparsity.png)", ""] + verdict(results, task_limit)
     return "\n".join(lines)
 
 
@@ -290,7 +290,7 @@ def main() -> int:
     ap.add_argument("--task-limit", type=int, default=200, help="questions per task, first seed only (0: no tasks)")
     ap.add_argument("--work", default="runs/bench")
     ap.add_argument("--md", default="docs/BENCHMARKS.md")
-    ap.add_argument("--json", default="docs/benchmarks.json")
+    ap.add_argument("--json", default="docs/data/benchmarks.json")
     ap.add_argument("--merge", action="store_true",
                     help="update --json: rerun only --methods, keep the other methods' rows of the earlier run")
     ap.add_argument("--render", type=float, default=None, metavar="MINUTES",
@@ -298,7 +298,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.render is not None:
         results = json.loads(Path(args.json).read_text())
-        plot(results, Path(args.md).parent / "img" / "quality_vs_sparsity.png")
+        plot(results, Path(args.md).parent / "data" / "img" / "quality_vs_sparsity.png")
         write_markdown(Path(args.md), markdown(results, args, args.render * 60))
         return 0
     start = time.perf_counter()
@@ -315,7 +315,7 @@ def main() -> int:
         results.append(res)
         Path(args.json).write_text(json.dumps(results + list(previous.values()), indent=1))
     results += list(previous.values())
-    plot(results, Path(args.md).parent / "img" / "quality_vs_sparsity.png")
+    plot(results, Path(args.md).parent / "data" / "img" / "quality_vs_sparsity.png")
     write_markdown(Path(args.md), markdown(results, args, time.perf_counter() - start))
     print(f"wrote {args.md} and {args.json}")
     return 0

@@ -1,6 +1,6 @@
 """How the statistics pass and each method's planning time grow with experts and calibration tokens.
 
-    python benchmarks/cost_sweep.py            # writes docs/COST.md and docs/cost.json (a few minutes on 2 cores)
+    python benchmarks/cost_sweep.py            # writes docs/COST.md and docs/data/cost.json (a few minutes on 2 cores)
 
 Tiny Qwen3-MoE models built on the fly (hidden 256, 2 MoE layers, expert width 64, top-4), random token
 calibration. Each time is the fastest of 3 runs (one run when it takes over 5 s). Planning keeps half
@@ -66,7 +66,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k != "plan_s"}), flush=True)
-    Path("docs/cost.json").write_text(json.dumps(rows, indent=1))
+    Path("docs/data/cost.json").write_text(json.dumps(rows, indent=1))
     names = list(METHODS)
     lines = ["# Cost: statistics pass and planning time", "",
              "Command: `python benchmarks/cost_sweep.py` on this 2-core CPU machine (tiny Qwen3-MoE, hidden 256, "

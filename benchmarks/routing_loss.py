@@ -6,7 +6,7 @@ Calibrates on the seen-domain mix (as benchmarks/compare.py does), plans with ea
 the full model on every domain's evaluation text and counts, per MoE layer, the share of its top-k
 assignments that go to experts which are not a kept representative (dropped, or merged into another
 expert). A plan that keeps the experts a domain relies on loses little routing there. Writes
-docs/routing_loss.md and .json.
+docs/data/routing_loss.md and .json.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["frequency", "reap", "naee", "msmoe", "diverse"])
     ap.add_argument("--windows", type=int, default=16, help="256-token windows of each domain's evaluation text")
     ap.add_argument("--work", default="runs/bench")
-    ap.add_argument("--out", default="docs/routing_loss")
+    ap.add_argument("--out", default="docs/data/routing_loss")
     args = ap.parse_args()
     calib_dir, _ = split_calibration(Path(args.work))
     results = []

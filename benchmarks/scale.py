@@ -2,7 +2,7 @@
 
     python benchmarks/make_checkpoint.py olmoe-1b-7b /work/bigckpt/olmoe-1b-7b        # 12.9 GiB, bf16
     python benchmarks/scale.py /work/bigckpt/olmoe-1b-7b --keep 48 --out /work/bigckpt/olmoe-48 \
-        --json docs/scale/olmoe-1b-7b.json
+        --json docs/data/scale/olmoe-1b-7b.json
 
 Runs, each in its own process under benchmarks/memwatch.py (RSS of the whole process tree from /proc):
   1. `moeprune prune CKPT --method M --keep K --calib random --samples S --seq-len L --no-eval --out OUT`;

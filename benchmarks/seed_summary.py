@@ -1,6 +1,6 @@
 """Summarise ablation runs over calibration seeds (docs/ABLATION.md, step 5 afterwards).
 
-    python benchmarks/seed_summary.py docs/ablation-seeds/balanced-*.json
+    python benchmarks/seed_summary.py docs/data/ablation-seeds/balanced-*.json
 
 Each JSON is one `benchmarks/ablation.py --protocol all-out ... --seed S` run (the seed is the digit before
 `.json`). Per variant: the geometric mean over settings and seeds of the held-out mean, and the geometric

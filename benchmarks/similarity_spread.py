@@ -1,6 +1,6 @@
 """How alike the experts of each demo model are: quantiles of the off-diagonal expert-output CKA.
 
-    python benchmarks/similarity_spread.py          # writes docs/similarity_spread.json
+    python benchmarks/similarity_spread.py          # writes docs/data/similarity_spread.json
 
 Calibration as in benchmarks/compare.py (seen-domain mix, 64 x 256 tokens, seed 0, 512 sampled tokens per
 layer); all MoE layers pooled. Docs quote these numbers to explain when merging can help.
@@ -36,7 +36,7 @@ def main() -> int:
         q = torch.quantile(torch.cat(off), torch.tensor(QUANTILES, dtype=torch.float64))
         out[name] = {f"q{int(p * 100)}": round(float(v), 3) for p, v in zip(QUANTILES, q)}
         print(name, out[name], flush=True)
-    Path("docs/similarity_spread.json").write_text(json.dumps(out, indent=1) + "\n")
+    Path("docs/data/similarity_spread.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

@@ -2,9 +2,9 @@
 
     python scripts/demo_report.py [--eval-tokens 16384] [--task-limit 0]
 
-Per model: size (total and active parameters) and training cost (docs/demo_training.json), per-domain
+Per model: size (total and active parameters) and training cost (docs/data/demo_training.json), per-domain
 perplexity on the held-out shards next to an add-one unigram model fitted on the calibration shards,
-how each domain is routed over the experts of every layer (heatmap docs/img/routing_<model>.png and
+how each domain is routed over the experts of every layer (heatmap docs/data/img/routing_<model>.png and
 the mean pairwise Jensen-Shannon divergence between domains, next to the divergence between two
 halves of the same domain as a noise floor), and multiple-choice accuracy next to chance.
 """
@@ -119,7 +119,7 @@ def measure(name: str, args) -> dict:
         out["routing"][i] = {"js_between_domains": sum(pairs) / len(pairs),
                              "js_within_domain_halves": sum(halves[i]) / len(halves[i]),
                              "distribution": m.tolist()}
-    heatmap(name, domains, dist, ROOT / "docs" / "img" / f"routing_{name}.png")
+    heatmap(name, domains, dist, ROOT / "docs" / "data" / "img" / f"routing_{name}.png")
     acc = task_accuracy(model, tok, limit=args.task_limit or None, progress=False)
     out["tasks"] = {t: {"acc": v["acc"], "acc_norm": v["acc_norm"], "chance": v["chance"], "n": v["n"]}
                     for t, v in acc.items()}
@@ -130,7 +130,7 @@ def markdown(results: dict, training: dict, args, wall: float) -> str:
     cmd = "python scripts/demo_report.py " + " ".join(sys.argv[1:])
     lines = ["# The embedded demo models", "",
              f"Every number below comes from `{cmd}` ({wall / 60:.1f} min on this 2-core CPU machine), except the "
-             "training figures, which `scripts/train_demo_model.py` recorded in docs/demo_training.json.", ""]
+             "training figures, which `scripts/train_demo_model.py` recorded in docs/data/demo_training.json.", ""]
     for name, r in results.items():
         info, t = r["info"], training.get(name, {})
         p = info["parameters"]
@@ -139,7 +139,7 @@ def markdown(results: dict, training: dict, args, wall: float) -> str:
                   f"top-{info['top_k']}; {p['total'] / 1e6:.2f} M parameters, {p['active_per_token'] / 1e6:.2f} M "
                   f"active per token, {p['routed_experts'] / 1e6:.2f} M in routed experts.  ",
                   f"Training: {t.get('tokens_seen', 0) / 1e6:.2f} M tokens in {t.get('train_wall_time_s', 0) / 60:.0f} min"
-                  f" of CPU ({t.get('hardware', '2 cores')}); loss curve: ![loss](img/loss_{name}.png)", "",
+                  f" of CPU ({t.get('hardware', '2 cores')}); loss curve: ![loss](data/img/loss_{name}.png)", "",
                   "| domain | perplexity | unigram perplexity | model / unigram |", "| --- | --- | --- | --- |"]
         for d, v in r["domains"].items():
             lines.append(f"| {d} | {v['ppl']:.1f} | {v['unigram_ppl']:.1f} | {v['ppl'] / v['unigram_ppl']:.3f} |")
@@ -153,7 +153,7 @@ def markdown(results: dict, training: dict, args, wall: float) -> str:
                   "| --- | --- | --- |"]
         for i, v in r["routing"].items():
             lines.append(f"| {i} | {v['js_between_domains']:.4f} | {v['js_within_domain_halves']:.4f} |")
-        lines += ["", f"![routing](img/routing_{name}.png)", "",
+        lines += ["", f"![routing](data/img/routing_{name}.png)", "",
                   "| task | n | accuracy | length-normalised | chance |", "| --- | --- | --- | --- | --- |"]
         for task, v in r["tasks"].items():
             lines.append(f"| {task} | {v['n']} | {v['acc']:.3f} | {v['acc_norm']:.3f} | {v['chance']:.3f} |")
@@ -171,9 +171,9 @@ def main() -> int:
     args = ap.parse_args()
     start = time.perf_counter()
     results = {name: measure(name, args) for name in (args.models or demo.model_names())}
-    training_file = ROOT / "docs" / "demo_training.json"
+    training_file = ROOT / "docs" / "data" / "demo_training.json"
     training = json.loads(training_file.read_text()) if training_file.exists() else {}
-    (ROOT / "docs" / "demo_measurements.json").write_text(json.dumps(results, indent=1))
+    (ROOT / "docs" / "data" / "demo_measurements.json").write_text(json.dumps(results, indent=1))
     Path(args.md).write_text(markdown(results, training, args, time.perf_counter() - start))
     print(f"wrote {args.md}")
     return 0

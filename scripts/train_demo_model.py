@@ -29,8 +29,8 @@ held-out loss on the shipped eval shards every ``--eval-minutes`` to
 ``<work>/logs/<name>.csv``.  At the end the model is saved in bf16 with
 ``save_pretrained`` to ``src/moeprune/demo/models/<name>/`` together with the
 tokenizer, reloaded and checked, the loss curve is drawn to
-``docs/img/loss_<name>.png`` and a summary is merged into
-``docs/demo_training.json``.
+``docs/data/img/loss_<name>.png`` and a summary is merged into
+``docs/data/demo_training.json``.
 
 Usage::
 
@@ -58,7 +58,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "src" / "moeprune" / "demo" / "data"
 MODELS = REPO / "src" / "moeprune" / "demo" / "models"
-DOCS = REPO / "docs"
+DOCS = REPO / "docs" / "data"     # what training generates: img/loss_<name>.png, demo_training.json
 DOMAINS = ["literature", "speeches", "encyclopedic", "technical", "code", "dialogue", "math"]
 VOCAB = 8192
 
