@@ -61,33 +61,121 @@ class TensorInfo:
         return self.end - self.start
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise MoePruneError(f"the key {twice!r} appears twice")
+    return dict(pairs)
+
+
+def _nonneg_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, v, fix: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, checked as the safetensors library checks it."""
+    bad = f"{path}: the header entry of tensor {name!r}"
+    if not isinstance(v, dict):
+        raise MoePruneError(f"{bad} is not a JSON object; {fix}")
+    dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise MoePruneError(f"{bad} has no dtype string; {fix}")
+    if dtype not in DTYPES:
+        raise MoePruneError(f"{path}: tensor {name!r} has dtype {dtype[:40]!r}, which moeprune cannot read "
+                            f"(it reads {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+        raise MoePruneError(f"{bad} has shape {str(shape)[:80]}, not a list of non-negative integers; {fix}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_nonneg_int(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise MoePruneError(f"{bad} has data_offsets {str(offsets)[:80]}, not [start, end] with "
+                            f"0 <= start <= end; {fix}")
+    start, end = offsets
+    shape = tuple(shape)
+    if end - start != tensor_bytes(dtype, shape):
+        raise MoePruneError(f"{path}: tensor {name!r} {dtype}{list(shape)} needs {tensor_bytes(dtype, shape)} "
+                            f"bytes, its data_offsets give {end - start}; {fix}")
+    return dtype, shape, start, end
+
+
 def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
-    """The tensors of one safetensors file, in data order, checked against the file's size."""
-    size = path.stat().st_size
+    """The tensors of one safetensors file, in data order, validated as the safetensors library validates a
+    file: the header is a JSON object of tensor entries (a known dtype, a shape of non-negative integers,
+    data_offsets [start, end] holding exactly the tensor's bytes) and an optional `__metadata__` of strings;
+    sorted by offset the tensors tile the data section, no gap and no overlap, up to the end of the file."""
     fix = "re-download or re-copy the checkpoint"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > _MAX_HEADER or 8 + n > size:
-            raise MoePruneError(f"{path} is not a complete safetensors file (header cut off at {size} bytes); {fix}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoePruneError(f"{path}: unreadable safetensors header ({e}); {fix}") from e
-    meta = header.pop("__metadata__", None) or {}
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > _MAX_HEADER or 8 + n > size:
+                raise MoePruneError(f"{path} is not a complete safetensors file (header cut off at {size} bytes); "
+                                    f"{fix}")
+            text = f.read(n)
+    except OSError as e:
+        raise MoePruneError(f"{path} cannot be read ({e.strerror or e}); check the file's permissions") from None
+    try:
+        if not text.lstrip().startswith(b"{"):
+            raise MoePruneError("it is not a JSON object")
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:          # JSONDecodeError, UnicodeDecodeError, MoePruneError
+        raise MoePruneError(f"{path}: unreadable safetensors header ({e}); {fix}") from None
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MoePruneError(f"{path}: the header's __metadata__ is not a map of strings to strings; {fix}")
     infos = []
     for name, v in header.items():
-        dtype, shape, (start, end) = v["dtype"], tuple(v["shape"]), v["data_offsets"]
-        if dtype not in DTYPES:
-            raise MoePruneError(f"{path}: tensor {name} has dtype {dtype}, which moeprune cannot read")
-        if end - start != tensor_bytes(dtype, shape):
-            raise MoePruneError(f"{path}: tensor {name} {dtype}{list(shape)} has {end - start} bytes of data; {fix}")
+        dtype, shape, start, end = _entry(path, name, v, fix)
         infos.append(TensorInfo(name, path, dtype, shape, 8 + n + start, 8 + n + end))
-    infos.sort(key=lambda t: t.start)
-    data_end = infos[-1].end if infos else 8 + n
-    if data_end > size:
-        raise MoePruneError(f"{path} is truncated: {size} bytes, its header needs {data_end}; {fix}")
+    infos.sort(key=lambda t: (t.start, t.end))
+    at = 8 + n
+    for t in infos:
+        if t.start != at:
+            what = "overlaps the tensor before it" if t.start < at else f"leaves a gap of {t.start - at} bytes before it"
+            raise MoePruneError(f"{path}: tensor {t.name!r} (data_offsets {t.start - 8 - n}..{t.end - 8 - n}) {what}; "
+                                f"the header is damaged: {fix}")
+        at = t.end
+    if at > size:
+        raise MoePruneError(f"{path} is truncated: {size} bytes, its header needs {at}; {fix}")
+    if at < size:
+        raise MoePruneError(f"{path} has {size - at} bytes after the last tensor's data, which its header does not "
+                            f"account for; {fix}")
     return infos, meta
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:                 # a name too long for the filesystem, ...
+        return False
+
+
+def shard_path(folder: Path, name: object, index: Path) -> Path:
+    """The file a shard name of the index stands for, refused unless it lies inside the model folder: no
+    absolute path, no "..", no symlink leading out (except, in a hub cache snapshot, to the repository's own
+    blobs/ folder, where the hub keeps every file)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise MoePruneError(f"{index} names a shard {str(name)[:80]!r}, which is not a file name; the index is "
+                            "damaged")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise MoePruneError(f"{index} names the shard {name[:200]!r}, which lies outside the model folder {folder}; "
+                            "moeprune reads shards only from inside the folder: the index is damaged or hostile")
+    path = folder / name
+    try:
+        real, home = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as e:           # a symlink loop
+        raise MoePruneError(f"{index}: the shard {name[:200]!r} cannot be resolved ({e})") from None
+    inside = real.is_relative_to(home)
+    if not inside and home.parent.name == "snapshots":
+        inside = real.is_relative_to(home.parent.parent / "blobs")
+    if not inside:
+        raise MoePruneError(f"{index}: the shard {name[:200]!r} is a link to {real}, outside the model folder "
+                            f"{folder}; moeprune reads shards only from inside the folder")
+    return path
 
 
 class Checkpoint:
@@ -100,15 +188,22 @@ class Checkpoint:
         if index.is_file():
             try:
                 self.index = json.loads(index.read_text(encoding="utf-8"))
-                weight_map: dict[str, str] = self.index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise MoePruneError(f"{index} is not a valid safetensors index ({e})") from e
+            except (ValueError, RecursionError) as e:           # JSONDecodeError, UnicodeDecodeError
+                raise MoePruneError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+            except OSError as e:
+                raise MoePruneError(f"{index} cannot be read ({e.strerror or e})") from None
+            weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MoePruneError(f"{index} is not a valid safetensors index: it needs a \"weight_map\" object "
+                                    "mapping each tensor name to its shard file name; re-download it")
             files = list(dict.fromkeys(weight_map.values()))
+            paths = {f: shard_path(self.folder, f, index) for f in files}
         elif (self.folder / SINGLE).is_file():
             weight_map, files = {}, [SINGLE]
+            paths = {SINGLE: shard_path(self.folder, SINGLE, self.folder / SINGLE)}
         else:
             raise MoePruneError(f"{self.folder} holds no {SINGLE} and no {INDEX}")
-        missing = [f for f in files if not (self.folder / f).is_file()]
+        missing = [f for f in files if not _is_file(paths[f])]
         if missing:
             raise MoePruneError(f"{index} names shard(s) {missing} that are not in {self.folder}; "
                                 "the download is incomplete: fetch the missing files")
@@ -116,7 +211,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, dict] = {}
         for f in files:
-            infos, self.metadata[f] = read_header(self.folder / f)
+            infos, self.metadata[f] = read_header(paths[f])
             for t in infos:
                 if weight_map and weight_map.get(t.name) != f:
                     continue            # a stray copy: the index decides where a tensor lives
