@@ -60,3 +60,163 @@ def tiny_model(model_type: str, num_experts: int = 8, top_k: int = 2, seed: int 
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny configs of ANY transformers model type, shrunk generically from the config class's own defaults.
+#
+# The rules are data: a field name -> tiny value table (applied in the config and in every nested sub-config),
+# name patterns for the routed / shared expert counts and top-k, and the per-layer lists (`layer_types`,
+# `mlp_layer_types`, ...) cut to the tiny layer count while keeping every distinct kind of layer. Per-type
+# overrides (`_TYPE_OVERRIDES`) only where a family needs a value the table cannot give.
+# ---------------------------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import re  # noqa: E402
+
+TINY_EXPERTS = 8
+TINY_TOP_K = 2
+TINY_LAYERS = 4
+
+# field -> tiny value; a field absent from a config is ignored, a field whose default is None or 0 stays so
+_SIZES: dict[str, object] = {
+    # widths
+    "hidden_size": 64, "d_model": 64, "n_embd": 64, "text_hidden_size": 64, "out_hidden_size": 64,
+    "thinker_hidden_size": 64, "projector_hidden_size": 64, "projection_hidden_dim": 64, "merged_hidden_size": 64,
+    "intermediate_size": 64, "ffn_hidden_size": 64, "d_ff": 64, "dense_intermediate_size": 64,
+    "intermediate_size_mlp": 64, "decoder_ffn_dim": 64, "encoder_ffn_dim": 64, "mlp_dim": 64,
+    # expert widths: 2 x 16 != 64, so a fused [E, 2I, H] projection cannot be mistaken for [E, H, 2I]
+    "moe_intermediate_size": 16, "expert_ffn_hidden_size": 16, "moe_hidden_size": 16,
+    "shared_expert_intermediate_size": 16, "shared_experts_intermediate_size": 16, "shared_intermediate_size": 16,
+    "moe_shared_expert_intermediate_size": 16, "share_expert_dim": 16, "router_hidden_size": 32,
+    "projection_intermediate_size": 64, "projector_input_dim": 64, "projector_output_dim": 64,
+    "vision_output_dim": 64, "adapter_out_dim": 64, "output_dim": 64,
+    # attention
+    "num_attention_heads": 2, "n_heads": 2, "num_heads": 2, "decoder_attention_heads": 2,
+    "encoder_attention_heads": 2, "num_key_value_heads": 1, "kv_n_heads": 1, "head_dim": 64, "d_kv": 64,
+    "kv_channels": 32, "swa_head_dim": 64, "swa_num_attention_heads": 2, "swa_num_key_value_heads": 1,
+    "num_sliding_attention_heads": 2, "query_pre_attn_scalar": 64, "rotary_dim": 32,
+    "kv_lora_rank": 16, "q_lora_rank": 32, "o_lora_rank": 32, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+    "qk_head_dim": 64, "v_head_dim": 64, "index_head_dim": 32, "index_n_heads": 2, "index_topk": 16,
+    "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+    "linear_head_dim": 32, "linear_num_heads": 2, "hc_lowrank": 16, "ple_embed_dim": 32, "gated_norm_rank": 8,
+    "loop_gate_rank": 8, "num_attention_heads_per_layer": 2,
+    # state-space / linear attention
+    "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_head_dim": 16, "mamba_num_heads": 8, "ssm_state_size": 16,
+    "mamba_d_state": 16, "mamba_dt_rank": 8, "mamba_chunk_size": 16, "chunk_size": 16,
+    "mamba_n_groups": 1, "n_groups": 1,
+    # sequence / vocabulary
+    "vocab_size": 256, "unpadded_vocab_size": 256, "max_position_embeddings": 256, "max_seq_len": 256,
+    "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16, "block_size": 16,
+    "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "ngram_vocab_size_base": 256,
+    "split_ngram_parts": 2, "model_max_length": 256, "canvas_length": 16, "index_block_size": 16,
+    # layer counts of encoders (vision / audio): 2
+    "depth": 2, "encoder_layers": 2, "decoder_layers": 2, "n_layers": 2,
+}
+# fields holding the number of decoder layers (set to TINY_LAYERS; per-layer lists follow)
+_LAYER_FIELDS = ("num_hidden_layers", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers")
+_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_top_k", "moe_topk", "top_k",
+                 "n_activated_experts", "num_activated_experts", "experts_per_token", "num_selected_experts")
+_EXPERT_FIELD = re.compile(r"expert")
+_NOT_COUNT = re.compile(r"per_tok|per_token|shared|size|dim|capacity|layer|top|group|coef|factor|loss|"
+                        r"interval|start|end|index|offset|period|freq|norm|bias|scale|noise|jitter|drop|type")
+_SHARED_COUNT = re.compile(r"shared_experts?$|shared_experts?_num$|^n_shared|num_shared_experts")
+
+# per model type: fields the table cannot give (applied last, to the top-level config)
+_TYPE_OVERRIDES: dict[str, dict] = {
+}
+
+
+def _layer_pattern(values: list, n: int) -> list:
+    """A per-layer list cut to n entries that keeps every distinct entry: the first occurrence of each kind,
+    in order, then the original pattern from its start."""
+    keys = [repr(v) for v in values]
+    firsts = [i for i, k in enumerate(keys) if k not in keys[:i]]
+    n = max(n, len(firsts))
+    picked = sorted(firsts)
+    i = 0
+    while len(picked) < n:
+        if i not in picked:
+            picked.append(i)
+        i += 1
+    return [values[i] for i in sorted(picked)]
+
+
+def _field_defaults(cls) -> dict:
+    """The dataclass defaults of a config class (None where a field is computed in __post_init__)."""
+    out = {}
+    if dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:   # type: ignore[misc]
+                out[f.name] = f.default_factory()                # type: ignore[misc]
+    return out
+
+
+def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
+    """Keyword arguments that make a tiny instance of config class `cls`."""
+    try:
+        defaults = cls().to_dict()
+    except Exception:                                       # noqa: BLE001  a config that needs arguments
+        defaults = {}
+    raw = _field_defaults(cls)
+    kw: dict = {}
+    for key, value in defaults.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            if key in _LAYER_FIELDS and value > 1 and (key != "n_layers" or "num_hidden_layers" not in defaults):
+                kw[key] = n_layers if key in ("num_hidden_layers", "num_layers", "num_decoder_layers") else min(value, 2)
+            elif key in _TOP_K_FIELDS and value > 0:
+                kw[key] = min(TINY_TOP_K, value) if value > 0 else value
+            elif _EXPERT_FIELD.search(key) and _SHARED_COUNT.search(key) and value > 0:
+                kw[key] = 1
+            elif _EXPERT_FIELD.search(key) and not _NOT_COUNT.search(key) and value > 1:
+                kw[key] = TINY_EXPERTS
+            elif key in _SIZES and value > 0:
+                kw[key] = _SIZES[key]
+            elif key == "n_group" or key == "num_expert_group":
+                kw[key] = 2 if value > 1 else value
+            elif key == "topk_group":
+                kw[key] = 1
+            elif key in ("first_k_dense_replace", "num_dense_layers") and value > 0:
+                kw[key] = 1
+            elif (key.endswith("token_id") or key.endswith("token_index")) and value >= 256:
+                kw[key] = 3 + len([k for k in kw if k.endswith(("token_id", "token_index"))]) % 250
+    layers_before = next((defaults[k] for k in _LAYER_FIELDS if isinstance(defaults.get(k), int)), None)
+    layers_after = next((kw[k] for k in _LAYER_FIELDS if k in kw), layers_before)
+    for key, value in defaults.items():
+        if key in kw or raw.get(key, value) is None:
+            continue                                        # computed from the other fields in __post_init__
+        per_layer = isinstance(value, (list, str)) and layers_before and len(value) == layers_before > 1
+        if per_layer and layers_after != layers_before:
+            cut = _layer_pattern(list(value), layers_after)
+            kw[key] = "".join(cut) if isinstance(value, str) else cut
+    # lists of layer indices (mlp_only_layers, moe_layers, ...): only those of the tiny layers
+    for key, value in defaults.items():
+        if key in kw or not isinstance(value, list) or not value or raw.get(key, value) is None:
+            continue
+        if key.endswith("layers") and all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
+                and layers_before and max(value) < layers_before:
+            kept = [v for v in value if v < layers_after]
+            kw[key] = kept if kept or key != "moe_layers" else list(range(layers_after))
+    # nested sub-configs: shrink them too
+    for key, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
+        if isinstance(defaults.get(key), dict) or key in raw:
+            try:
+                sub = sub_cls(**_shrunk_fields(sub_cls, n_layers))
+                kw[key] = sub.to_dict()
+            except Exception:                               # noqa: BLE001  left at its defaults
+                pass
+    return kw
+
+
+def tiny_config_any(model_type: str, n_layers: int = TINY_LAYERS, **overrides):
+    """A tiny config of any transformers model type, shrunk generically from its config class's defaults."""
+    from transformers import CONFIG_MAPPING
+    if model_type not in CONFIG_MAPPING:
+        raise MoePruneError(f"transformers has no model type {model_type!r}")
+    cls = CONFIG_MAPPING[model_type]
+    fields = {**_shrunk_fields(cls, n_layers), **_TYPE_OVERRIDES.get(model_type, {}), **overrides}
+    return cls(**fields)

@@ -1,0 +1,571 @@
+"""Find the routed experts of a transformers MoE model by its structure, not by its model type.
+
+transformers 5 builds every routed MoE the same way: an `*Experts` module whose parameters carry the
+expert index on axis 0, beside a router whose weight has one row per expert (E rows). `find_moe`
+walks a built model and reports, as plain typed data, what moeprune's hand-written `arch.Family`
+entries spell out per family:
+
+    s = find_moe(model)                # -> MoeStructure
+    s.num_experts, s.n_experts_key, s.top_k_key, s.moe_layers, s.block, s.router, s.experts, s.shared
+    s.layers[0].expert_tensors         # every experts parameter with its expert axis and role
+    s.layers[0].router_tensors         # every router tensor with an expert axis (weight, bias, correction bias)
+    s.as_family()                      # the arch.Family these facts describe (hub file layout not included)
+    check_contract(s, model)           # does the router return (logits, weights, indices), do the
+                                       # experts take (hidden, top_k_index, top_k_weights)?
+
+What structure alone cannot tell (the gate/up layout of a fused projection, the scoring function) is
+probed on the live module when its weights are real (not on the meta device): zeroing half of a fused
+gate_up projection kills an expert's output exactly when that half is the gate, and the router's
+returned weights are proportional to softmax or sigmoid of its returned logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import Family, MoePruneError
+
+_TOP_K_NAME = ("per_tok", "top_k", "topk", "moe_k", "activated", "experts_per", "selected")
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "moe_k", "k", "num_selected_experts")
+_GROUP_FIELDS = (("n_group", "topk_group"), ("num_expert_group", "topk_group"), ("moe_n_group", "moe_topk_group"))
+_NOT_TEXT = ("vision", "visual", "audio", "speech", "image", "talker", "code2wav", "mtp")
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One parameter of the routed-experts module."""
+    name: str                   # under the experts module, e.g. "gate_up_proj" or "mlp.w1"
+    shape: tuple[int, ...]
+    expert_axis: int | None     # the axis of length E (None: no such axis, e.g. DBRX's [E*I, H])
+    role: str                   # "gate_up", "gate", "up", "down", "bias" or "other"
+    transposed: bool = False    # the hidden size on axis 1 ([E, H, out]) instead of the last axis
+
+
+@dataclass(frozen=True)
+class RouterTensor:
+    name: str                   # under the router module, e.g. "weight", "moe_statics.e_score_correction_bias"
+    shape: tuple[int, ...]
+    expert_axis: int
+
+
+@dataclass(frozen=True)
+class MoeLayerInfo:
+    """One MoE decoder layer; module paths are dotted attribute paths."""
+    index: int
+    block: str                  # relative to the decoder layer, e.g. "mlp"
+    router: str                 # relative to the block, e.g. "gate"
+    experts: str                # relative to the block, e.g. "experts"
+    router_class: str
+    experts_class: str
+    num_experts: int
+    router_tensors: tuple[RouterTensor, ...]
+    expert_tensors: tuple[ExpertTensor, ...]
+    shared: tuple[str, ...]     # the block's other children with parameters (shared experts, shared gates)
+    block_tensors: tuple[RouterTensor, ...] = ()   # expert-axis tensors held by the block itself
+    top_k: int | None = None    # the router's (or block's) top-k attribute
+
+
+@dataclass(frozen=True)
+class MoeStructure:
+    """The routed-expert structure of one model, found by `find_moe`."""
+    model_type: str
+    layers_path: str                        # the decoder layers ModuleList, e.g. "model.layers"
+    num_layers: int
+    num_experts: int
+    top_k: int | None
+    layers: tuple[MoeLayerInfo, ...]
+    n_experts_keys: tuple[str, ...]         # config paths whose value is E, best first ("text_config.num_experts")
+    n_experts_aliases: tuple[str, ...]      # attribute_map spellings of those keys ("num_experts" -> "num_local_experts")
+    top_k_keys: tuple[str, ...]             # config paths of the top-k, best first
+    group_fields: tuple[str, str] | None    # (n_group, topk_group) config fields, when the config has both
+    gate_up: str | None                     # "halves", "interleaved_t", "halves_t", "interleaved", "plain", "split"...
+    gate_up_evidence: str                   # "probe" (measured on the module) or "shape" (from the shapes alone)
+    scoring: str | None                     # "softmax" / "sigmoid" (probed), else a guess from the router tensors
+    scoring_evidence: str                   # "probe", "guess" or "none"
+    other_stacks: tuple[str, ...] = ()      # other ModuleLists holding experts (a vision tower's MoE, ...)
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(layer.index for layer in self.layers)
+
+    def _uniform(self, attr: str):
+        values = {getattr(layer, attr) for layer in self.layers}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def block(self) -> str | None:
+        return self._uniform("block")
+
+    @property
+    def router(self) -> str | None:
+        return self._uniform("router")
+
+    @property
+    def experts(self) -> str | None:
+        return self._uniform("experts")
+
+    @property
+    def shared(self) -> tuple[str, ...] | None:
+        return self._uniform("shared")
+
+    @property
+    def n_experts_key(self) -> str | None:
+        return self.n_experts_keys[0] if self.n_experts_keys else None
+
+    @property
+    def top_k_key(self) -> str | None:
+        return self.top_k_keys[0] if self.top_k_keys else None
+
+    @property
+    def text_config_path(self) -> str:
+        """Where the config holding the expert count sits: "" (the config itself), "text_config", ..."""
+        key = self.n_experts_key or ""
+        return key.rpartition(".")[0]
+
+    @property
+    def router_tensors(self) -> tuple[tuple[str, int], ...]:
+        return tuple((t.name, t.expert_axis) for t in self.layers[0].router_tensors)
+
+    @property
+    def axis0(self) -> bool:
+        """Every experts parameter carries the expert index on axis 0 (what moeprune's surgery relies on)."""
+        return all(t.expert_axis == 0 for layer in self.layers for t in layer.expert_tensors)
+
+    def as_family(self) -> Family:
+        """The arch.Family these facts describe (the hub's file layout is not discovered: its defaults stay)."""
+        problems = [name for name, value in (("block", self.block), ("router", self.router),
+                                              ("experts", self.experts), ("n_experts_key", self.n_experts_key),
+                                              ("top_k_key", self.top_k_key)) if value is None]
+        if problems:
+            raise MoePruneError(f"{self.model_type}: no single {', '.join(problems)} across the MoE layers")
+        moe = set(self.moe_layers)
+        return Family(self.model_type, self.n_experts_key.rpartition(".")[2],
+                      top_k_field=self.top_k_key.rpartition(".")[2], block=self.block, router=self.router,
+                      experts=self.experts, shared=self.shared, router_tensors=self.router_tensors,
+                      scoring=self.scoring or "softmax", gate_up=self.gate_up or "halves",
+                      group_fields=self.group_fields, is_moe_layer=lambda c, i: i in moe)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What moeprune relies on, checked on one MoE layer: `ok` when nothing differs."""
+    router_returns: str        # e.g. "(logits [n, E], weights [n, k], indices [n, k])"
+    experts_signature: str     # e.g. "(hidden_states, top_k_index, top_k_weights)"
+    differences: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _get(root, dotted: str):
+    for part in dotted.split(".") if dotted else []:
+        root = root[int(part)] if part.isdigit() and isinstance(root, (nn.ModuleList, nn.Sequential)) \
+            else getattr(root, part)
+    return root
+
+
+def _relative(path: str, prefix: str) -> str:
+    return path[len(prefix) + 1:] if prefix else path
+
+
+def _is_experts(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("Experts") and "Shared" not in name and any(True for _ in module.parameters())
+
+
+def _text_config(config):
+    for key in ("text_config", "language_config", "llm_config", "thinker_config"):
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            return _text_config(sub) if key == "thinker_config" else sub
+    return config
+
+
+def _tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from ((n, b) for n, b in module.named_buffers() if b is not None)
+
+
+def _int_paths(d: dict, value: int, prefix: str = ""):
+    """Dotted paths of every int equal to `value` in a nested config dict."""
+    for key, v in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(v, dict):
+            yield from _int_paths(v, value, path + ".")
+        elif isinstance(v, int) and not isinstance(v, bool) and v == value:
+            yield path
+
+
+def _rank_key(path: str, words: tuple[str, ...]) -> tuple:
+    leaf = path.rpartition(".")[2]
+    outside_text = any(w in path for w in _NOT_TEXT)
+    return (not any(w in leaf for w in words), outside_text, "shared" in leaf, path.count("."), len(path))
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+
+def _decoder_stack(model: nn.Module, expert_paths: list[str]) -> tuple[str, dict[int, list[str]], list[str]]:
+    """(path of the decoder-layer ModuleList, {layer index: expert paths}, other stacks with experts)."""
+    stacks: dict[str, dict[int, list[str]]] = {}
+    modules = dict(model.named_modules())
+    for path in expert_paths:
+        parts = path.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if parts[i].isdigit() and isinstance(modules.get(prefix), nn.ModuleList):
+                stacks.setdefault(prefix, {}).setdefault(int(parts[i]), []).append(path)
+                break
+    if not stacks:
+        raise MoePruneError(f"no routed experts found in {type(model).__name__}: no *Experts module inside a "
+                            "ModuleList of decoder layers")
+    best = min(stacks, key=lambda p: (any(w in p for w in _NOT_TEXT), -len(stacks[p]), len(p)))
+    return best, stacks[best], sorted(p for p in stacks if p != best)
+
+
+def _expert_count(experts: nn.Module) -> int | None:
+    count = getattr(experts, "num_experts", None)
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
+    firsts = {p.shape[0] for _, p in experts.named_parameters(recurse=False) if p.dim() >= 1}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def _find_router(block: nn.Module, experts_rel: str, E: int, H: int | None):
+    """(path, module) of the router: a module outside the experts whose 2-D weight has E rows (of width H)."""
+    found = []
+    for path, module in block.named_modules():
+        if path == experts_rel or path.startswith(experts_rel + ".") or not path:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == E \
+                and (H is None or weight.shape[1] == H):
+            found.append(path)
+    if not found:
+        return None, None
+    # the router is the outermost such module (a router wrapping a Linear is the router, not the Linear)
+    path = min(found, key=lambda p: p.count("."))
+    parent = path.rpartition(".")[0]
+    if parent and parent != experts_rel and not isinstance(_get(block, parent), nn.ModuleList) \
+            and "forward" in type(_get(block, parent)).__dict__ and "Router" in type(_get(block, parent)).__name__:
+        path = parent
+    return path, _get(block, path)
+
+
+def _expert_axis_tensors(module: nn.Module, E: int, skip: tuple[str, ...] = ()) -> tuple[RouterTensor, ...]:
+    out = []
+    for name, t in _tensors(module):
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        axes = [a for a, n in enumerate(t.shape) if n == E]
+        if axes:
+            out.append(RouterTensor(name, tuple(t.shape), axes[0]))
+    return tuple(out)
+
+
+def _role(name: str) -> str:
+    leaf = name.rpartition(".")[2].lower()
+    if "bias" in leaf:
+        return "bias"
+    if "gate_up" in leaf or leaf in ("w13", "input_linear", "fc1", "wi"):
+        return "gate_up"
+    if "gate" in leaf or leaf in ("w1",):
+        return "gate"
+    if "up" in leaf or leaf in ("w3", "v1"):
+        return "up"
+    if "down" in leaf or leaf in ("w2", "output_linear", "fc2", "wo"):
+        return "down"
+    return "other"
+
+
+def _expert_tensors(experts: nn.Module, E: int, H: int | None) -> tuple[ExpertTensor, ...]:
+    """Each experts parameter with its expert axis, role and orientation. A 3-D projection is "transposed"
+    when it is stored [E, in, out] (x @ W) instead of nn.Linear's [E, out, in]; where both trailing sizes
+    equal the hidden size the other projections decide."""
+    rows = []
+    for name, p in experts.named_parameters():
+        axes = [a for a, n in enumerate(p.shape) if n == E]
+        axis = 0 if p.shape and p.shape[0] == E else (axes[0] if axes else None)
+        role = _role(name)
+        transposed = None
+        if p.dim() == 3 and H is not None and (p.shape[1] == H) != (p.shape[2] == H):
+            hidden_in = p.shape[1] == H if role != "down" else p.shape[2] == H
+            transposed = hidden_in
+        rows.append((name, tuple(p.shape), axis, role, transposed))
+    known = [t for *_, t in rows if t is not None]
+    default = bool(known) and sum(known) * 2 >= len(known)
+    return tuple(ExpertTensor(name, shape, axis, role, default if t is None else t) for name, shape, axis, role, t in rows)
+
+
+def _gate_up_shape(tensors: tuple[ExpertTensor, ...]) -> str | None:
+    roles = {t.role for t in tensors}
+    fused = [t for t in tensors if t.role == "gate_up"]
+    if fused:
+        return "halves_t" if fused[0].transposed else "halves"
+    if {"gate", "up"} <= roles:
+        return "split"
+    return None
+
+
+@torch.no_grad()
+def _probe_gate_up(experts: nn.Module, tensors: tuple[ExpertTensor, ...], H: int, k: int) -> str | None:
+    """Which part of the fused gate_up projection is the gate, measured on expert 0: "halves" (gate rows
+    first), "interleaved" (gate at even positions), "plain" (no gate: an ungated MLP); None if unknown."""
+    fused = [t for t in tensors if t.role == "gate_up" and t.expert_axis == 0]
+    if not fused:
+        return None
+    t = fused[0]
+    axis = 2 if t.transposed else 1          # the fused axis of [E, 2I, H] is 1; of [E, H, 2I] it is 2
+    param = _get(experts, t.name)
+    bias_name = t.name + "_bias" if hasattr(experts, t.name.rpartition(".")[2] + "_bias") else None
+    bias = _get(experts, bias_name) if bias_name else None
+    n = 4
+    hidden = torch.randn(n, H, dtype=param.dtype)
+    index = torch.zeros(n, k, dtype=torch.long)
+    index[:, 1:] = torch.arange(1, k) if k > 1 else index[:, 1:]
+    weights = torch.zeros(n, k, dtype=param.dtype)
+    weights[:, 0] = 1.0
+
+    def run(mask) -> torch.Tensor:
+        saved, saved_bias = param.data.clone(), bias.data.clone() if bias is not None else None
+        try:
+            if mask is not None:
+                param.data[0].mul_(mask.view((-1, 1) if axis == 1 else (1, -1)))
+                if bias is not None:
+                    bias.data[0].mul_(mask)
+            return experts(hidden, index, weights).reshape(n, -1).float()
+        finally:
+            param.data.copy_(saved)
+            if bias is not None:
+                bias.data.copy_(saved_bias)
+
+    width = param.shape[axis]
+    if width % 2:
+        return None
+    full = run(None)
+    dead = run(torch.zeros(width, dtype=param.dtype))          # the expert's output with no input projection
+    if torch.allclose(full, dead):
+        return None
+    first = torch.ones(width, dtype=param.dtype)
+    first[: width // 2] = 0
+    even = torch.ones(width, dtype=param.dtype)
+    even[0::2] = 0
+    close = lambda out: torch.allclose(out, dead, atol=1e-6)   # noqa: E731
+    if close(run(first)):
+        return "halves"
+    if close(run(even)):
+        return "interleaved"
+    return "plain"
+
+
+@torch.no_grad()
+def _probe_scoring(router: nn.Module, H: int, E: int) -> str | None:
+    """"softmax" or "sigmoid" when the router's returned weights are proportional (per token, after an optional
+    renormalisation) to softmax / sigmoid of its returned logits at the chosen experts; None otherwise."""
+    out = _call_router(router, torch.randn(16, H, dtype=next(router.parameters()).dtype) * 3)
+    if out is None:
+        return None
+    logits, weights, index = out
+    logits = logits.reshape(-1, E).double()
+    weights, index = weights.reshape(logits.shape[0], -1).double(), index.reshape(logits.shape[0], -1)
+    for name, probs in (("softmax", torch.softmax(logits, -1)), ("sigmoid", torch.sigmoid(logits))):
+        picked = probs.gather(-1, index)
+        for cand in (picked, picked / picked.sum(-1, keepdim=True)):
+            ratio = weights / cand
+            if torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4, atol=1e-6):
+                return name
+    return None
+
+
+def _call_router(router: nn.Module, hidden: torch.Tensor):
+    for x in (hidden, hidden[None]):
+        try:
+            out = router(x)
+        except Exception:                               # noqa: BLE001  a router of another contract
+            continue
+        if isinstance(out, tuple) and len(out) == 3 and all(isinstance(o, torch.Tensor) for o in out):
+            return out
+        return None
+    return None
+
+
+def _module_top_k(*modules) -> int | None:
+    for module in modules:
+        for attr in _TOP_K_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _hidden_size(config) -> int | None:
+    for key in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(_text_config(config), key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _aliases(config, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """attribute_map spellings (alias -> real field) of the given config paths."""
+    out = []
+    for key in keys:
+        prefix, _, leaf = key.rpartition(".")
+        try:
+            sub = _get(config, prefix) if prefix else config
+        except AttributeError:
+            continue
+        for alias, real in (getattr(type(sub), "attribute_map", None) or {}).items():
+            if real == leaf:
+                out.append(f"{prefix + '.' if prefix else ''}{alias}")
+    return tuple(out)
+
+
+def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
+    """The routed-expert structure of a built model (on any device; `probe` defaults to "weights are real")."""
+    config = model.config
+    is_meta = any(p.is_meta for p in model.parameters())
+    probe = (not is_meta) if probe is None else probe
+    H = _hidden_size(config)
+    expert_paths = [p for p, m in model.named_modules() if _is_experts(m)]
+    # an *Experts module nested inside another (JetMoE's ParallelExperts pairs) is part of its parent
+    expert_paths = [p for p in expert_paths if not any(p.startswith(q + ".") for q in expert_paths)]
+    stack_path, per_layer, others = _decoder_stack(model, expert_paths)
+    stack = _get(model, stack_path)
+    notes: list[str] = []
+    layers = []
+    for index in sorted(per_layer):
+        layer_prefix = f"{stack_path}.{index}"
+        path = per_layer[index][0]
+        if len(per_layer[index]) > 1:
+            notes.append(f"layer {index} holds {len(per_layer[index])} experts modules: {per_layer[index]}")
+        experts = _get(model, path)
+        E = _expert_count(experts)
+        if E is None:
+            notes.append(f"layer {index}: cannot tell the expert count of {type(experts).__name__}")
+            continue
+        block_path = path.rpartition(".")[0]
+        router_path, router = None, None
+        while True:                                     # the block: the innermost ancestor that holds a router
+            block = _get(model, block_path)
+            router_path, router = _find_router(block, _relative(path, block_path), E, H)
+            if router is not None or block_path == layer_prefix or not block_path.startswith(layer_prefix):
+                break
+            block_path = block_path.rpartition(".")[0]
+        if router is None:
+            notes.append(f"layer {index}: no router with {E} rows next to {path}")
+            continue
+        experts_rel = _relative(path, block_path)
+        head = {experts_rel.split(".")[0], router_path.split(".")[0]}
+        shared = tuple(name for name, child in block.named_children()
+                       if name not in head and any(True for _ in child.parameters()))
+        router_tensors = _expert_axis_tensors(router, E)
+        block_tensors = tuple(t for t in _expert_axis_tensors(block, E, skip=(experts_rel, router_path, *shared))
+                              if not t.name.startswith(router_path + "."))
+        layers.append(MoeLayerInfo(
+            index=index, block=_relative(block_path, layer_prefix), router=router_path, experts=experts_rel,
+            router_class=type(router).__name__, experts_class=type(experts).__name__, num_experts=E,
+            router_tensors=router_tensors, expert_tensors=_expert_tensors(experts, E, H), shared=shared,
+            block_tensors=block_tensors, top_k=_module_top_k(router, block, experts)))
+    if not layers:
+        raise MoePruneError(f"no MoE layer with a router found in {type(model).__name__}: " + "; ".join(notes))
+    counts = {layer.num_experts for layer in layers}
+    if len(counts) > 1:
+        notes.append(f"the MoE layers hold different expert counts: {sorted(counts)}")
+    E = layers[0].num_experts
+    top_k = layers[0].top_k
+    d = config.to_dict()
+    n_keys = tuple(sorted((p for p in _int_paths(d, E) if "expert" in p.rpartition(".")[2]),
+                          key=lambda p: _rank_key(p, ("expert",))))
+    k_keys = ()
+    if top_k is not None:
+        k_keys = tuple(sorted((p for p in _int_paths(d, top_k)
+                               if any(w in p.rpartition(".")[2] for w in _TOP_K_NAME)
+                               and "group" not in p.rpartition(".")[2]),
+                              key=lambda p: _rank_key(p, _TOP_K_NAME)))
+    text = _text_config(config)
+    group_fields = next(((a, b) for a, b in _GROUP_FIELDS if hasattr(text, a) and hasattr(text, b)), None)
+    first = layers[0]
+    experts0 = _get(model, f"{stack_path}.{first.index}.{first.block}.{first.experts}".replace("..", "."))
+    router0 = _get(model, f"{stack_path}.{first.index}.{first.block}.{first.router}".replace("..", "."))
+    gate_up, gate_up_evidence = _gate_up_shape(first.expert_tensors), "shape"
+    scoring, scoring_evidence = None, "none"
+    if probe:
+        try:
+            probed = _probe_gate_up(experts0, first.expert_tensors, H, top_k or 2)
+        except Exception as e:                          # noqa: BLE001  experts of another contract
+            probed, _ = None, notes.append(f"gate_up probe failed: {type(e).__name__}: {e}"[:200])
+        if probed is not None:
+            fused = next(t for t in first.expert_tensors if t.role == "gate_up")
+            gate_up, gate_up_evidence = probed + ("_t" if fused.transposed else ""), "probe"
+        scoring = _probe_scoring(router0, H, E)
+        scoring_evidence = "probe" if scoring else "none"
+    if scoring is None:
+        names = {t.name.rpartition(".")[2] for t in first.router_tensors} | {t.name for t in first.block_tensors}
+        direct = {t.name for t in first.router_tensors}
+        scoring = "sigmoid" if "e_score_correction_bias" in direct else "softmax"
+        scoring_evidence = "guess" if names else "none"
+    return MoeStructure(
+        model_type=getattr(config, "model_type", type(config).__name__), layers_path=stack_path,
+        num_layers=len(stack), num_experts=E, top_k=top_k, layers=tuple(layers), n_experts_keys=n_keys,
+        n_experts_aliases=_aliases(config, n_keys), top_k_keys=k_keys, group_fields=group_fields,
+        gate_up=gate_up, gate_up_evidence=gate_up_evidence, scoring=scoring, scoring_evidence=scoring_evidence,
+        other_stacks=tuple(others), notes=tuple(notes))
+
+
+# ------------------------------------------------------------------------------------------------ contract
+
+_EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+@torch.no_grad()
+def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
+    """Whether the router's forward returns (logits [n, E], weights [n, k], indices [n, k]) and the experts'
+    forward takes (hidden_states, top_k_index, top_k_weights) and returns [n, H] (run on the first MoE layer;
+    a meta-device model is checked by signature only)."""
+    first = structure.layers[0]
+    prefix = f"{structure.layers_path}.{first.index}" + (f".{first.block}" if first.block else "")
+    router, experts = _get(model, f"{prefix}.{first.router}"), _get(model, f"{prefix}.{first.experts}")
+    E, k, H = structure.num_experts, structure.top_k or 2, _hidden_size(model.config)
+    diffs: list[str] = []
+    params = [p for p in inspect.signature(experts.forward).parameters if p not in ("self", "args", "kwargs")]
+    signature = f"({', '.join(params)})"
+    if len(params) < 3 or not ("ind" in params[1] and "weight" in params[2]):
+        diffs.append(f"experts {type(experts).__name__}.forward takes {signature}, not {_EXPERTS_ARGS}")
+    if not structure.axis0:
+        odd = [f"{t.name} {list(t.shape)}" for t in first.expert_tensors if t.expert_axis != 0]
+        diffs.append(f"experts tensors without the expert index on axis 0: {', '.join(odd)}")
+    if structure.top_k is None:
+        diffs.append("neither the router nor the block has a top-k attribute")
+    returns = "not run (meta device)"
+    if not any(p.is_meta for p in router.parameters()):
+        n = 6
+        dtype = next(router.parameters()).dtype
+        out = _call_router(router, torch.randn(n, H, dtype=dtype))
+        if out is None:
+            returns = "not a 3-tuple of tensors"
+            diffs.append(f"router {type(router).__name__}.forward does not return (logits, weights, indices)")
+        else:
+            logits, weights, index = out
+            returns = f"({list(logits.shape)}, {list(weights.shape)}, {list(index.shape)} {str(index.dtype)[6:]})"
+            if logits.shape[-1] != E or logits.numel() != n * E:
+                diffs.append(f"router logits have shape {list(logits.shape)}, not [{n}, {E}]")
+            if index.dtype not in (torch.int64, torch.int32) or weights.shape != index.shape \
+                    or index.shape[-1] != k:
+                diffs.append(f"router returns weights {list(weights.shape)} / indices {list(index.shape)} "
+                             f"{index.dtype}, not [{n}, {k}] / [{n}, {k}] int64")
+            if not diffs or len(params) >= 3:
+                try:
+                    y = experts(torch.randn(n, H, dtype=dtype), index.reshape(n, -1).long(), weights.reshape(n, -1))
+                    if y.numel() != n * H:
+                        diffs.append(f"experts return shape {list(y.shape)}, not [{n}, {H}]")
+                except Exception as e:                  # noqa: BLE001
+                    diffs.append(f"experts forward failed: {type(e).__name__}: {str(e)[:120]}")
+    return Contract(returns, signature, tuple(diffs))
