@@ -4,19 +4,45 @@ Names: `demo-mixtral`, `demo-fine` (embedded), `tiny:<family>` (a tiny random mo
 a local folder, or a Hugging Face hub id (when online). The output is written to a temporary
 folder beside the destination and renamed into place, so a failure never leaves half a checkpoint,
 and the input model is never written to.
+
+A model folder is data, never code: every config goes through `load_config` (transformers' own classes
+only, trust_remote_code=False, no prompt), every model class through `causal_lm_class`, and pickle
+weights (pytorch_model.bin) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import dynamic_module_utils
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from . import demo
-from .arch import MoePruneError
+from .arch import FAMILIES, MoePruneError
+
+# transformers asks on stdin whether to run a folder's own code when trust_remote_code is left unset, and a
+# "y" runs it. With the timeout at 0 it raises instead: no load anywhere in the process can prompt, even one
+# that forgets trust_remote_code=False.
+dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# config fields that size the model: each, when set, a positive integer (and not absurdly large)
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+               "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+               "n_shared_experts", "n_group", "topk_group", "moe_num_shared_experts", "decoder_sparse_step",
+               "moe_layer_interval")
+MAX_SIZE = 2**24
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,13 +68,7 @@ def resolve(spec: str | None) -> tuple[str, Path | None]:
                             "tiny:mixtral for a tiny random model")
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise MoePruneError(f"{path} is not a model folder: it has no config.json")
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoePruneError(f"{path / 'config.json'} is not valid JSON ({e}); the download is damaged or the "
-                                "file was edited by hand: restore it") from None
+        read_config_json(path)
         return spec, path.resolve()
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -73,9 +93,166 @@ def compute_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+# ---------------------------------------------------------------- configs and model classes, never remote code
+
+def read_config_json(folder: Path) -> dict:
+    """config.json of a local model folder as a JSON object, or one clear error naming the file."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise MoePruneError(f"{folder} is not a model folder: it has no config.json")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:          # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise MoePruneError(f"{file} is not valid JSON ({e}); the download is damaged or the file was edited by "
+                            "hand: restore it") from None
+    except OSError as e:
+        raise MoePruneError(f"{file} cannot be read ({e.strerror or e}); check its permissions") from None
+    if not isinstance(raw, dict):
+        raise MoePruneError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; the "
+                            "download is damaged or the file was edited by hand: restore it")
+    if not isinstance(raw.get("model_type"), str) or not raw["model_type"]:
+        raise MoePruneError(f"{file} has no \"model_type\" string, so it is not a transformers model config; "
+                            "restore the file")
+    return raw
+
+
+def _transformers_class(name) -> type | None:
+    """The transformers model class of this name (one with a config class), else None."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:                                  # transformers' lazy module failing to import a name
+        return None
+    config_class = getattr(cls, "config_class", None)
+    ok = isinstance(cls, type) and isinstance(config_class, type) and issubclass(config_class, PretrainedConfig)
+    return cls if ok else None
+
+
+def _config_error(where: str, e: Exception) -> MoePruneError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    detail = detail.removeprefix("TypeError: ").removeprefix("ValueError: ")[:300]
+    return MoePruneError(f"{where}: {detail}; the file is damaged or was edited by hand: restore it")
+
+
+def check_config(config, where: str = "config.json") -> None:
+    """The fields that size the model: positive integers; top-k within the expert count; whole KV groups."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    fields = SIZE_FIELDS + ((family.n_experts_field, family.top_k_field) if family is not None else ())
+    for name in fields:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+            shown = repr(value)[:60]
+            raise MoePruneError(f"{where}: field {name!r} is {shown}; it must be a positive integer (at most "
+                                f"{MAX_SIZE}). The file is damaged or was edited by hand: restore it")
+    if family is not None:
+        experts, top_k = getattr(config, family.n_experts_field, None), getattr(config, family.top_k_field, None)
+        if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
+            raise MoePruneError(f"{where}: field {family.top_k_field!r} ({top_k}) exceeds the expert count "
+                                f"{family.n_experts_field!r} ({experts}); restore the file")
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise MoePruneError(f"{where}: field 'num_attention_heads' ({heads}) is not a multiple of "
+                            f"'num_key_value_heads' ({kv}); restore the file")
+
+
+def load_config(source: str | Path) -> PretrainedConfig:
+    """The config of a model folder (or hub id) in one of transformers' own config classes; the folder's own
+    code is never imported and nothing prompts. A model type transformers does not know (a folder that ships
+    its code, e.g. Kimi-K2's "kimi_k2") is read with the class its `architectures` names when transformers
+    has that class (with a warning), else refused. A damaged config.json is one error naming the field."""
+    path = Path(source).expanduser()
+    if not path.exists():                              # a hub id
+        try:
+            return AutoConfig.from_pretrained(str(source), trust_remote_code=False)
+        except OSError as e:
+            raise MoePruneError(f"could not read the config of {str(source)!r}: {e}. Is it a local folder, or is "
+                                "the machine online for a hub id?") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise _config_error(f"the config of {str(source)!r}", e) from None
+    raw = read_config_json(path)
+    file = path / "config.json"
+    model_type = raw["model_type"]
+    try:
+        if model_type in CONFIG_MAPPING:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        else:
+            names = raw.get("architectures")
+            names = names if isinstance(names, list) else []
+            cls = next((c for c in map(_transformers_class, names) if c is not None), None)
+            if cls is None:
+                raise MoePruneError(f"{file}: model type {model_type[:80]!r} is not a transformers model type and "
+                                    f"its architectures ({str(names)[:120]}) name no transformers class: the folder "
+                                    "needs its own code (auto_map), which moeprune never runs")
+            warnings.warn(f"model type {model_type!r} is not a transformers model type; using transformers' "
+                          f"{cls.__name__} named in architectures (the folder's own code is never run)", stacklevel=2)
+            fields = {k: v for k, v in raw.items() if k != "model_type"}
+            config = cls.config_class.from_dict(fields)
+            config._name_or_path = str(path)
+    except MoePruneError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        raise _config_error(str(file), e) from None
+    check_config(config, str(file))
+    return config
+
+
+def causal_lm_class(config: PretrainedConfig) -> type:
+    """transformers' own causal-LM class for a config (never a folder's code): the one `architectures` names
+    when transformers maps several to the config's class."""
+    try:
+        classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise MoePruneError(f"transformers has no causal language model for model type "
+                            f"{getattr(config, 'model_type', '?')!r}") from None
+    if not isinstance(classes, (list, tuple)):
+        return classes
+    named = {c.__name__: c for c in classes}
+    return next((named[a] for a in (getattr(config, "architectures", None) or []) if a in named), classes[0])
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of a config with its parameters on the meta device (buffers real), built by transformers' own
+    class; a config transformers cannot build the model of is one error, not a traceback."""
+    from accelerate import init_empty_weights
+    cls = causal_lm_class(config)
+    where = f"{getattr(config, '_name_or_path', '') or 'the model'}"
+    try:
+        with init_empty_weights(include_buffers=False):
+            return cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    except MoePruneError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
+            RuntimeError) as e:
+        raise MoePruneError(f"{where}: transformers cannot build the model its config.json describes "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); the file is "
+                            "damaged or was edited by hand: restore it") from None
+
+
+def check_weights(folder: Path) -> None:
+    """A local folder must hold safetensors weights: pickle files (pytorch_model.bin, ...) are never unpickled,
+    since unpickling runs whatever code the file carries."""
+    if any((folder / f).is_file() for f in WEIGHT_FILES):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)) \
+        if folder.is_dir() else []
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
+        raise MoePruneError(f"{folder} holds its weights only as pickle files ({shown}); moeprune never unpickles "
+                            "weights (unpickling can run code the file carries): convert them to safetensors "
+                            "(model.safetensors) where you trust the file, then run moeprune on that folder")
+    raise MoePruneError(f"{folder} holds no weights: no model.safetensors and no model.safetensors.index.json")
+
+
 def own_dtype(source: str | Path) -> torch.dtype | None:
     """The checkpoint's own dtype as its config.json states it (None when it states none)."""
-    own = AutoConfig.from_pretrained(source).dtype
+    return _torch_dtype(load_config(source).dtype)
+
+
+def _torch_dtype(own) -> torch.dtype | None:
     own = getattr(torch, own, None) if isinstance(own, str) else own
     return own if isinstance(own, torch.dtype) else None
 
@@ -85,8 +262,8 @@ def load_tokenizer(source: str):
     empty placeholder tokenizer for some families when the folder has no tokenizer files)."""
     from .preflight import usable_tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except Exception:           # damaged or foreign tokenizer files (tokenizers raises plain Exception): none
         return None
     return tokenizer if usable_tokenizer(tokenizer)[0] else None
 
@@ -95,16 +272,27 @@ def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
     """(name, source for the per-layer engine, tokenizer, input folder or None).
 
     A local folder of safetensors is read lazily, a layer at a time (engine.CheckpointSource): the
-    model never has to fit in memory. Anything else (a tiny model, a hub id, .bin weights) is loaded.
+    model never has to fit in memory. A tiny model or a hub id is loaded; a folder of pickle weights
+    (pytorch_model.bin) is refused.
     """
-    from .engine import CheckpointSource, ModelSource
+    from .sources import CheckpointSource, ModelSource
     name, path = resolve(spec)
     device = resolve_device(device)
     compute = compute_dtype(dtype, device)
-    if path is not None and any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+    if path is not None:
+        check_weights(path)
+        config = load_config(path)           # before any header: custom code refused, fields checked
         if compute == "auto":
-            compute = own_dtype(path) or torch.float32
-        return name, CheckpointSource(path, device, compute), load_tokenizer(str(path)), path
+            compute = _torch_dtype(config.dtype) or torch.float32
+        try:
+            source = CheckpointSource(path, device, compute)
+        except MoePruneError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
+                RuntimeError) as e:
+            raise MoePruneError(f"{path}: transformers cannot build the model its config.json describes "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
+        return name, source, load_tokenizer(str(path)), path
     loaded = load(spec, dtype, device)
     return name, ModelSource(loaded.model, save_dtype=loaded.save_dtype), loaded.tokenizer, path
 
@@ -123,9 +311,13 @@ def load(spec: str | None, dtype: str = "auto", device: str = "auto") -> Loaded:
             model = model.to(DTYPES[dtype])
         return Loaded(model.to(device), None, name, None)
     source = str(path) if path is not None else name
+    if path is not None:
+        check_weights(path)
+    config = load_config(source)
+    own = _torch_dtype(config.dtype)                             # the checkpoint's own dtype, before loading
     try:
-        own = own_dtype(source)                                  # the checkpoint's own dtype, before loading
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=compute, trust_remote_code=False,
+                                                     use_safetensors=True)
     except OSError as e:
         raise MoePruneError(f"could not load model {name!r}: {e}. Is it a local folder, or is the machine "
                             "online for a hub id?") from e
@@ -140,16 +332,78 @@ def folder_bytes(path: Path | None) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) or None
 
 
+def _moeprune_output(folder: Path) -> bool:
+    """An empty folder, or one moeprune wrote: it holds a plan.json that parses as a moeprune plan."""
+    from .plan import Plan
+    try:
+        if not any(folder.iterdir()):
+            return True
+        Plan.load(folder / "plan.json")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return False
+    return True
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """Refuse up front a location that cannot be written: a temporary entry is made in the nearest existing
+    folder above `path` (where the output's folders will be made) and removed again."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MoePruneError(f"{flag} {path}: {parent} is a file, not a folder; choose another location")
+    try:
+        probe = tempfile.mkdtemp(prefix=".moeprune-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise MoePruneError(f"{flag} {path} cannot be written: moeprune cannot create entries in {parent} "
+                            f"({e.strerror or e}); choose a folder you can write to") from None
+
+
 def check_output(out: str | Path, overwrite: bool, source: Path | None) -> Path:
-    """Validate the output folder before any work is done."""
+    """Validate the output folder before any work is done. --overwrite replaces only an empty folder or one
+    moeprune wrote (with its plan.json); the location must be writable."""
+    if out is None or not str(out).strip():
+        raise MoePruneError("--out is empty: name the folder to write the pruned checkpoint to")
     out = Path(out).expanduser().resolve()
     if source is not None and (out == source or source in out.parents or out in source.parents):
         raise MoePruneError(f"--out {out} overlaps the input model folder {source}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise MoePruneError(f"--out {out} exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
         raise MoePruneError(f"--out {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise MoePruneError(f"--out {out} exists and is not a folder")
+    if out.exists() and not _moeprune_output(out):
+        raise MoePruneError(f"--out {out} is a folder moeprune did not write (it has no moeprune plan.json); "
+                            "--overwrite replaces only an empty folder or an earlier moeprune output, so it is "
+                            "left alone: choose another --out, or delete it yourself")
+    check_writable(out)
     return out
+
+
+def check_side_path(flag: str, path: str | Path, input_folder: Path | None, out: Path | None, *,
+                    folder_ok: bool) -> Path:
+    """A path written beside the output (--plan-out: a file, folder_ok=False; --stats-cache: a folder,
+    folder_ok=True), resolved; refused inside the input model folder, equal to or inside --out (replaced when
+    the output is moved into place), or of the wrong kind."""
+    if path is None or not str(path).strip():
+        raise MoePruneError(f"{flag} is empty: name the {'folder' if folder_ok else 'file'} to write")
+    p = Path(path).expanduser().resolve()
+    if input_folder is not None:
+        home = Path(input_folder).expanduser().resolve()
+        if p == home or home in p.parents:
+            raise MoePruneError(f"{flag} {p} is inside the input model folder {home}, which moeprune never writes "
+                                f"into: choose a {flag} outside it")
+    if out is not None:
+        dest = Path(out).expanduser().resolve()
+        if p == dest or dest in p.parents:
+            raise MoePruneError(f"{flag} {p} is inside --out {dest}, which the pruned checkpoint replaces: choose a "
+                                f"{flag} outside --out")
+    if not folder_ok and p.is_dir():
+        raise MoePruneError(f"{flag} {p} is a folder; name the file to write, e.g. {flag} {p / 'plan.json'}")
+    if folder_ok and p.exists() and not p.is_dir():
+        raise MoePruneError(f"{flag} {p} is a file; name a folder (it is made when missing)")
+    check_writable(p / "entry" if p.is_dir() else p, flag)     # an existing folder: written inside
+    return p
 
 
 def save_model(model, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> None:
