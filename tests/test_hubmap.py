@@ -1,0 +1,201 @@
+"""moeprune.hubmap against what transformers itself writes and reads, for every MoE model type it can build tiny.
+
+Per model type: a tiny random model is saved with save_pretrained (safetensors, the hub layout); then
+(a) the file names HubMap predicts from the meta-device model are exactly the saved file's keys (with shapes),
+(b) to_module rebuilds every tensor of a freshly loaded model bit for bit from the saved file tensors,
+(c) to_files of the loaded model's tensors reproduces every saved file tensor bit for bit,
+and for the families moeprune supports, (d) the names and expert axes agree with moeprune.hub.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moeprune.arch import FAMILIES, MoePruneError, family_of
+from moeprune.hubmap import HubMap
+
+torch.set_num_threads(1)
+
+# every MoE model type checked; one per conversion pattern of transformers and every family moeprune supports
+MODEL_TYPES = [
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe", "ernie4_5_moe",
+    "glm4_moe", "dbrx", "qwen3_next", "llama4_text", "minimax", "minimax_m2", "granitemoe", "granitemoeshared",
+    "jetmoe", "hunyuan_v1_moe", "dots1", "flex_olmo", "glm4_moe_lite", "exaone_moe", "cohere2_moe", "afmoe",
+    "longcat_flash", "solar_open", "lfm2_moe", "jamba", "bailing_hybrid", "sarvam_moe", "laguna", "mimo_v2_flash",
+    "hy_v3", "kimi_linear", "nemotron_h", "aria_text", "deepseek_v32", "glm_moe_dsa", "granitemoehybrid",
+    "qwen3_5_moe_text", "axk1", "kolibri1", "flint", "mellum", "beam",
+]
+
+_COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+               head_dim=32, intermediate_size=48, moe_intermediate_size=24, max_position_embeddings=128,
+               tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOPK_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk")
+
+
+def _own_tiny_config(model_type: str):
+    """A tiny config from the fields the model type's config has (6 experts, top-2)."""
+    from transformers import AutoConfig
+    defaults = AutoConfig.for_model(model_type)
+    fields = {k: v for k, v in _COMMON.items() if hasattr(defaults, k)}
+    fields.update({k: 6 for k in _EXPERT_FIELDS if hasattr(defaults, k)})
+    fields.update({k: 2 for k in _TOPK_FIELDS if hasattr(defaults, k)})
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _config(model_type: str):
+    try:
+        from moeprune.tiny import tiny_config
+        config = tiny_config(model_type)
+    except (ImportError, MoePruneError):
+        config = _own_tiny_config(model_type)
+    if hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    return config
+
+
+def _build(config, device=None):
+    from transformers import AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if device == "meta":
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():                                   # distinct values everywhere: no all-zero or all-one tensor
+        for p in list(model.parameters()) + list(model.buffers()):
+            if p.is_floating_point():
+                p.normal_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cache: dict = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            from transformers import AutoModelForCausalLM
+            try:
+                config = _config(model_type)
+                model = _build(config)
+            except Exception as e:                          # noqa: BLE001  not buildable tiny here
+                pytest.skip(f"{model_type}: no tiny model ({type(e).__name__}: {str(e)[:200]})")
+            folder = tmp_path_factory.mktemp(model_type)
+            model.save_pretrained(folder, safe_serialization=True)
+            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+                files = {k: f.get_tensor(k) for k in f.keys()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            cache[model_type] = (config, files, loaded)
+        return cache[model_type]
+
+    return get
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_hubmap_matches_save_and_load(model_type, saved):
+    config, files, loaded = saved(model_type)
+    hub = HubMap.for_model(_build(config, "meta"))
+
+    # (a) the predicted file names and shapes are the saved file's
+    assert set(hub.all_file_names()) == set(files), (sorted(set(hub.all_file_names()) - set(files))[:5],
+                                                     sorted(set(files) - set(hub.all_file_names()))[:5])
+    for name, t in files.items():
+        assert hub.file_shape(name) == tuple(t.shape), name
+
+    # (b) every tensor of the loaded model, rebuilt from the file tensors
+    reads = []
+
+    def read(name):
+        reads.append(name)
+        return files[name]
+
+    state = loaded.state_dict()
+    for name, t in state.items():
+        got = hub.to_module(name, t.shape, read, t.dtype)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    assert set(reads) == set(files)
+
+    # (c) every file tensor, from the loaded model's tensors
+    written = {}
+    for name, t in state.items():
+        if any(len(hub.module_names(f)) > 1 for f in hub.file_names(name)):
+            continue
+        for file_name, ft in hub.to_files(name, t):
+            written[file_name] = ft
+    for file_name, ft in hub.files_from(state):
+        written.setdefault(file_name, ft)
+    assert set(written) == set(files)
+    for file_name, ft in written.items():
+        assert ft.dtype == files[file_name].dtype and torch.equal(ft, files[file_name]), file_name
+
+    # every file tensor of a routed expert or expert axis is classified; expert indices are in range
+    for file_name in files:
+        e = hub.expert_of(file_name)
+        assert e is None or hub.expert_axis(file_name) is None
+        if e is not None:
+            assert 0 <= e[1] < 64
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_hubmap_agrees_with_hub(model_type, saved):
+    from moeprune import hub as old
+    config, files, _ = saved(model_type)
+    family = family_of(config)
+    model = _build(config, "meta")
+    hub = HubMap.for_model(model)
+    prefix = lambda i: f"model.layers.{i}."
+    moe = [i for i in range(config.num_hidden_layers)
+           if any(n.startswith(old.experts_prefix(family, i)) for n in hub.shapes)]
+    assert moe, "no MoE layer found"
+    for name in hub.shapes:
+        i = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        experts = i in moe and name.startswith(old.experts_prefix(family, i))
+        if experts and family.hub_expert is not None:
+            n_exp = hub.shapes[name][0]
+            gate, up, down = zip(*(old.expert_names(family, i, e) for e in range(n_exp)))
+            want = list(down) if name.endswith("down_proj") else list(gate) + list(up)
+            assert hub.file_names(name) == want, name
+            for e in range(n_exp):
+                for f in old.expert_names(family, i, e):
+                    assert hub.expert_of(f) == (i, e) and hub.expert_axis(f) is None, f
+        else:
+            assert hub.file_names(name) == [old.hub_name(family, name)], name
+    for i in moe:
+        for f, axis in old.router_names(family, i).items():
+            assert hub.expert_axis(f) == axis, f
+        for f in files:
+            if f.startswith(prefix(i)):
+                assert hub.expert_axis(f) == old.expert_axis(family, i, f), f
+
+
+def test_unknown_operation_is_named():
+    """An operation the map cannot describe stops with the tensor and the model type named."""
+    from transformers import conversion_mapping as cm
+    from transformers.core_model_loading import PermuteForRope, WeightConverter
+    config = _config("olmoe")
+    model = _build(config, "meta")
+    model._weight_conversions = [WeightConverter("self_attn.q_proj.weight", "self_attn.q_proj.weight",
+                                                 operations=[PermuteForRope()])]
+    with pytest.raises(MoePruneError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*olmoe"):
+        HubMap.for_model(model)
+    del cm
+
+
+def test_shape_checked(saved):
+    config, files, loaded = saved("mixtral")
+    hub = HubMap.for_model(_build(config, "meta"))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    shape = loaded.state_dict()[name].shape
+    bad = dict(files)
+    first = hub.file_names(name)[0]
+    bad[first] = bad[first][:-1]
+    with pytest.raises(MoePruneError, match="does not match"):
+        hub.to_module(name, shape, bad.__getitem__, torch.float32)
