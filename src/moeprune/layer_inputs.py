@@ -1,0 +1,162 @@
+"""The inputs of every decoder layer, as the model's own forward passes them.
+
+The per-layer engine runs decoder layers one after another on cached hidden states, so it needs, besides the
+hidden states entering layer 0, the keyword arguments the model's forward gives each layer: the attention mask,
+the position embeddings, and so on. They differ from layer to layer in models with more than one layer type:
+GPT-OSS alternates sliding-window and full attention (`config.layer_types`), Llama-4 chunked attention and NoPE
+layers, Qwen3-Next / MiniMax / Jamba / GraniteMoeHybrid / LFM2-MoE mix attention with linear-attention, mamba or
+short-convolution layers that take another mask (or none). Layer 0's arguments are right only for layers of
+layer 0's type.
+
+`capture` runs the model's forward with every decoder layer's `forward` replaced by a recorder: it records its
+arguments and hands its hidden-state input back unchanged, and the last one stops the forward by raising. Only the
+embeddings and whatever the model computes before its first layer (rotary tables, masks) are used, so the decoder
+layers, the final norm and lm_head may be on the meta device (how the streamed engine holds a checkpoint larger
+than memory). The layers stay in place (only an instance attribute is set and removed again), so a model's
+`isinstance` checks and attribute reads on them (`decoder_layer.layer_type`, `decoder_layer.self_attn....`)
+still work. Arguments the model builds once and hands to several layers (one mask per layer type, the position
+embeddings) are the same tensor objects in every layer's kwargs: nothing is copied per layer.
+
+Two checks make a wrong capture an error rather than wrong numbers: every layer must receive exactly the tensor
+the layer before it returned (a model that transforms the hidden states between its layers cannot be run layer
+by layer from these inputs), and no layer's arguments may be built from the previous layer's output (e.g. the
+top-k indices that DeepSeek-V3.2-style sparse attention passes from one layer's indexer to the next).
+
+Verified by tests/test_layer_inputs.py (layer by layer with the captured kwargs == the model's own forward, float32,
+atol 1e-5, on a sequence longer than the sliding window / attention chunk), transformers 5.24:
+gpt_oss, qwen3_next, llama4_text, jamba, minimax, granitemoehybrid, lfm2_moe, and more listed in that file's
+FAMILIES table. Families in which a layer's arguments depend on the previous layer's output are refused with a
+MoePruneError (see the report in the test file's docstring).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .arch import MoePruneError, decoder_layers
+
+# arguments that hold or steer a generation cache: the engine runs each layer once over whole windows
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_params", "use_cache")
+
+LayerInputs = tuple[torch.Tensor, list[dict]]   # per batch: (hidden states entering layer 0, kwargs of every layer)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the forward has reached the last decoder layer."""
+
+
+class _FromPrevious:
+    """What a recorder hands back beside the hidden states when the model unpacks a layer's output as a tuple;
+    found in a later layer's arguments, it means that argument came from the previous layer's output."""
+
+    def __repr__(self) -> str:
+        return "<output of the previous decoder layer>"
+
+
+class _Recorder:
+    """Stands in for one decoder layer's forward: records its inputs and returns the hidden states unchanged."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, as_tuple: bool, calls: list):
+        self.signature = inspect.signature(type(layer).forward)
+        self.index, self.last, self.as_tuple, self.calls = index, last, as_tuple, calls
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(None, *args, **kwargs)      # None stands for self
+        named = dict(bound.arguments)
+        names = list(named)
+        named.pop(names[0])                                        # self
+        hidden_name = names[1]
+        hidden = named.pop(hidden_name)
+        extra = {}
+        for name, p in self.signature.parameters.items():          # **kwargs are bound as one dict
+            if p.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+                extra = named.pop(name)
+        kwargs = {**named, **extra}
+        self.calls.append((self.index, hidden, kwargs))
+        if self.last:
+            raise _Stop
+        return (hidden, _FromPrevious()) if self.as_tuple else hidden
+
+
+def _clean(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in CACHE_ARGS}
+
+
+def _record(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, as_tuple: bool) -> list:
+    calls: list = []
+    saved = []
+    try:
+        for i, layer in enumerate(layers):
+            saved.append((layer, layer.__dict__.get("forward")))   # an accelerate hook sets an instance forward
+            layer.forward = _Recorder(layer, i, i == len(layers) - 1, as_tuple, calls)
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for layer, forward in saved:
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return calls
+
+
+def _chained(calls: list, n: int) -> bool:
+    """Whether the forward reached every layer, in order, each on the very tensor the one before received."""
+    return [c[0] for c in calls] == list(range(n)) and all(c[1] is calls[0][1] for c in calls)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, batches: list[torch.Tensor], device) -> list[LayerInputs]:
+    """For every batch of token ids [B, T]: (the hidden states entering decoder layer 0, [the keyword arguments
+    the model's forward passes to decoder layer i, for every i]), with cache arguments dropped. Run the layers
+    in order with `run_layer(layers[i], hidden, kwargs[i])`. Only the embeddings and the modules the model uses
+    before its first decoder layer need real weights; decoder layers, final norm and lm_head may be on meta."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    if n == 0:
+        raise MoePruneError(f"{type(model).__name__} has no decoder layers")
+    out: list[LayerInputs] = []
+    as_tuple = None                     # how the model's forward reads a decoder layer's output, found on batch 0
+    for batch in batches:
+        ids = batch.to(device)
+        if as_tuple is None:
+            try:
+                calls, as_tuple = _record(model, layers, ids, as_tuple=False), False
+            except (ValueError, TypeError, IndexError) as e:   # e.g. unpacking a tensor of batch 1 as a tuple
+                first_error, calls = e, []
+            else:
+                first_error = None
+            if not _chained(calls, n):  # or `hidden_states, extra = decoder_layer(...)` split the batch axis
+                try:
+                    calls, as_tuple = _record(model, layers, ids, as_tuple=True), True
+                except Exception:
+                    if first_error is not None:
+                        raise first_error from None
+                    raise
+        else:
+            calls = _record(model, layers, ids, as_tuple)
+        if not _chained(calls, n):
+            raise MoePruneError(
+                f"{type(model).__name__}'s forward does not hand each decoder layer the previous layer's output "
+                f"unchanged (layers reached: {[c[0] for c in calls]} of {n}); it cannot be run one layer at a time")
+        kwargs = [_clean(c[2]) for c in calls]
+        for i, kw in enumerate(kwargs):
+            tied = [k for k, v in kw.items() if isinstance(v, _FromPrevious)]
+            if tied:
+                raise MoePruneError(
+                    f"{type(model).__name__}'s decoder layer {i} takes {', '.join(tied)} from the previous layer's "
+                    "output; it cannot be run one layer at a time from captured inputs")
+        out.append((calls[0][1], kwargs))
+    return out
+
+
+def run_layer(decoder_layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on hidden states [B, T, d] with its captured kwargs: its output hidden states
+    (the first element when the layer returns a tuple). Run it under torch.no_grad() for calibration."""
+    out = decoder_layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,161 @@
+"""moeprune.layer_inputs: every decoder layer gets the inputs the model's own forward gives it.
+
+Each family below is a real transformers model from a tiny config with more than one layer type. Running its
+decoder layers one after another on `capture`'s hidden states with `capture`'s per-layer kwargs must give the
+hidden states of the model's own forward (output_hidden_states=True) at a sequence longer than its sliding window
+/ attention chunk / linear-attention block.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeprune.layer_inputs import capture, run_layer
+
+torch.set_num_threads(1)
+
+SEQ = 40          # longer than every window / chunk / block below
+COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# model type -> config fields on top of COMMON (4 layers, or as many as it takes to have every layer type)
+FAMILIES: dict[str, dict] = {
+    "gpt_oss": dict(num_hidden_layers=4, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                    layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=16),
+    "qwen3_next": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                       layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                       linear_num_value_heads=4),
+    "llama4_text": dict(num_hidden_layers=4, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4,
+                        num_experts_per_tok=1, attention_chunk_size=8, no_rope_layer_interval=2, floor_scale=8,
+                        interleave_moe_layer_step=1),
+    "jamba": dict(num_hidden_layers=4, intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=None,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=8, mamba_dt_rank=8, mamba_expand=2, use_mamba_kernels=False),
+    "minimax": dict(num_hidden_layers=4, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                    block_size=16, layer_types=["linear_attention", "full_attention"] * 2),
+    "granitemoehybrid": dict(num_hidden_layers=4, intermediate_size=32, shared_intermediate_size=32,
+                             num_local_experts=4, num_experts_per_tok=2, head_dim=None,
+                             layer_types=["linear_attention", "full_attention"] * 2, position_embedding_type="rope",
+                             mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1),
+    "lfm2_moe": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                     num_experts_per_tok=2, num_dense_layers=1, layer_types=["conv", "full_attention"] * 2),
+}
+
+
+def build(model_type: str, **overrides):
+    fields = {k: v for k, v in {**COMMON, **FAMILIES[model_type], **overrides}.items() if v is not None}
+    config = AutoConfig.for_model(model_type, **fields)        # a None in FAMILIES: the config's own default
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():     # larger weights than the default init: attention is far from uniform, masks matter
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name and "conv" not in name:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def tokens(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def reference(model, ids) -> list[torch.Tensor]:
+    """The model's own forward: the hidden states entering each decoder layer and the last layer's output."""
+    layers = model.model.layers
+    last = []
+    handle = layers[-1].register_forward_hook(lambda m, a, out: last.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    finally:
+        handle.remove()
+    states = list(out.hidden_states)
+    assert len(states) == len(layers) + 1
+    return states[:len(layers)] + last
+
+
+@torch.no_grad()
+def layer_by_layer(layers, hidden, kwargs_list) -> list[torch.Tensor]:
+    states = [hidden]
+    for layer, kwargs in zip(layers, kwargs_list):
+        states.append(run_layer(layer, states[-1], kwargs))
+    return states
+
+
+def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def layer_types(model) -> list[str]:
+    config = model.config
+    return list(getattr(config, "layer_types", None) or getattr(config, "layers_block_type"))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_layer_by_layer_matches_the_model(model_type):
+    model = build(model_type)
+    types = layer_types(model)
+    assert len(set(types)) > 1, types
+    ids = tokens()
+    ref = reference(model, ids)
+    [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
+    assert len(kwargs_list) == len(model.model.layers)
+    assert torch.equal(hidden, ref[0])
+    for kwargs in kwargs_list:
+        assert not {"cache", "past_key_values", "cache_params", "use_cache"} & set(kwargs)
+    assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), ref) < 1e-5
+    # layers of one type share the very same tensors: nothing is copied per layer
+    for i, t in enumerate(types):
+        j = types.index(t)
+        for k, v in kwargs_list[i].items():
+            if isinstance(v, torch.Tensor):
+                assert v is kwargs_list[j][k], (model_type, i, j, k)
+
+
+def test_layer_0_kwargs_for_every_layer_is_wrong_for_gpt_oss():
+    """The old behaviour: the full-attention layers run with the sliding-window mask."""
+    model = build("gpt_oss")
+    ids = tokens()
+    ref = reference(model, ids)
+    [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
+    assert kwargs_list[0]["attention_mask"] is not kwargs_list[1]["attention_mask"]
+    old = layer_by_layer(model.model.layers, hidden, [kwargs_list[0]] * len(kwargs_list))
+    assert max_error(old, ref) > 1e-3
+    assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), ref) < 1e-5
+
+
+def test_several_batches():
+    model = build("gpt_oss")
+    batches = [tokens(2, seed=1), tokens(1, seed=2)]
+    captured = capture(model, batches, "cpu")
+    assert len(captured) == 2
+    for ids, (hidden, kwargs_list) in zip(batches, captured):
+        assert hidden.shape == (ids.shape[0], SEQ, 64)
+        assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), reference(model, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen3_next", "jamba"])
+def test_capture_with_layers_norm_and_head_on_meta(model_type):
+    """The streamed engine's state: only the embeddings (and rotary buffers) are real."""
+    model = build(model_type)
+    ids = tokens()
+    ref = reference(model, ids)
+    real_layers = copy.deepcopy(model.model.layers)
+    for layer in model.model.layers:
+        layer.to("meta")
+    norm = getattr(model.model, "norm", None) or model.model.final_layernorm
+    norm.to("meta")
+    model.lm_head.to("meta")
+    [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
+    assert not hidden.is_meta
+    for kwargs in kwargs_list:
+        assert not any(isinstance(v, torch.Tensor) and v.is_meta for v in kwargs.values())
+    assert max_error(layer_by_layer(real_layers, hidden, kwargs_list), ref) < 1e-5
+    # the real forwards are back: the layers are untouched
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
