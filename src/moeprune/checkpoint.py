@@ -26,6 +26,12 @@ from transformers import dynamic_module_utils
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+try:                                            # transformers 5 configs are strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:                             # pragma: no cover - an older huggingface_hub
+    StrictDataclassError = ValueError
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, StrictDataclassError)
+
 from . import demo
 from .arch import FAMILIES, MoePruneError
 
@@ -171,7 +177,7 @@ def load_config(source: str | Path) -> PretrainedConfig:
         except OSError as e:
             raise MoePruneError(f"could not read the config of {str(source)!r}: {e}. Is it a local folder, or is "
                                 "the machine online for a hub id?") from None
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except CONFIG_ERRORS as e:
             raise _config_error(f"the config of {str(source)!r}", e) from None
     raw = read_config_json(path)
     file = path / "config.json"
@@ -194,7 +200,7 @@ def load_config(source: str | Path) -> PretrainedConfig:
             config._name_or_path = str(path)
     except MoePruneError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+    except CONFIG_ERRORS as e:
         raise _config_error(str(file), e) from None
     check_config(config, str(file))
     return config
@@ -225,8 +231,7 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None) -
             return cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     except MoePruneError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
-            RuntimeError) as e:
+    except CONFIG_ERRORS + (ZeroDivisionError, OverflowError, RuntimeError) as e:
         raise MoePruneError(f"{where}: transformers cannot build the model its config.json describes "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); the file is "
                             "damaged or was edited by hand: restore it") from None
@@ -288,8 +293,7 @@ def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
             source = CheckpointSource(path, device, compute)
         except MoePruneError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
-                RuntimeError) as e:
+        except CONFIG_ERRORS + (ZeroDivisionError, OverflowError, RuntimeError) as e:
             raise MoePruneError(f"{path}: transformers cannot build the model its config.json describes "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
         return name, source, load_tokenizer(str(path)), path
