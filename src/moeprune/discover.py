@@ -178,7 +178,7 @@ def _relative(path: str, prefix: str) -> str:
 
 def _is_experts(module: nn.Module) -> bool:
     name = type(module).__name__
-    return name.endswith("Experts") and "Shared" not in name and any(True for _ in module.parameters())
+    return name.endswith("Experts") and any(True for _ in module.parameters())
 
 
 def _text_config(config):
@@ -204,10 +204,23 @@ def _int_paths(d: dict, value: int, prefix: str = ""):
             yield path
 
 
-def _rank_key(path: str, words: tuple[str, ...]) -> tuple:
+def _rank_key(path: str, words: tuple[str, ...], text_prefix: str = "") -> tuple:
+    """Best first: the leaf names the thing, the key sits in the config that builds the decoder (the text
+    config of a multimodal model), not in a vision/audio sub-config, not a shared-expert field."""
     leaf = path.rpartition(".")[2]
-    outside_text = any(w in path for w in _NOT_TEXT)
-    return (not any(w in leaf for w in words), outside_text, "shared" in leaf, path.count("."), len(path))
+    outside_text = any(w in path for w in _NOT_TEXT) or (text_prefix and not path.startswith(text_prefix + "."))
+    return (not any(w in leaf for w in words), bool(outside_text), "shared" in leaf, path.count("."), len(path))
+
+
+def _text_prefix(config) -> str:
+    text = _text_config(config)
+    for key in ("thinker_config", "text_config", "language_config", "llm_config"):
+        sub = getattr(config, key, None)
+        if sub is text:
+            return key
+        if sub is not None and getattr(sub, "text_config", None) is text:
+            return f"{key}.text_config"
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------ discovery
@@ -241,13 +254,16 @@ def _expert_count(experts: nn.Module) -> int | None:
 def _find_router(block: nn.Module, experts_rel: str, E: int, H: int | None):
     """(path, module) of the router: a module outside the experts whose 2-D weight has E rows (of width H)."""
     found = []
-    for path, module in block.named_modules():
-        if path == experts_rel or path.startswith(experts_rel + ".") or not path:
-            continue
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == E \
-                and (H is None or weight.shape[1] == H):
-            found.append(path)
+    for width in (H, None):                 # of the hidden width first; else any (a router MLP's last layer)
+        for path, module in block.named_modules():
+            if path == experts_rel or path.startswith(experts_rel + ".") or not path:
+                continue
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == E \
+                    and (width is None or weight.shape[1] == width):
+                found.append(path)
+        if found:
+            break
     if not found:
         return None, None
     # the router is the outermost such module (a router wrapping a Linear is the router, not the Linear)
@@ -436,7 +452,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     H = _hidden_size(config)
     expert_paths = [p for p, m in model.named_modules() if _is_experts(m)]
     # an *Experts module nested inside another (JetMoE's ParallelExperts pairs) is part of its parent
-    expert_paths = [p for p in expert_paths if not any(p.startswith(q + ".") for q in expert_paths)]
+    expert_paths = [p for p in expert_paths if not any(p.startswith(q + ".") for q in expert_paths)
+                    and "shared" not in p.rpartition(".")[2]]
     stack_path, per_layer, others = _decoder_stack(model, expert_paths)
     stack = _get(model, stack_path)
     notes: list[str] = []
@@ -482,14 +499,15 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     E = layers[0].num_experts
     top_k = layers[0].top_k
     d = config.to_dict()
+    prefix = _text_prefix(config)
     n_keys = tuple(sorted((p for p in _int_paths(d, E) if "expert" in p.rpartition(".")[2]),
-                          key=lambda p: _rank_key(p, ("expert",))))
+                          key=lambda p: _rank_key(p, ("expert",), prefix)))
     k_keys = ()
     if top_k is not None:
         k_keys = tuple(sorted((p for p in _int_paths(d, top_k)
                                if any(w in p.rpartition(".")[2] for w in _TOP_K_NAME)
                                and "group" not in p.rpartition(".")[2]),
-                              key=lambda p: _rank_key(p, _TOP_K_NAME)))
+                              key=lambda p: _rank_key(p, _TOP_K_NAME, prefix)))
     text = _text_config(config)
     group_fields = next(((a, b) for a, b in _GROUP_FIELDS if hasattr(text, a) and hasattr(text, b)), None)
     first = layers[0]

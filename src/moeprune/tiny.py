@@ -40,8 +40,14 @@ _EXTRA: dict[str, dict] = {
 
 
 def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
+    """The tiny config of a supported family (hand-set fields), or of any other transformers model type
+    (shrunk generically by `tiny_config_any`, with 8 experts and top-k 2 wherever its config names them)."""
     if model_type not in _EXTRA:
-        raise MoePruneError(f"no tiny model for {model_type!r}; choose one of {', '.join(sorted(_EXTRA))}")
+        from transformers import CONFIG_MAPPING
+        if model_type in CONFIG_MAPPING:
+            return tiny_config_any(model_type, **overrides)
+        raise MoePruneError(f"no tiny model for {model_type!r}; choose one of {', '.join(sorted(_EXTRA))} "
+                            "or any transformers model type")
     family = FAMILIES[model_type]
     fields = {**_COMMON, **_EXTRA[model_type], family.n_experts_field: num_experts, family.top_k_field: top_k,
               **overrides}
@@ -124,6 +130,8 @@ _SHARED_COUNT = re.compile(r"shared_experts?$|shared_experts?_num$|^n_shared|num
 
 # per model type: fields the table cannot give (applied last, to the top-level config)
 _TYPE_OVERRIDES: dict[str, dict] = {
+    # DbrxAttentionConfig declares no rope_theta, yet DbrxAttention reads attn_config.rope_theta
+    "dbrx": dict(attn_config=dict(kv_n_heads=1, rope_theta=10000.0)),
 }
 
 
@@ -163,6 +171,8 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
     raw = _field_defaults(cls)
     kw: dict = {}
     for key, value in defaults.items():
+        if value is None and key in _TOP_K_FIELDS:
+            kw[key] = TINY_TOP_K                            # a top-k without a default (DeepSeek-V2)
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, int):
@@ -184,6 +194,14 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
                 kw[key] = 1
             elif (key.endswith("token_id") or key.endswith("token_index")) and value >= 256:
                 kw[key] = 3 + len([k for k in kw if k.endswith(("token_id", "token_index"))]) % 250
+    # sizes the family ties together: keep them tied
+    for a, b in (("num_key_value_heads", "num_attention_heads"), ("head_dim", "qk_rope_head_dim")):
+        if a in kw and b in kw and defaults.get(a) == defaults.get(b):
+            kw[a] = kw[b]
+    if "qk_head_dim" in kw and "qk_nope_head_dim" in kw and "qk_rope_head_dim" in kw:
+        kw["qk_head_dim"] = kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"]
+    if "sliding_window" in defaults and defaults["sliding_window"] is None:   # some read it unconditionally
+        kw["sliding_window"] = _SIZES["sliding_window"]
     layers_before = next((defaults[k] for k in _LAYER_FIELDS if isinstance(defaults.get(k), int)), None)
     layers_after = next((kw[k] for k in _LAYER_FIELDS if k in kw), layers_before)
     for key, value in defaults.items():
@@ -220,3 +238,29 @@ def tiny_config_any(model_type: str, n_layers: int = TINY_LAYERS, **overrides):
     cls = CONFIG_MAPPING[model_type]
     fields = {**_shrunk_fields(cls, n_layers), **_TYPE_OVERRIDES.get(model_type, {}), **overrides}
     return cls(**fields)
+
+
+def model_class_for(config):
+    """The auto class that builds a config: a causal LM where transformers maps one, else an image-text-to-text
+    model (multimodal MoE), else None."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto as ma
+    if config.model_type in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    if config.model_type in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return None
+
+
+def tiny_model_any(model_type: str, seed: int = 0, device: str | None = None, config=None, **overrides):
+    """A seeded tiny model of any transformers model type (`tiny_config_any`), built by its causal-LM (or
+    image-text-to-text) auto class; device="meta" builds the structure without weights (fast)."""
+    config = config if config is not None else tiny_config(model_type, **overrides)
+    cls = model_class_for(config)
+    if cls is None:
+        raise MoePruneError(f"{model_type!r} is not a causal LM (no causal-LM or image-text-to-text auto class)")
+    torch.manual_seed(seed)
+    if device == "meta":
+        with torch.device("meta"):
+            return cls.from_config(config, dtype=torch.float32).eval()
+    return cls.from_config(config, dtype=torch.float32).eval()
