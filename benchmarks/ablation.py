@@ -1,10 +1,10 @@
 """Ablation of the paper's method's options; chooses the defaults on calibration data only.
 
-    python benchmarks/ablation.py --protocol all-out --base step3 --variants far --references frequency reap msmoe \
+    python -m benchmarks.ablation --protocol all-out --base step3 --variants far --references frequency reap msmoe \
         --valid-tokens 2048 --eval-tokens 2048                   # step 4: all seven domains out, one at a time
-    python benchmarks/ablation.py                                  # step 3: domain-out, both models, both sparsities
-    python benchmarks/ablation.py --variants contribution --references     # step 3, second round
-    python benchmarks/ablation.py --protocol in-domain --base paper --models demo-mixtral --keep 4
+    python -m benchmarks.ablation                                  # step 3: domain-out, both models, both sparsities
+    python -m benchmarks.ablation --variants contribution --references     # step 3, second round
+    python -m benchmarks.ablation --protocol in-domain --base paper --models demo-mixtral --keep 4
 
 Each variant changes some options of a base configuration (--base paper: the paper's description;
 --base step2 / step3: the defaults before step 3 / step 4 of docs/ABLATION.md; --base current: today's
@@ -37,14 +37,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (domain_out_folds, eval_domains, keeps_for, ppl, pruned_copy, ratios, split_all,  # noqa: E402
-                    split_calibration, stats_for, summarise)
+from benchmarks.common import (domain_out_folds, eval_domains, keeps_for, ppl, pruned_copy, ratios, split_all,
+                               split_calibration, stats_for, summarise)
 
-from moeprune.arch import moe_layout  # noqa: E402
-from moeprune.checkpoint import load  # noqa: E402
-from moeprune.methods import METHODS  # noqa: E402
-from moeprune.selfcalib import DEFAULT_SHARE  # noqa: E402
+from moeprune.arch import moe_layout
+from moeprune.checkpoint import load
+from moeprune.methods import METHODS
+from moeprune.selfcalib import DEFAULT_SHARE
 
 BASES = {"paper": {"grouping": "agglomerative", "tau": 1.0, "weighting": "similarity",   # the paper's description
                    "saliency": "frequency"},
@@ -216,7 +215,7 @@ def main() -> int:
 
 def markdown(results: list[dict], args, wall: float) -> str:
     took = "" if math.isnan(wall) else f" ({wall / 60:.1f} min on this machine's 2 CPU cores)"
-    lines = [f"Command: `python benchmarks/ablation.py {' '.join(sys.argv[1:])}`{took}. "
+    lines = [f"Command: `python -m benchmarks.ablation {' '.join(sys.argv[1:])}`{took}. "
              f"Protocol {args.protocol}, base {args.base}.", "",
              "`valid` / `held-out` (used to choose) are on validation splits of the calibration shards; the "
              "`eval` columns are on the held-out evaluation shards, for the record only. Rows in parentheses are "

@@ -1,7 +1,8 @@
 """Check that a pruned checkpoint folder is read correctly by the clients people run.
 
 Each client runs in its own virtual environment, as a subprocess of that environment's python running
-this file in worker mode; the results are compared with transformers 5 (this repo's venv):
+this file by its path in worker mode (it imports nothing from this repository); the results
+are compared with transformers 5 (this repo's venv):
 
   tf5       transformers 5: loading info (missing/unexpected/mismatched keys), the expert count (config
             attributes, raw config.json keys, the router built), the tokenizer, float32 logits on a fixed
@@ -31,7 +32,7 @@ Set-up, outside the repo (torch pinned: an unpinned one pulls a CUDA build):
 
 Run:
 
-    .venv/bin/python benchmarks/clients.py PRUNED_DIR [--reference ORIGINAL_DIR] \
+    .venv/bin/python -m benchmarks.clients PRUNED_DIR [--reference ORIGINAL_DIR] \
         [--clients tf5,tf457,vllm,llamacpp] [--json out.json] [--md out.md] [--timeout 900] [--venvs /work/venvs]
 
 It prints a Markdown table (client | result) and exits 1 when a client is not ok.
@@ -175,6 +176,9 @@ def llamacpp_worker(req: dict) -> dict:
 
 def convert_to_gguf(model_dir: str, gguf_path: Path, llama_cpp_src: str) -> dict:
     """Run convert_hf_to_gguf.py --outtype f32 in-process, with the pre-tokenizer fallback (module docstring)."""
+    # The one sys.path edit left in benchmarks/: llama.cpp's converter is not an installable package, only a
+    # script (convert_hf_to_gguf.py) beside its own `conversion` package in the sdist's source tree, so its
+    # folder must be on sys.path to import it unchanged (this runs in the tf457 venv's worker, not in ours).
     sys.path.insert(0, llama_cpp_src)
     import convert_hf_to_gguf
     from conversion.base import TextModel

@@ -1,7 +1,7 @@
 """Benchmark every method on the demo models under the task-agnostic protocol; write docs/BENCHMARKS.md.
 
-    python benchmarks/compare.py                       # full run: 2 models x 2 sparsities x 3 seeds x all methods
-    python benchmarks/compare.py --seeds 0 --eval-tokens 4096 --models demo-mixtral   # a quick look
+    python -m benchmarks.compare                       # full run: 2 models x 2 sparsities x 3 seeds x all methods
+    python -m benchmarks.compare --seeds 0 --eval-tokens 4096 --models demo-mixtral   # a quick look
 
 Per model and calibration seed: one statistics pass on the seen-domain mix, then every registered
 method at both sparsities, each applied to a copy of the model and evaluated on every domain's
@@ -25,15 +25,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (UNSEEN, eval_domains, keeps_for, ppl, pruned_copy, ratios, seen_domains,  # noqa: E402
-                    split_calibration, stats_for, summarise)
+from benchmarks.common import (UNSEEN, eval_domains, keeps_for, ppl, pruned_copy, ratios, seen_domains,
+                               split_calibration, stats_for, summarise)
 
-from moeprune.arch import moe_layout  # noqa: E402
-from moeprune.checkpoint import load, save_model  # noqa: E402
-from moeprune.evaluate.multiple_choice import task_accuracy  # noqa: E402
-from moeprune.methods import METHODS  # noqa: E402
-from moeprune.selfcalib import DEFAULT_SHARE  # noqa: E402
+from moeprune.arch import moe_layout
+from moeprune.checkpoint import load, save_model
+from moeprune.evaluate.multiple_choice import task_accuracy
+from moeprune.methods import METHODS
+from moeprune.selfcalib import DEFAULT_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +160,7 @@ def command() -> str:
 
 def markdown(results: list[dict], args, wall: float) -> str:
     lines = ["# Benchmarks: every method, two sparsities, two models", "",
-             f"Command: `python benchmarks/compare.py {command()}`  ",
+             f"Command: `python -m benchmarks.compare {command()}`  ",
              f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} torch threads, "
              f"{os.cpu_count()} CPUs, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
              f"Python {platform.python_version()}, "

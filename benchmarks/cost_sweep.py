@@ -1,6 +1,6 @@
 """How the statistics pass and each method's planning time grow with experts and calibration tokens.
 
-    python benchmarks/cost_sweep.py            # writes docs/COST.md and docs/data/cost.json (a few minutes on 2 cores)
+    python -m benchmarks.cost_sweep            # writes docs/COST.md and docs/data/cost.json (a few minutes on 2 cores)
 
 Tiny Qwen3-MoE models built on the fly (hidden 256, 2 MoE layers, expert width 64, top-4), random token
 calibration. Each time is the fastest of 3 runs (one run when it takes over 5 s). Planning keeps half
@@ -10,6 +10,7 @@ caches them in the statistics, so a second method or K on the same statistics is
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -40,6 +41,7 @@ def best_of(fn, repeats: int = 3, long_s: float = 5.0):
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     rows = []
     for E in EXPERTS:
@@ -69,7 +71,7 @@ def main() -> int:
     Path("docs/data/cost.json").write_text(json.dumps(rows, indent=1))
     names = list(METHODS)
     lines = ["# Cost: statistics pass and planning time", "",
-             "Command: `python benchmarks/cost_sweep.py` on this 2-core CPU machine (tiny Qwen3-MoE, hidden 256, "
+             "Command: `python -m benchmarks.cost_sweep` on this 2-core CPU machine (tiny Qwen3-MoE, hidden 256, "
              "2 MoE layers, expert width 64, top-4, 512 sampled tokens per layer; planning keeps half the experts; "
              "each time is the fastest of 3 runs, one run when over 5 s).", "",
              "| experts | calibration tokens | one forward s | statistics pass s | stats / forward | "

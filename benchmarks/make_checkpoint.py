@@ -1,6 +1,6 @@
 """Write a random-weight checkpoint of a published MoE shape in the Hugging Face hub layout, one shard at a time.
 
-    python benchmarks/make_checkpoint.py SHAPE OUT_DIR [--dtype bfloat16] [--shard-gb 2] [--seed 0] [--layers N]
+    python -m benchmarks.make_checkpoint SHAPE OUT_DIR [--dtype bfloat16] [--shard-gb 2] [--seed 0] [--layers N]
 
 SHAPE is one of olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite. config.json is written by hand with
 the hub's keys (transformers 5 would rename some); --layers N overrides num_hidden_layers. Tensor names and shapes

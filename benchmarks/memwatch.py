@@ -1,6 +1,6 @@
 """Peak resident memory of a whole process tree, sampled from /proc (Linux).
 
-    python benchmarks/memwatch.py [--interval 0.1] [--json out.json] -- CMD ARGS...
+    python -m benchmarks.memwatch [--interval 0.1] [--json out.json] -- CMD ARGS...
 
 Runs CMD and, every interval seconds, sums the resident set (RSS, as VmRSS; from /proc/PID/statm) of the process and
 all its descendants (found through the parent ids in /proc/*/stat). Pages shared between processes count once per

@@ -1,6 +1,6 @@
 """Bad input and faults, tried the way a user meets them: the message, the exit status, and what was left.
 
-    python benchmarks/reliability.py [--md docs/RELIABILITY.md] [--json docs/data/reliability.json]
+    python -m benchmarks.reliability [--md docs/RELIABILITY.md] [--json docs/data/reliability.json]
 
 Each case builds its input in a temporary folder (copies of the embedded demo-mixtral, tiny models of the
 transformers families, damaged files), runs `moeprune prune ...` in a subprocess, and records the last

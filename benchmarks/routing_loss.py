@@ -1,6 +1,6 @@
 """Why a method loses on a domain: how much of that domain's routing goes to experts the plan drops.
 
-    python benchmarks/routing_loss.py                      # both demo models, both sparsities, seed 0
+    python -m benchmarks.routing_loss                      # both demo models, both sparsities, seed 0
 
 Calibrates on the seen-domain mix (as benchmarks/compare.py does), plans with each method, then runs
 the full model on every domain's evaluation text and counts, per MoE layer, the share of its top-k
@@ -17,13 +17,12 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import KEEPS, UNSEEN, eval_domains, keeps_for, split_calibration, stats_for  # noqa: E402
+from benchmarks.common import KEEPS, UNSEEN, eval_domains, keeps_for, split_calibration, stats_for
 
-from moeprune.arch import moe_layout  # noqa: E402
-from moeprune.calibration import calibration_tokens, collect  # noqa: E402
-from moeprune.checkpoint import load  # noqa: E402
-from moeprune.methods import METHODS  # noqa: E402
+from moeprune.arch import moe_layout
+from moeprune.calibration import calibration_tokens, collect
+from moeprune.checkpoint import load
+from moeprune.methods import METHODS
 
 def lost_share(plan, domain_stats) -> float:
     """Mean over layers of the share of top-k assignments routed to a non-representative expert."""
@@ -64,7 +63,7 @@ def main() -> int:
     domains = sorted(eval_domains())
     lines = ["Share of each domain's top-k routing (full model, evaluation text) that goes to experts the plan does "
              "not keep as a representative (dropped, or merged into another). Calibration: seen-domain mix, seed 0. "
-             f"Command: `{' '.join(['python', 'benchmarks/routing_loss.py'] + sys.argv[1:])}`. "
+             f"Command: `{' '.join(['python', '-m', 'benchmarks.routing_loss'] + sys.argv[1:])}`. "
              "* = unseen in calibration.", ""]
     for name in args.models:
         for keep in dict.fromkeys(r["keep"] for r in results if r["model"] == name):

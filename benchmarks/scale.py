@@ -1,7 +1,7 @@
 """Pruning checkpoints larger than memory: peak resident memory, time per stage, and the output checked.
 
-    python benchmarks/make_checkpoint.py olmoe-1b-7b /work/bigckpt/olmoe-1b-7b        # 12.9 GiB, bf16
-    python benchmarks/scale.py /work/bigckpt/olmoe-1b-7b --keep 48 --out /work/bigckpt/olmoe-48 \
+    python -m benchmarks.make_checkpoint olmoe-1b-7b /work/bigckpt/olmoe-1b-7b        # 12.9 GiB, bf16
+    python -m benchmarks.scale /work/bigckpt/olmoe-1b-7b --keep 48 --out /work/bigckpt/olmoe-48 \
         --json docs/data/scale/olmoe-1b-7b.json
 
 Runs, each in its own process under benchmarks/memwatch.py (RSS of the whole process tree from /proc):
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from memwatch import watch  # noqa: E402
+from benchmarks.memwatch import watch
 
-from moeprune.calibration import calibration_tokens  # noqa: E402
-from moeprune.engine import CheckpointSource, Job, run, score  # noqa: E402
-from moeprune.hub import _expert_index, expert_axis, touched  # noqa: E402
-from moeprune.shards import Checkpoint  # noqa: E402
+from moeprune.calibration import calibration_tokens
+from moeprune.engine import CheckpointSource, Job, run, score
+from moeprune.hub import _expert_index, expert_axis, touched
+from moeprune.shards import Checkpoint
 
 
 def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int) -> float:
@@ -103,8 +102,9 @@ def main() -> None:
              "--batch-size", str(args.batch_size), "--no-eval", "--out", str(args.out), "--overwrite", "--quiet"]
     if args.self_calib is not None:
         prune += ["--self-calib", args.self_calib]
-    forward = [sys.executable, __file__, "forward", str(args.ckpt), str(args.samples), str(args.seq_len),
-               str(args.batch_size)]
+    # this module again, as `-m` from the same working directory as this run (the repository root)
+    forward = [sys.executable, "-m", "benchmarks.scale", "forward", str(args.ckpt), str(args.samples),
+               str(args.seq_len), str(args.batch_size)]
     result = {"ckpt": str(args.ckpt), "method": args.method, "keep": args.keep, "samples": args.samples,
               "seq_len": args.seq_len, "machine": machine()}
     result["page_cache"] = "dropped before each run" if drop_page_cache() else "as it was (not root)"

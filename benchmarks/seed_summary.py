@@ -1,8 +1,8 @@
 """Summarise ablation runs over calibration seeds (docs/ABLATION.md, step 5 afterwards).
 
-    python benchmarks/seed_summary.py docs/data/ablation-seeds/balanced-*.json
+    python -m benchmarks.seed_summary docs/data/ablation-seeds/balanced-*.json
 
-Each JSON is one `benchmarks/ablation.py --protocol all-out ... --seed S` run (the seed is the digit before
+Each JSON is one `python -m benchmarks.ablation --protocol all-out ... --seed S` run (the seed is the digit before
 `.json`). Per variant: the geometric mean over settings and seeds of the held-out mean, and the geometric
 mean over settings of the worst fold of the worst seed; then each setting's worst fold per seed. Prints a
 Markdown table, best worst-seed score first.
@@ -10,9 +10,9 @@ Markdown table, best worst-seed score first.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,4 +42,6 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", metavar="JSON", help="ablation runs, one per seed: NAME-SEED.json")
+    main(ap.parse_args().paths)

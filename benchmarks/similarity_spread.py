@@ -1,6 +1,6 @@
 """How alike the experts of each demo model are: quantiles of the off-diagonal expert-output CKA.
 
-    python benchmarks/similarity_spread.py          # writes docs/data/similarity_spread.json
+    python -m benchmarks.similarity_spread          # writes docs/data/similarity_spread.json
 
 Calibration as in benchmarks/compare.py (seen-domain mix, 64 x 256 tokens, seed 0, 512 sampled tokens per
 layer); all MoE layers pooled. Docs quote these numbers to explain when merging can help.
@@ -8,22 +8,23 @@ layer); all MoE layers pooled. Docs quote these numbers to explain when merging 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import KEEPS, split_calibration, stats_for  # noqa: E402
+from benchmarks.common import KEEPS, split_calibration, stats_for
 
-from moeprune.checkpoint import load  # noqa: E402
-from moeprune.methods.diverse import similarity  # noqa: E402
+from moeprune.checkpoint import load
+from moeprune.methods.diverse import similarity
 
 QUANTILES = [0.1, 0.5, 0.9, 1.0]
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     calib_dir, _ = split_calibration(Path("runs/bench"))
     out = {}
     for name in KEEPS:
