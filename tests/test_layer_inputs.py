@@ -9,11 +9,13 @@ hidden states of the model's own forward (output_hidden_states=True) at a sequen
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
+from moeprune.arch import MoePruneError
 from moeprune.layer_inputs import capture, run_layer
 
 torch.set_num_threads(1)
@@ -45,14 +47,41 @@ FAMILIES: dict[str, dict] = {
                              mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1),
     "lfm2_moe": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                      num_experts_per_tok=2, num_dense_layers=1, layer_types=["conv", "full_attention"] * 2),
+    "qwen3_5_moe_text": dict(num_hidden_layers=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             num_experts=4, num_experts_per_tok=2,
+                             layer_types=["linear_attention", "full_attention"] * 2, linear_key_head_dim=16,
+                             linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+    "kimi_linear": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, num_local_experts=4,
+                        num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=16, linear_head_dim=16, linear_num_heads=2,
+                        layer_types=["linear_attention", "full_attention"] * 2),
+    "nemotron_h": dict(layers_block_type=["mamba", "moe", "attention", "moe"], intermediate_size=64,
+                       moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, n_routed_experts=4,
+                       num_experts_per_tok=2, ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=1,
+                       chunk_size=16),
+    "afmoe": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                  num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, sliding_window=16,
+                  layer_types=["sliding_attention", "full_attention"] * 2),
+    "cohere2_moe": dict(num_hidden_layers=4, intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                        sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2),
+    "exaone_moe": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                       num_experts_per_tok=2, first_k_dense_replace=1, sliding_window=16,
+                       layer_types=["sliding_attention", "full_attention"] * 2),
+    "granitemoe_swa": dict(num_hidden_layers=4, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2),
+    # a dense hybrid, here for its decoder layers' tuple output (`hidden_states, attn_weights = decoder_layer(...)`)
+    "bamba": dict(num_hidden_layers=4, intermediate_size=64, attn_layer_indices=[1, 3], mamba_n_heads=4,
+                  mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1),
 }
 
 
-def build(model_type: str, **overrides):
-    fields = {k: v for k, v in {**COMMON, **FAMILIES[model_type], **overrides}.items() if v is not None}
+def build(model_type: str, attn: str | None = None, **overrides):
+    known = set(CONFIG_MAPPING[model_type].__dataclass_fields__)
+    common = {k: v for k, v in COMMON.items() if k in known}    # e.g. a config without head_dim
+    fields = {k: v for k, v in {**common, **FAMILIES[model_type], **overrides}.items() if v is not None}
     config = AutoConfig.for_model(model_type, **fields)        # a None in FAMILIES: the config's own default
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     with torch.no_grad():     # larger weights than the default init: attention is far from uniform, masks matter
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "conv" not in name:
@@ -94,12 +123,17 @@ def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def layer_types(model) -> list[str]:
     config = model.config
+    if config.model_type == "bamba":
+        return ["attention" if i in config.attn_layer_indices else "mamba" for i in range(config.num_hidden_layers)]
     return list(getattr(config, "layer_types", None) or getattr(config, "layers_block_type"))
 
 
+# the model's default attention (sdpa mostly: an unpadded full-attention mask is then None, as is a recurrent one);
+# eager: every attention layer gets a materialised mask, so layer 0's kwargs are wrong for every family
+@pytest.mark.parametrize("attn", [None, "eager"], ids=["default", "eager"])
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_layer_by_layer_matches_the_model(model_type):
-    model = build(model_type)
+def test_layer_by_layer_matches_the_model(model_type, attn):
+    model = build(model_type, attn)
     types = layer_types(model)
     assert len(set(types)) > 1, types
     ids = tokens()
@@ -116,6 +150,8 @@ def test_layer_by_layer_matches_the_model(model_type):
         for k, v in kwargs_list[i].items():
             if isinstance(v, torch.Tensor):
                 assert v is kwargs_list[j][k], (model_type, i, j, k)
+    if attn == "eager":     # the old behaviour, layer 0's kwargs everywhere, is wrong: the test can fail
+        assert max_error(layer_by_layer(model.model.layers, hidden, [kwargs_list[0]] * len(types)), ref) > 1e-3
 
 
 def test_layer_0_kwargs_for_every_layer_is_wrong_for_gpt_oss():
@@ -140,18 +176,21 @@ def test_several_batches():
         assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), reference(model, ids)) < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen3_next", "jamba"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_capture_with_layers_norm_and_head_on_meta(model_type):
-    """The streamed engine's state: only the embeddings (and rotary buffers) are real."""
+    """The streamed engine's state: only the embeddings and the rotary tables are real; every other module of the
+    model (decoder layers, final norm, lm_head) is on the meta device."""
     model = build(model_type)
     ids = tokens()
     ref = reference(model, ids)
     real_layers = copy.deepcopy(model.model.layers)
-    for layer in model.model.layers:
-        layer.to("meta")
-    norm = getattr(model.model, "norm", None) or model.model.final_layernorm
-    norm.to("meta")
+    embeddings = model.get_input_embeddings()      # embed_tokens, nemotron_h's embeddings
+    for child in model.model.children():           # rotary_emb, lfm2_moe's pos_emb, granitemoe_swa's rotary_embs
+        rotary = any("RotaryEmbedding" in type(m).__name__ for m in child.modules())
+        if child is not embeddings and not rotary:
+            child.to("meta")
     model.lm_head.to("meta")
+    assert all(p.is_meta for p in model.model.layers.parameters())
     [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
     assert not hidden.is_meta
     for kwargs in kwargs_list:
@@ -159,3 +198,30 @@ def test_capture_with_layers_norm_and_head_on_meta(model_type):
     assert max_error(layer_by_layer(real_layers, hidden, kwargs_list), ref) < 1e-5
     # the real forwards are back: the layers are untouched
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_a_layer_fed_by_the_previous_layer_is_refused():
+    """GLM-MoE-DSA's layers hand their sparse-attention top-k indices to the next layer (prev_topk_indices):
+    captured inputs cannot hold them, so capture says so instead of returning wrong kwargs."""
+    config = AutoConfig.for_model(
+        "glm_moe_dsa", vocab_size=256, hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2,
+        max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with pytest.raises(MoePruneError, match="previous layer's output"):
+        capture(model, [tokens()], "cpu")
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_an_instance_forward_is_kept():
+    """accelerate's hooks replace a module's forward on the instance; capture puts it back."""
+    model = build("gpt_oss")
+    layer = model.model.layers[1]
+    wrapped = functools.partial(type(layer).forward, layer)
+    layer.forward = wrapped
+    capture(model, [tokens()], "cpu")
+    assert layer.__dict__["forward"] is wrapped
+    assert "forward" not in model.model.layers[0].__dict__
