@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from moeprune.arch import FAMILIES, MoePruneError, family_of
-from moeprune.hubmap import HubMap
+from moeprune.hubmap import HubMap, _expert_count
 
 torch.set_num_threads(1)
 
@@ -37,6 +37,16 @@ _EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
 _TOPK_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk")
 
 
+# model types whose tiny config is built here (moeprune.tiny's generic one does not build them): extra fields
+_OWN: dict[str, dict] = {
+    "hunyuan_v1_moe": {},
+    "dots1": dict(n_shared_experts=1, first_k_dense_replace=0),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
+    "dbrx": dict(d_model=64, n_heads=2, n_layers=2, max_seq_len=128, ffn_config=dict(hidden_size=64, ffn_hidden_size=24, moe_num_experts=6, moe_top_k=2),
+                 attn_config=dict(kv_n_heads=1)),
+}
+
+
 def _own_tiny_config(model_type: str):
     """A tiny config from the fields the model type's config has (6 experts, top-2)."""
     from transformers import AutoConfig
@@ -44,10 +54,15 @@ def _own_tiny_config(model_type: str):
     fields = {k: v for k, v in _COMMON.items() if hasattr(defaults, k)}
     fields.update({k: 6 for k in _EXPERT_FIELDS if hasattr(defaults, k)})
     fields.update({k: 2 for k in _TOPK_FIELDS if hasattr(defaults, k)})
-    return AutoConfig.for_model(model_type, **fields)
+    config = AutoConfig.for_model(model_type, **{**fields, **_OWN.get(model_type, {})})
+    if model_type == "dbrx":        # modeling_dbrx reads attn_config.rope_theta, which its config class lacks
+        object.__setattr__(config.attn_config, "rope_theta", 10000.0)
+    return config
 
 
 def _config(model_type: str):
+    if model_type in _OWN:
+        return _own_tiny_config(model_type)
     try:
         from moeprune.tiny import tiny_config
         config = tiny_config(model_type)
@@ -119,9 +134,11 @@ def test_hubmap_matches_save_and_load(model_type, saved):
 
     state = loaded.state_dict()
     for name, t in state.items():
+        del reads[:]
         got = hub.to_module(name, t.shape, read, t.dtype)
         assert got.dtype == t.dtype and torch.equal(got, t), name
-    assert set(reads) == set(files)
+        assert reads == hub.file_names(name), name             # each file tensor read once
+    assert {f for m in state for f in hub.file_names(m)} == set(files)
 
     # (c) every file tensor, from the loaded model's tensors
     written = {}
@@ -136,12 +153,21 @@ def test_hubmap_matches_save_and_load(model_type, saved):
     for file_name, ft in written.items():
         assert ft.dtype == files[file_name].dtype and torch.equal(ft, files[file_name]), file_name
 
-    # every file tensor of a routed expert or expert axis is classified; expert indices are in range
+    # routed experts: per layer, the per-expert file tensors name every expert 0..E-1 equally often, and an
+    # expert axis has the expert count's length
+    n_experts = _expert_count(config)
+    per_layer: dict = {}
     for file_name in files:
         e = hub.expert_of(file_name)
-        assert e is None or hub.expert_axis(file_name) is None
+        axis = hub.expert_axis(file_name)
+        assert e is None or axis is None
         if e is not None:
-            assert 0 <= e[1] < 64
+            per_layer.setdefault(e[0], []).append(e[1])
+        if axis is not None:
+            assert files[file_name].shape[axis] == n_experts, file_name
+    for layer, experts in per_layer.items():
+        counts = {e: experts.count(e) for e in experts}
+        assert sorted(counts) == list(range(n_experts)) and len(set(counts.values())) == 1, (layer, counts)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -199,3 +225,25 @@ def test_shape_checked(saved):
     bad[first] = bad[first][:-1]
     with pytest.raises(MoePruneError, match="does not match"):
         hub.to_module(name, shape, bad.__getitem__, torch.float32)
+    got = hub.to_module(name, shape, files.__getitem__, torch.bfloat16)          # straight into another dtype
+    assert got.dtype == torch.bfloat16 and torch.equal(got, loaded.state_dict()[name].to(torch.bfloat16))
+    with pytest.raises(MoePruneError, match="asked for shape"):
+        hub.to_module(name, (1, *shape[1:]), files.__getitem__, torch.float32)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "granitemoe"])
+def test_checkpoint_stored_fused(model_type, tmp_path):
+    """A checkpoint written unconverted (save_original_format=False: the experts fused, as in memory) is mapped
+    tensor by tensor from the names it holds."""
+    config = _config(model_type)
+    model = _build(config)
+    model.save_pretrained(tmp_path, safe_serialization=True, save_original_format=False)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        files = {k: f.get_tensor(k) for k in f.keys()}
+    meta = _build(config, "meta")
+    hub = HubMap.for_model(meta, file_names=files)
+    assert set(hub.all_file_names()) == set(files)
+    for name, t in model.state_dict().items():
+        assert torch.equal(hub.to_module(name, t.shape, files.__getitem__, t.dtype), t), name
+    with pytest.raises(MoePruneError, match="not a checkpoint of this model"):
+        HubMap.for_model(meta, file_names=[n for n in files if "layers.1." not in n])

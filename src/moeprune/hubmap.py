@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -269,7 +269,7 @@ def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | 
         """The MoE block holding tensor n: the module around `experts`, else the decoder layer's child module."""
         parts = n.split(".")
         if "experts" in parts[:-1]:
-            return ".".join(parts[:len(parts) - 1 - parts[::-1].index("experts") - 1])
+            return ".".join(parts[:len(parts) - 1 - parts[::-1].index("experts")])
         m = _LAYER.search(n)
         return n[:m.end()] + n[m.end():].split(".")[0] if m else parent(n)
 
@@ -366,9 +366,14 @@ class HubMap:
     # ------------------------------------------------------------ building
 
     @classmethod
-    def for_model(cls, model) -> HubMap:
+    def for_model(cls, model, file_names: Iterable[str] | None = None) -> HubMap:
         """The map of `model` (any device, meta included): its state dict's names and shapes, reversed through the
-        transforms transformers' save_pretrained reverses for it."""
+        transforms transformers' save_pretrained reverses for it.
+
+        `file_names`: the tensor names a checkpoint actually holds. A module tensor whose converted file tensors are
+        absent but that the checkpoint stores as it is in memory (already fused, as transformers 5 writes with
+        `save_original_format=False`; renamings still apply) maps to that one file tensor instead, as transformers'
+        loader would read it; one found in neither layout raises MoePruneError."""
         model_type = getattr(model.config, "model_type", type(model).__name__)
         state = model.state_dict()
         shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -377,11 +382,52 @@ class HubMap:
         tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
                 if t in shapes and s in shapes}
         stored = {k: v for k, v in shapes.items() if k not in tied}
-        files = cls._reverse(model, model_type, stored)
+        files, plain = cls._reverse(model, model_type, stored)
+        if file_names is not None:
+            files = cls._as_stored(model_type, stored, files, plain, set(file_names))
         return cls(model_type, shapes, files, tied, _module_expert_axes(stored, _expert_count(model.config)))
 
     @staticmethod
-    def _reverse(model, model_type: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, FileTensor]:
+    def _as_stored(model_type: str, shapes: dict[str, tuple[int, ...]], files: dict[str, FileTensor],
+                   plain: dict[str, str], present: set[str]) -> dict[str, FileTensor]:
+        """`files` with the module tensors a checkpoint stores unconverted mapped to their one stored tensor."""
+        by_module: dict[str, list[str]] = defaultdict(list)
+        for f in files.values():
+            for m in dict.fromkeys(p.module for p in f.pieces):
+                by_module[m].append(f.name)
+        fallback = set()
+        for m in shapes:
+            names = by_module[m]
+            if all(n in present for n in names):
+                continue
+            if any(n in present for n in names) or not ({plain[m], m} & present):
+                missing = [n for n in names if n not in present]
+                raise MoePruneError(f"{m}: the checkpoint has no {missing[0]} (and {len(missing) - 1} more of the "
+                                    f"{len(names)} file tensors this {model_type} tensor is saved as), nor the tensor "
+                                    "unconverted; it is not a checkpoint of this model")
+            fallback.add(m)
+        if not fallback:
+            return files
+        out = {}
+        for name, f in files.items():
+            modules = {p.module for p in f.pieces}
+            if modules & fallback:
+                if modules - fallback:
+                    raise MoePruneError(f"{name}: the checkpoint stores some of {sorted(modules)} converted and "
+                                        "others not; this layout is not supported")
+                continue
+            out[name] = f
+        for m in sorted(fallback):
+            name = plain[m] if plain[m] in present else m
+            if name in out:
+                raise MoePruneError(f"{name}: two tensors of this {model_type} model map to this file tensor")
+            out[name] = FileTensor(name, shapes[m], (Piece(m),))
+        return out
+
+    @staticmethod
+    def _reverse(model, model_type: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, FileTensor],
+                                                                                      dict[str, str]]:
+        """The file tensors, and each module tensor's name with the renamings alone (no converter)."""
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
         forward = _conversions(model)
         reverse = [t.reverse_transform() for t in forward[::-1]]
@@ -433,7 +479,7 @@ class HubMap:
                                             f"{len(sym)} tensors under one name {k}")
                     sym = sym[0]
                 add(_rename(prefix + k + suffix, renamings), sym, first)
-        return files
+        return files, {k: _rename(k, renamings) for k in shapes}
 
     def _check(self) -> None:
         """Every element of every stored module tensor and every file tensor is covered exactly once (by size)."""
