@@ -15,8 +15,10 @@ import pytest
 import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
+from moeprune.arch import FAMILIES as SUPPORTED
 from moeprune.arch import MoePruneError
 from moeprune.layer_inputs import capture, run_layer
+from moeprune.tiny import tiny_model
 
 torch.set_num_threads(1)
 
@@ -68,7 +70,15 @@ FAMILIES: dict[str, dict] = {
                        num_experts_per_tok=2, first_k_dense_replace=1, sliding_window=16,
                        layer_types=["sliding_attention", "full_attention"] * 2),
     "granitemoe_swa": dict(num_hidden_layers=4, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-                           sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2),
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
+                           layer_rope_theta=[10000.0, 0.0, 1000.0, 10000.0]),     # per-layer rope; 0: NoPE
+    "bailing_hybrid": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, num_local_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, layer_group_size=2,
+                           num_mtp_layers=0),
+    "mimo_v2_flash": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                          num_experts_per_tok=2, num_key_value_heads=1, v_head_dim=16, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"] * 2),
     # a dense hybrid, here for its decoder layers' tuple output (`hidden_states, attn_weights = decoder_layer(...)`)
     "bamba": dict(num_hidden_layers=4, intermediate_size=64, attn_layer_indices=[1, 3], mamba_n_heads=4,
                   mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1),
@@ -225,3 +235,12 @@ def test_an_instance_forward_is_kept():
     capture(model, [tokens()], "cpu")
     assert layer.__dict__["forward"] is wrapped
     assert "forward" not in model.model.layers[0].__dict__
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+def test_single_type_families_are_unchanged(model_type):
+    """moeprune's supported families, its tiny models (one layer type, except gpt_oss): the same."""
+    model = tiny_model(model_type, num_experts=4, top_k=2)
+    ids = tokens()
+    [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
+    assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), reference(model, ids)) < 1e-5

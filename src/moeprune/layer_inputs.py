@@ -20,13 +20,19 @@ embeddings) are the same tensor objects in every layer's kwargs: nothing is copi
 Two checks make a wrong capture an error rather than wrong numbers: every layer must receive exactly the tensor
 the layer before it returned (a model that transforms the hidden states between its layers cannot be run layer
 by layer from these inputs), and no layer's arguments may be built from the previous layer's output (e.g. the
-top-k indices that DeepSeek-V3.2-style sparse attention passes from one layer's indexer to the next).
+sparse-attention top-k indices that GLM-MoE-DSA passes from one layer to the next).
 
-Verified by tests/test_layer_inputs.py (layer by layer with the captured kwargs == the model's own forward, float32,
-atol 1e-5, on a sequence longer than the sliding window / attention chunk), transformers 5.24:
-gpt_oss, qwen3_next, llama4_text, jamba, minimax, granitemoehybrid, lfm2_moe, and more listed in that file's
-FAMILIES table. Families in which a layer's arguments depend on the previous layer's output are refused with a
-MoePruneError (see the report in the test file's docstring).
+Verified by tests/test_layer_inputs.py with transformers 5.24 (running the layers one after another with the
+captured kwargs gives the hidden states of the model's own forward, float32, atol 1e-5, at a sequence longer than
+the sliding window / attention chunk / linear-attention block, with the model's default attention and with eager;
+and again with every module but the embeddings and rotary tables on the meta device):
+    gpt_oss (sliding / full), llama4_text (chunked / full, NoPE), afmoe, cohere2_moe, exaone_moe, mimo_v2_flash,
+    granitemoe_swa (sliding / full; granitemoe_swa also per-layer rope theta and NoPE), qwen3_next, qwen3_5_moe_text,
+    minimax, kimi_linear, bailing_hybrid (linear / full attention), jamba, granitemoehybrid, nemotron_h
+    (mamba / attention / MoE / MLP blocks), lfm2_moe (short convolution / attention), bamba (a dense hybrid whose
+    layers return tuples), and every family of moeprune.arch.FAMILIES (their tiny models).
+Refused with a MoePruneError: glm_moe_dsa (each layer takes the previous layer's sparse-attention top-k indices);
+glm5_next, hy_v4 and mistral_large4 hand top-k indices from layer to layer the same way (not run here).
 """
 
 from __future__ import annotations
