@@ -97,7 +97,7 @@ def test_bad_calibration_file_stops_the_cli(model_dir, tmp_path, capsys, name):
 
 
 def test_non_utf8_message_says_how_to_convert(tmp_path):
-    from moeprune.calibration import check_spec
+    from moeprune.text import check_spec
     (tmp_path / "calib").mkdir()
     (tmp_path / "calib" / "a.txt").write_text("fine\n")
     (tmp_path / "calib" / "b.txt").write_bytes(b"\xff\xfe")

@@ -13,7 +13,8 @@ from conftest import ALL_FAMILIES, hand_set_router, make, pin_routing
 from transformers import AutoModelForCausalLM
 
 from moeprune.arch import FAMILIES, moe_layout
-from moeprune.calibration import collect, route
+from moeprune.calibration import collect
+from moeprune.observer import route
 from moeprune.methods import METHODS
 from moeprune.methods.msmoe import frequency_weights
 from moeprune.plan import LayerPlan, Plan

@@ -10,7 +10,7 @@ import torch
 from conftest import char_tokenizer
 from moeprune import demo
 from moeprune.arch import MoePruneError
-from moeprune.calibration import calibration_tokens, check_spec, load_texts
+from moeprune.text import calibration_tokens, check_spec, load_texts
 
 DOCS = ["the cat sat on the mat.", "a dog ran to the park, fast.", "what is two plus two? four."]
 

@@ -11,7 +11,8 @@ import torch
 from conftest import make
 from moeprune.align import align_to, match, neuron_activations, neuron_features, permute_expert
 from moeprune.arch import moe_layout
-from moeprune.calibration import collect, expert_output
+from moeprune.calibration import collect
+from moeprune.observer import expert_output
 from moeprune.grouping import agglomerative, anchored, anchors, coverage_anchors, group, spectral
 from moeprune.methods import get_method
 from moeprune.methods.diverse import merge_weights
@@ -277,7 +278,7 @@ def test_every_option_combination_plans(tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_fitted_merge_reproduces_the_group_better_than_averaging(family):
     """The least-squares down projection can only lower the weighted error the average has (D_avg is feasible)."""
-    from moeprune.calibration import probabilities
+    from moeprune.observer import probabilities
     model = make(family)
     layout = moe_layout(model)
     tokens = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))

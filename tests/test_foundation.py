@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from conftest import hand_set_router, make, pin_routing
 from moeprune.arch import FAMILIES, moe_layout
-from moeprune.calibration import collect, expert_output, route
+from moeprune.calibration import collect
+from moeprune.observer import expert_output, route
 from moeprune.plan import LayerPlan, Plan
 from moeprune.stats import Stats
 from moeprune.surgery import apply_plan

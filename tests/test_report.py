@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -65,13 +66,13 @@ def test_report_from_a_real_prune(tmp_path, model_dir, texts):
                                        eval_domains=",".join(texts["domains"]), eval_tasks=texts["tasks"][0]))
     after = evaluate_model(load(str(tmp_path / "pruned")).model, original.tokenizer, progress=False, **texts)
     # the prune's own evaluation streams both models through one layer at a time: the same numbers
-    streamed = result.report["evaluation"]
+    streamed = result.report.evaluation
     for ours, reference in ((streamed["before"], before), (streamed["after"], after)):
         for d, v in reference["perplexity"].items():
             assert ours["perplexity"][d]["tokens"] == v["tokens"]
             assert ours["perplexity"][d]["nll"] == pytest.approx(v["nll"], rel=1e-5)
         assert {t: r["acc"] for t, r in ours["tasks"].items()} == {t: r["acc"] for t, r in reference["tasks"].items()}
-    report = {**result.report, "evaluation": evaluation_section(before, after)}
+    report = dataclasses.replace(result.report, evaluation=evaluation_section(before, after))
 
     folder = tmp_path / "report"
     write_report(folder, report, result.stats, result.plan)
@@ -80,7 +81,7 @@ def test_report_from_a_real_prune(tmp_path, model_dir, texts):
 
     # the numbers went through unchanged
     assert data["method"] == "frequency" and data["keep_per_layer"] == {"0": 6, "1": 6}
-    assert data["after"]["parameters"]["total"] == result.report["after"]["parameters"]["total"]
+    assert data["after"]["parameters"]["total"] == result.report.after["parameters"]["total"]
     comp = data["evaluation"]["comparison"]
     for d in ("animals", "colours"):
         b, a = before["perplexity"][d]["ppl"], after["perplexity"][d]["ppl"]
@@ -93,7 +94,7 @@ def test_report_from_a_real_prune(tmp_path, model_dir, texts):
     assert data["stages"]["seconds"]["prune"] >= 0 and data["stages"]["peak_rss_mb"]["prune"] > 0
 
     # markdown: every section, every domain, images that exist
-    total_after = f"{result.report['after']['parameters']['total']:,}"
+    total_after = f"{result.report.after['parameters']['total']:,}"
     for text in ("# moeprune report", "## Size", "## Perplexity on held-out text", "animals", "colours",
                  "## Multiple-choice tasks", "## Cost", "## Plan", total_after):
         assert text in md, text
@@ -105,7 +106,7 @@ def test_report_from_a_real_prune(tmp_path, model_dir, texts):
 
     table = summary_table(report)
     assert "animals" in table and "colours" in table and "mean" in table and "worst" in table
-    assert f"{report['before']['parameters']['total']:,}" in table and total_after in table
+    assert f"{report.before['parameters']['total']:,}" in table and total_after in table
 
 
 def test_report_without_evaluation_or_stats(tmp_path):

@@ -13,7 +13,7 @@ from moeprune import api
 from moeprune.arch import MoePruneError, decoder_layers, moe_layout
 from moeprune.calibration import collect
 from moeprune.checkpoint import load
-from moeprune.engine import CheckpointSource, ModelSource
+from moeprune.sources import CheckpointSource, ModelSource
 from moeprune.methods import get_method
 from moeprune.selfcalib import mixed_windows, resolve_share, sample_windows, start_token, windows_for
 from moeprune.tiny import tiny_model

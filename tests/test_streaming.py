@@ -23,7 +23,8 @@ from moeprune.cli import main
 from moeprune.methods import get_method
 from moeprune.shards import Checkpoint
 from moeprune.surgery import apply_plan
-from moeprune.calibration import calibration_tokens, collect
+from moeprune.calibration import collect
+from moeprune.text import calibration_tokens
 
 # transformers 5 spelling -> the hub's (what transformers 4.x, converters and servers read)
 HUB_KEYS = {"dtype": "torch_dtype"}

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import char_tokenizer, make
 from moeprune import api
-from moeprune.calibration import split_held_out, text_domains
+from moeprune.text import split_held_out, text_domains
 from moeprune.checkpoint import load
 from moeprune.cli import main
 from moeprune.evaluate import Evaluation
@@ -52,7 +52,7 @@ def test_tradeoff_rows_equal_the_written_checkpoints(folder, tmp_path):
     result = api.prune(api.PruneConfig(model=str(model), method="frequency", keep=5, calib=str(calib), samples=4,
                                        seq_len=32, out=str(tmp_path / "out"), quiet=True, no_eval=True,
                                        report_tradeoff=True))
-    t = result.report["tradeoff"]
+    t = result.report.tradeoff
     assert t["chosen"] == "frequency" and list(t["rows"])[0] == "frequency"
     assert {"diverse", "diverse-prune agglomerative", "reap", "msmoe"} <= set(t["rows"])
     assert set(t["held_out_tokens"]) == {"animals", "numbers"}

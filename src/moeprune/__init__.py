@@ -2,7 +2,8 @@
 
 from .api import PruneConfig, PruneResult, model_info, prune
 from .arch import FAMILIES, MoePruneError, moe_layout
-from .calibration import calibration_tokens, collect
+from .calibration import collect
+from .text import calibration_tokens
 from .checkpoint import load
 from .methods import METHODS, get_method
 from .plan import LayerPlan, Plan

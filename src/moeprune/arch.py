@@ -22,6 +22,10 @@ class MoePruneError(ValueError):
     """A user-facing error: the message names the problem and the fix."""
 
 
+class NotMoE(MoePruneError):
+    """The model has no routed experts moeprune can find (a dense model, or a family it does not know)."""
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -134,7 +138,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise MoePruneError(
+        raise NotMoE(
             f"no MoE layers found: model type {model_type!r} is not a supported MoE family. "
             f"Supported: {', '.join(sorted(FAMILIES))}. A dense model has no experts to prune; "
             "for a new MoE family add one Family(...) entry in moeprune/arch.py."
@@ -153,5 +157,5 @@ def moe_layout(model: nn.Module) -> Layout:
             continue
         layout.layers.append(MoeLayer(i, block, getattr(block, family.router), experts))
     if not layout.layers:
-        raise MoePruneError(f"no MoE layers found in this {family.model_type} model (it has no routed experts)")
+        raise NotMoE(f"no MoE layers found in this {family.model_type} model (it has no routed experts)")
     return layout

@@ -1,8 +1,10 @@
-"""moeprune's command line: prune, info, methods (and eval). A thin layer over moeprune.api.
+"""moeprune's command line: prune, info, methods, eval and sample. A thin layer over moeprune.api.
 
     moeprune info [MODEL]
     moeprune methods
     moeprune prune [MODEL] --method NAME (--keep K | --ratio R) --out DIR [...]
+    moeprune eval [MODEL] [--against ORIGINAL]
+    moeprune sample MODEL --out self.jsonl          (vLLM: text for prune --self-text)
 
 Flags of `prune` are generated from api.PruneConfig and from every method's options dataclass.
 """
@@ -17,16 +19,17 @@ import sys
 import warnings
 import typing
 
-from .api import PruneConfig, model_info, prune
-from .atomic import Terminated
+from .api import PruneConfig, prune
 from .arch import MoePruneError
+from .atomic import Terminated
 from .checkpoint import open_source
-from .engine import CheckpointSource
 from .evaluate.command import add_eval_parser, cmd_eval
+from .info import model_info
 from .methods import METHODS
 from .plan import Plan
-from .report import summary_table
-from .tradeoff import tradeoff_table
+from .report import summary_table, tradeoff_table
+from .sample import add_sample_parser, cmd_sample
+from .sources import CheckpointSource
 
 
 def _flag(name: str) -> str:
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the pruning methods")
     add_eval_parser(sub)
+    add_sample_parser(sub)
     return parser
 
 
@@ -90,11 +94,10 @@ def cmd_prune(args) -> int:
     result = prune(cfg, **options)
     r = result.report
     print("\n" + summary_table(r))          # ends with the parameter counts before/after
-    if "tradeoff" in r:
+    if r.tradeoff is not None:
         print("\nthe trade-off: perplexity ratio pruned / full on held-out calibration text, per domain\n"
-              + tradeoff_table(r["tradeoff"]))
-    print(f"\n{r['method']}: {r['experts_before']} -> {next(iter(r['keep_per_layer'].values()))} experts per "
-          "MoE layer")
+              + tradeoff_table(r.tradeoff))
+    print(f"\n{r.method}: {r.experts_before} -> {next(iter(r.keep_per_layer.values()))} experts per MoE layer")
     print(f"saved to {result.out} (report: {result.out / 'report.md'})")
     return 0
 
@@ -149,7 +152,8 @@ def _warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods, "eval": cmd_eval}[args.command]
+    handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods, "eval": cmd_eval,
+               "sample": cmd_sample}[args.command]
     try:
         return handler(args)
     except MoePruneError as e:

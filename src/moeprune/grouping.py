@@ -67,9 +67,15 @@ def spectral(sim: torch.Tensor, k: int) -> list[list[int]]:
     return agglomerative(torch.from_numpy(emb @ emb.T), k)
 
 
+def ranked(score: torch.Tensor, among: list[int] | None = None) -> list[int]:
+    """Expert ids by descending score, ties to the lower id (stable, deterministic): the one rule for "the
+    highest", whether K experts to keep, K anchors or a group's representative."""
+    return sorted(range(score.numel()) if among is None else among, key=lambda e: (-float(score[e]), e))
+
+
 def top_anchors(score: torch.Tensor, k: int) -> list[int]:
     """The k highest scores; ties go to the lower expert id."""
-    return sorted(range(score.numel()), key=lambda e: (-float(score[e]), e))[:k]
+    return ranked(score)[:k]
 
 
 def coverage_anchors(sim: torch.Tensor, k: int, weight: torch.Tensor) -> list[int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .arch import Family, MoePruneError
-from .shards import INDEX, Checkpoint, Slot
+from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, Slot
 
 _LAYER = re.compile(r"^(model\.layers\.(\d+)\.)(.*)$")
 # files that hold weights (any format): never copied, the pruned weights replace them
@@ -230,14 +230,12 @@ class CheckpointWriter:
     """
 
     def __init__(self, folder: Path, ckpt: Checkpoint, family: Family, moe_layers: list[int], keep: int):
-        from .shards import ShardWriter
         self.folder, self.ckpt, self.family, self.moe = Path(folder), ckpt, family, set(moe_layers)
         slots = output_slots(ckpt, family, moe_layers, keep)
         self.dtypes = {s.name: s.dtype for ss in slots.values() for s in ss}
         self.shards = ShardWriter(self.folder, slots, ckpt.metadata, index=ckpt.index is not None)
 
     def write_layer(self, i: int, layer: torch.nn.Module) -> None:
-        from .shards import DTYPES
         prefix = f"model.layers.{i}."
         if i in self.moe:
             for name, tensor in layer.state_dict(prefix=prefix).items():

@@ -3,10 +3,9 @@
     write_report(folder, report, stats=None, plan=None)    -> folder/report.json, report.md, img/*.png
     summary_table(report)                                   -> a short plain-text table
 
-`report` is the dict api.prune builds (method, options, keep_per_layer, before/after model_info,
-bytes_on_disk, stages, calibration), optionally with "evaluation": {"before", "after", "comparison"}
-from moeprune.evaluate.evaluation_section. Every part is optional, so the same functions report a
-plain `moeprune eval`. Plots (matplotlib, headless): perplexity per domain full vs pruned; for up to
+`report` is a Report (what a prune or `moeprune eval` found; every part optional, so the same functions
+report both) or the JSON of one read back from report.json. The renderers read its JSON form, the one
+report.json holds, so a report can be re-rendered from its file. Plots (matplotlib, headless): perplexity per domain full vs pruned; for up to
 three MoE layers the expert similarity matrix ordered by the plan's groups with each group outlined,
 and the routing frequency per expert marked kept / merged / dropped.
 """
@@ -16,11 +15,50 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .evaluate import compare
+from .similarity import cka_matrix
+
 PLOT_LAYERS = 3
+# a prune's report.json always holds these, null when empty (the calibration of a --plan run, ...)
+_PRUNE_KEYS = ("calibration", "calibration_note")
+
+
+@dataclass
+class Report:
+    """What a prune (or `moeprune eval`) found: the one object that report.json, report.md and the CLI read.
+    The parts are JSON-shaped: model_info (before, after), the evaluation section, the trade-off table."""
+    model: str
+    method: str | None = None                 # a prune: how it planned
+    options: dict | None = None
+    router: str | None = None
+    align: str | None = None
+    keep_per_layer: dict[str, int] | None = None
+    experts_before: int | None = None
+    against: str | None = None                # `moeprune eval --against`: the original
+    before: dict | None = None                # model_info of the original, and of the result
+    after: dict | None = None
+    calibration: dict | None = None
+    calibration_note: str | None = None       # why the model wrote no calibration windows
+    bytes_on_disk: dict | None = None
+    stages: dict | None = None                # {"seconds": {stage: s}, "peak_rss_mb": {stage: MB}}
+    evaluation: dict | None = None            # {"before", "after", "comparison"}: evaluate.evaluation_section
+    tradeoff: dict | None = None
+    evaluation_error: str | None = None       # the evaluation failed after the checkpoint was written
+    evaluation_note: str | None = None        # why there is no evaluation
+
+    def to_json(self) -> dict:
+        """The report as report.json holds it (unset parts left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None or (self.method is not None and f.name in _PRUNE_KEYS)}
+
+
+def _data(report) -> dict:
+    return report.to_json() if isinstance(report, Report) else report
 COLORS = {"full": "#9aa5b1", "pruned": "#d9534f", "kept": "#2b6cb0", "target": "#2f855a", "merged": "#ed8936",
           "dropped": "#cbd5e0"}
 
@@ -80,7 +118,6 @@ def _comparison(report: dict) -> dict | None:
     if ev.get("comparison") is not None:
         return ev["comparison"]
     if ev.get("after") is not None:
-        from .evaluate import compare
         return compare(ev.get("before"), ev["after"])
     return None
 
@@ -91,7 +128,7 @@ def _keep(report: dict):
     return values[0] if len(values) == 1 else (values or None)
 
 
-def _pick_layers(indices, k: int = PLOT_LAYERS) -> list[int]:
+def pick_layers(indices, k: int = PLOT_LAYERS) -> list[int]:
     indices = sorted(indices)
     if len(indices) <= k:
         return indices
@@ -175,7 +212,6 @@ def _similarity(ls) -> torch.Tensor:
     cached = ls.cache.get("similarity/cka/output") if ls.cache else None
     if cached is not None:
         return cached.double()
-    from .similarity import cka_matrix
     return cka_matrix(ls.outputs)
 
 
@@ -185,7 +221,7 @@ def plot_similarity(path: Path, stats, plan=None, layers: list[int] | None = Non
         return None
     plt = _pyplot()
     from matplotlib.patches import Rectangle
-    layers = layers or _pick_layers(stats.layers)
+    layers = layers or pick_layers(stats.layers)
     fig, axes = plt.subplots(1, len(layers), figsize=(4.4 * len(layers) + 0.8, 4.4), squeeze=False)
     image = None
     for ax, i in zip(axes[0], layers):
@@ -224,7 +260,7 @@ def plot_routing(path: Path, stats, plan=None, layers: list[int] | None = None) 
         return None
     plt = _pyplot()
     from matplotlib.patches import Patch
-    layers = layers or _pick_layers(stats.layers)
+    layers = layers or pick_layers(stats.layers)
     fig, axes = plt.subplots(len(layers), 1, figsize=(8.0, 2.3 * len(layers) + 0.6), squeeze=False)
     used = set()
     for ax, i in zip(axes[:, 0], layers):
@@ -257,15 +293,16 @@ def plot_routing(path: Path, stats, plan=None, layers: list[int] | None = None) 
     return path
 
 
-def make_plots(img: Path, report: dict, stats=None, plan=None) -> dict[str, Path]:
+def make_plots(img: Path, report: Report | dict, stats=None, plan=None) -> dict[str, Path]:
     """Write the plots that the inputs allow into img/; {name: path}."""
     img.mkdir(parents=True, exist_ok=True)
+    report = _data(report)
     out = {}
     comparison = _comparison(report)
     if comparison and (p := plot_perplexity(img / "perplexity.png", comparison)):
         out["perplexity"] = p
     if stats is not None and stats.layers:
-        layers = _pick_layers(stats.layers)
+        layers = pick_layers(stats.layers)
         if plan is not None:
             layers = [i for i in layers if i in plan.layers] or layers
         shown = [i for i in layers if "similarity/cka/output" in stats.layers[i].cache
@@ -293,9 +330,9 @@ def _params_rows(report: dict) -> list[tuple[str, object, object]]:
     return [r for r in rows if r[1] is not None or r[2] is not None]
 
 
-def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
+def render_markdown(report: Report | dict, images: dict[str, str] | None = None) -> str:
     """report.md: what was done, size, quality per domain, tasks, cost, plan; images as relative links."""
-    images = images or {}
+    images, report = images or {}, _data(report)
     out = [f"# moeprune report: {report.get('model', 'model')}", ""]
     if report.get("method"):
         opts = ", ".join(f"{k}={v}" for k, v in (report.get("options") or {}).items())
@@ -349,7 +386,6 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
                  for t, metrics in comparison["lm_eval"].items() for m, v in metrics.items()]
         out += ["## lm-evaluation-harness", "", _md_table(["task", "metric", "full", "pruned"], table), ""]
     if report.get("tradeoff"):
-        from .tradeoff import tradeoff_table
         out += ["## Trade-off on held-out calibration text", "",
                 "Perplexity ratio pruned / full per domain on a held-out fifth of the calibration text, for the "
                 "written plan and the alternatives planned from the same statistics (their plans: tradeoff/).", "",
@@ -393,10 +429,10 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def summary_table(report: dict) -> str:
+def summary_table(report: Report | dict) -> str:
     """A short plain-text table for the terminal: per-domain perplexity full / pruned / ratio, mean and worst,
     task accuracy, parameters."""
-    lines = []
+    lines, report = [], _data(report)
     comparison = _comparison(report)
     if comparison and comparison.get("perplexity"):
         rows = comparison["perplexity"]
@@ -429,9 +465,22 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def tradeoff_table(tradeoff: dict) -> str:
+    """The trade-off as a Markdown table: one row per plan, the chosen one first; ratios pruned / full."""
+    rows = tradeoff["rows"]
+    domains = list(next(iter(rows.values()))["ratio"])
+    lines = ["| plan (held-out calibration text) | mean | worst | " + " | ".join(domains) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
+    for label, r in rows.items():
+        name = f"**{label}** (written)" if label == tradeoff["chosen"] else label
+        lines.append(f"| {name} | {r['mean']:.3f} | {r['worst']['ratio']:.3f} {r['worst']['domain']} | "
+                     + " | ".join(f"{r['ratio'][d]:.3f}" for d in domains) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the folder
 
-def write_report(folder, report: dict, stats=None, plan=None) -> None:
+def write_report(folder, report: Report | dict, stats=None, plan=None) -> None:
     """Write report.json, report.md and img/*.png into `folder` (created if needed).
 
     stats (moeprune.stats.Stats) and plan (moeprune.plan.Plan) feed the similarity and routing plots and the
@@ -439,7 +488,7 @@ def write_report(folder, report: dict, stats=None, plan=None) -> None:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = dict(report)
+    data = dict(_data(report))
     if plan is not None:
         data.setdefault("plan", {str(i): lp.groups for i, lp in sorted(plan.layers.items())})
     comparison = _comparison(data)

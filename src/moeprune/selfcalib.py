@@ -9,23 +9,28 @@ the experts from 4.92x to 1.27x the full model's perplexity (docs/ABLATION.md, s
 Williams et al., "Self-calibration for language model quantization and pruning" (arXiv:2410.17170).
 
 Sampling needs the whole model (one forward per token), so it runs here when the model fits in memory;
-for a model that does not, the same text sampled with a serving stack (scripts/sample_self_text.py, vLLM)
+for a model that does not, the same text sampled with a serving stack (`moeprune sample`, vLLM)
 is passed with --self-text and the self-written share is cut from it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 
 import torch
+from tqdm.auto import tqdm
 
 from .arch import MoePruneError
+from .sources import ModelSource
+from .text import calibration_tokens
 
 # share of the calibration windows the model writes when --self-calib is not given and the model fits
 DEFAULT_SHARE = 0.5
 FITS = 0.5          # a model fits when its weights in the compute dtype take at most this share of free memory
 # for a model that does not fit: the same sampling with a serving stack, its output passed with --self-text
-SAMPLE_ELSEWHERE = "scripts/sample_self_text.py samples it with vLLM"
+SAMPLE_ELSEWHERE = "`moeprune sample MODEL --out self.jsonl` samples it with vLLM"
 
 
 def start_token(config, tokenizer) -> int | None:
@@ -71,9 +76,6 @@ def sample_windows(model, start: int, samples: int, seq_len: int, seed: int, bat
     gives the same windows. Sequences are sampled `batch_size` at a time (one forward per token for all:
     a large batch costs about what one sequence does). An end-of-text token does not stop a window: the
     next document begins, as in the text the model was trained on."""
-    import inspect
-
-    from tqdm.auto import tqdm
     device = next(p.device for p in model.parameters() if not p.is_meta)
     # transformers renamed the key-value cache argument (past_key_values -> cache) within 5.x
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -103,7 +105,6 @@ def resolve_share(requested: float | None, source, start: int | None,
     --self-calib as given (checked), or by default DEFAULT_SHARE when the model fits in memory and has a
     start token (or its text was sampled elsewhere: --self-text), else 0 with a warning that says why (the
     reason also goes into the report)."""
-    import warnings
     if sampled_elsewhere:
         share = DEFAULT_SHARE if requested is None else requested
         windows_for(share, 1)
@@ -150,9 +151,7 @@ def mixed_windows(user_windows, source, start: int | None, share: float, samples
 def calibration_windows(spec: str, model, tokenizer, samples: int = 64, seq_len: int = 256, seed: int = 0,
                         self_calib: float = DEFAULT_SHARE, progress: bool = False) -> torch.Tensor:
     """The in-memory API's calibration windows, as `moeprune prune` makes them: a `self_calib` share sampled
-    from `model`, the rest cut from the text `spec` (moeprune.calibration.calibration_tokens)."""
-    from .calibration import calibration_tokens
-    from .engine import ModelSource
+    from `model`, the rest cut from the text `spec` (moeprune.text.calibration_tokens)."""
     start = start_token(model.config, tokenizer)
     if self_calib and start is None:
         raise MoePruneError("the model names no BOS or end-of-text token to start sampling from; use self_calib=0")

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arch import MoePruneError
+from .similarity import cka_matrix
 
 STATS_VERSION = 2       # 2: one safetensors file per layer
 
@@ -65,7 +66,6 @@ class LayerStats:
         """A copy without the token sample (inputs, logits, outputs): what a report keeps of a layer once it is
         planned. With `similarity`, the output CKA matrix the plots show is derived first."""
         if similarity:
-            from .similarity import cka_matrix
             self.cached("similarity/cka/output", lambda: cka_matrix(self.outputs).float())
         empty = torch.empty(0)
         return replace(self, inputs=empty, logits=empty, outputs=empty, cache=dict(self.cache))

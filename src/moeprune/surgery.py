@@ -14,7 +14,7 @@ from torch import nn
 
 from .align import align_to, neuron_activations
 from .arch import Layout, MoeLayer, MoePruneError, get_tensor
-from .calibration import probabilities
+from .observer import probabilities
 from .plan import LayerPlan, Plan
 from .routing import group_routing_after
 from .stats import LayerStats, Stats

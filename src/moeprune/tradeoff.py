@@ -14,14 +14,20 @@ experts while an alternative is applied.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
-from .arch import Layout, MoePruneError
-from .calibration import split_held_out, text_domains
+from .arch import Layout, MoeLayer, MoePruneError
+from .engine import LayerWork, Step
+from .evaluate import Evaluation
+from .forward import Batches, forward_batches
 from .methods import get_method
 from .plan import LayerPlan, Plan
+from .sources import ModelSource
 from .surgery import apply_layer
+from .text import split_held_out, text_domains
 
 HELD_OUT = 0.2
 # (label, method, options): the default, the paper's grouping with representatives kept (what protected
@@ -33,12 +39,13 @@ ALTERNATIVES = [("diverse", "diverse", {}),
                 ("frequency", "frequency", {}), ("reap", "reap", {}), ("msmoe", "msmoe", {})]
 
 
-class Tradeoff:
-    """The held-out split, the alternatives' planning and surgery for the engine, and the resulting table."""
+class Tradeoff(Step):
+    """The held-out split, and the engine step that plans each alternative for a layer, applies it to a copy of
+    the layer's MoE block and runs the held-out batches through it beside the original; then the table."""
+    name = "trade-off"
 
     def __init__(self, spec: str, tokenizer, config, layout: Layout, keep: int, seed: int, chosen: str,
                  chosen_options: dict, batch_size: int, max_tokens: int):
-        from .evaluate import Evaluation
         if spec == "random" or tokenizer is None:
             raise MoePruneError("--report-tradeoff scores plans on held-out calibration text: give text with --calib "
                                 "(and a model with a tokenizer), not random tokens")
@@ -54,27 +61,54 @@ class Tradeoff:
         self.methods = {label: (get_method(name), get_method(name).make_options(**options))
                         for label, name, options in entries}
         self.chosen = entries[0][0]
-        self.tallies = {"held-out": self.evaluation.tally(),
-                        **{f"held-out:{label}": self.evaluation.tally() for label in self.methods}}
+        self.tally = self.evaluation.tally()                        # the original model
+        self.tallies = {label: self.evaluation.tally() for label in self.methods}
+        self.surgery = {label: self._plan(method, options, {}) for label, (method, options) in self.methods.items()}
+        self.plans: dict[str, dict[int, LayerPlan]] = {label: {} for label in self.methods}
+        self.held: Batches | None = None
+        self.alt: dict[str, Batches] = {}
 
-    def alternatives(self) -> dict:
-        """label -> (plan a layer, apply a plan to a block) for engine.Job.alternatives."""
-        def entry(method, options):
-            plan = self._plan(method, options, {})
-            return (lambda i, ls: method.plan_layer(ls, self.keep, options, self.seed),
-                    lambda block, lp, ls: apply_layer(block, lp, plan, self.layout, ls))
-        return {label: entry(method, options) for label, (method, options) in self.methods.items()}
+    def begin(self, source: ModelSource) -> None:
+        self.held = source.embed(self.evaluation.batches)
+        self.alt = {label: self.held for label in self.methods}
+
+    def layer(self, work: LayerWork) -> None:
+        """Before the chosen plan changes the layer: the original, then each alternative on a copy of the block."""
+        held_in, self.held = self.held, forward_batches(work.module, self.held)
+        for label, (method, options) in self.methods.items():
+            if work.moe is None:                  # a dense layer: a stream that still is the original's is shared
+                self.alt[label] = self.held if self.alt[label] is held_in else forward_batches(work.module,
+                                                                                               self.alt[label])
+                continue
+            lp = self.plans[label][work.index] = method.plan_layer(work.stats, self.keep, options, self.seed)
+            self.alt[label] = self._with_plan(work, lp, self.surgery[label], self.alt[label])
+
+    def _with_plan(self, work: LayerWork, lp: LayerPlan, plan: Plan, batches: Batches) -> Batches:
+        """The decoder layer run on `batches` with a pruned copy of its MoE block in place of its own."""
+        family, moe = self.layout.family, work.moe
+        block = copy.deepcopy(moe.block)
+        apply_layer(MoeLayer(moe.index, block, getattr(block, family.router), getattr(block, family.experts)),
+                    lp, plan, self.layout, work.stats)
+        setattr(work.module, family.block, block)
+        try:
+            return forward_batches(work.module, batches)
+        finally:
+            setattr(work.module, family.block, moe.block)
+
+    def streams(self) -> list[tuple[Batches, Callable]]:
+        """(hidden states, scorer) pairs for engine.score: the original's and each alternative's."""
+        return [(self.held, self.tally.score), *((self.alt[label], self.tallies[label].score) for label in self.methods)]
 
     def _plan(self, method, options, layers: dict[int, LayerPlan]) -> Plan:
         return method.assemble(layers, self.keep, options, self.seed, self.layout.family.model_type, 0.0)
 
-    def result(self, plans: dict[str, dict[int, LayerPlan]], folder: Path | None) -> dict:
+    def result(self, folder: Path | None) -> dict:
         """{"chosen", "held_out_tokens", "rows": {label: {"ratio": {domain: r}, "mean", "worst", "plan"}}};
         each alternative's plan is saved as tradeoff/<label>.plan.json in `folder`."""
-        base = self.tallies["held-out"].result()["perplexity"]
+        base = self.tally.result()["perplexity"]
         rows = {}
         for label, (method, options) in self.methods.items():
-            ppl = self.tallies[f"held-out:{label}"].result()["perplexity"]
+            ppl = self.tallies[label].result()["perplexity"]
             ratio = {d: math.exp(ppl[d]["nll"] - base[d]["nll"]) for d in base}
             worst = max(ratio, key=ratio.get)
             rows[label] = {"ratio": ratio, "mean": sum(ratio.values()) / len(ratio),
@@ -82,19 +116,6 @@ class Tradeoff:
             if folder is not None:
                 path = folder / "tradeoff" / f"{label.replace(' ', '-').replace('(', '').replace(')', '')}.plan.json"
                 path.parent.mkdir(exist_ok=True)
-                self._plan(method, options, plans[label]).save(path)
+                self._plan(method, options, self.plans[label]).save(path)
                 rows[label]["plan"] = path.relative_to(folder).as_posix()
         return {"chosen": self.chosen, "held_out_tokens": {d: v["tokens"] for d, v in base.items()}, "rows": rows}
-
-
-def tradeoff_table(tradeoff: dict) -> str:
-    """The trade-off as a Markdown table: one row per plan, the chosen one first; ratios pruned / full."""
-    rows = tradeoff["rows"]
-    domains = list(next(iter(rows.values()))["ratio"])
-    lines = ["| plan (held-out calibration text) | mean | worst | " + " | ".join(domains) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
-    for label, r in rows.items():
-        name = f"**{label}** (written)" if label == tradeoff["chosen"] else label
-        lines.append(f"| {name} | {r['mean']:.3f} | {r['worst']['ratio']:.3f} {r['worst']['domain']} | "
-                     + " | ".join(f"{r['ratio'][d]:.3f}" for d in domains) + " |")
-    return "\n".join(lines)

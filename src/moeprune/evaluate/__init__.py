@@ -14,9 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..arch import MoePruneError
 import torch
 from tqdm.auto import tqdm
+
+from ..arch import MoePruneError
+from ..preflight import usable_tokenizer
 
 from .multiple_choice import (EmptyContinuation, batch_ll, ll_batches, load_task, max_length, multiple_choice,
                               resolve_tasks, task_accuracy, task_questions, task_scores)
@@ -78,7 +80,6 @@ class Evaluation:
                  batch_size: int = 8, max_tokens: int | None = None, task_limit: int | None = None,
                  texts: dict[str, list[str]] | None = None):
         """`texts`: documents per domain, scored instead of `domains` (e.g. held-out calibration text)."""
-        from ..preflight import usable_tokenizer
         ok, why = usable_tokenizer(tokenizer)
         if not ok:
             raise MoePruneError(f"evaluation needs a tokenizer that encodes text, and {why}; add tokenizer files to "

@@ -12,7 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from ..arch import MoePruneError
+from ..arch import NotMoE
+from ..checkpoint import load, open_source
+from ..engine import run, score
+from ..info import model_info
+from ..report import Report, jsonable, make_plots, render_markdown, summary_table, write_report
+from ..steps import Evaluate
+from . import Evaluation, _run_lm_eval, evaluate_model, evaluation_section, resolve_domains, resolve_tasks
 
 
 def add_eval_parser(sub) -> None:
@@ -52,10 +58,9 @@ def _none(values):
 def run_eval(model: str | None, against: str | None = None, domains=None, tasks=None, lm_eval=None,
              lm_eval_dir=None, seq_len: int = 256, stride: int | None = None, max_tokens: int | None = None,
              limit: int | None = None, batch_size: int = 8, dtype: str = "auto", device: str = "auto",
-             progress: bool = True) -> dict:
+             progress: bool = True) -> Report:
     """Evaluate ORIGINAL (if given) then MODEL, each read one decoder layer at a time when it is a local
-    safetensors folder, so neither has to fit in memory; the report dict for report.write_report."""
-    from . import evaluation_section, resolve_domains, resolve_tasks
+    safetensors folder, so neither has to fit in memory."""
     if domains is not None and len(domains):
         resolve_domains(domains)               # fail on a bad name before any model is loaded
     if tasks is not None and len(tasks):
@@ -63,48 +68,38 @@ def run_eval(model: str | None, against: str | None = None, domains=None, tasks=
     settings = {"domains": domains, "tasks": tasks, "seq_len": seq_len, "stride": stride, "batch_size": batch_size,
                 "max_tokens": max_tokens, "task_limit": limit}
     lm = {"lm_eval": lm_eval, "lm_eval_dir": lm_eval_dir}
-    report: dict = {}
-    before, tokenizer = None, None
+    before, tokenizer, info_before, original = None, None, None, None
     if against is not None:
-        report["against"], report["before"], before, tokenizer = _evaluate(against, settings, lm, dtype, device,
-                                                                          None, progress)
-    report["model"], report["after"], after, _ = _evaluate(model, settings, lm, dtype, device, tokenizer, progress)
-    report["evaluation"] = evaluation_section(before, after)
-    return report
+        original, info_before, before, tokenizer = _evaluate(against, settings, lm, dtype, device, None, progress)
+    name, info, after, _ = _evaluate(model, settings, lm, dtype, device, tokenizer, progress)
+    return Report(model=name, against=original, before=info_before, after=info,
+                  evaluation=evaluation_section(before, after))
 
 
 def _evaluate(spec, settings: dict, lm: dict, dtype: str, device: str, fallback_tokenizer, progress: bool):
     """(name, model info, evaluation, tokenizer) of one model: streamed through the per-layer engine; a dense
     model (a baseline) is loaded and evaluated in memory; lm-eval always needs the model in memory."""
-    from ..api import model_info
-    from ..checkpoint import load, open_source
-    from ..engine import Job, run, score
-    from . import Evaluation, _run_lm_eval, evaluate_model
     try:
         name, source, tokenizer, _ = open_source(spec, dtype, device)
-    except MoePruneError as e:
-        if "no MoE layers" not in str(e):
-            raise
+    except NotMoE:
         loaded = load(spec, dtype, device)
         tokenizer = loaded.tokenizer or fallback_tokenizer
         return loaded.name, None, evaluate_model(loaded.model, tokenizer, progress=progress, **settings, **lm), \
             tokenizer
     tokenizer = tokenizer or fallback_tokenizer
-    info = model_info(source.model, source.layout)
     ev = Evaluation(tokenizer, source.model.config, **settings)
-    tally = ev.tally()
-    outcome = run(source, Job(evaluate=ev.batches, progress=progress))
-    score(source, outcome, lambda _, k, logits: tally.score(k, logits))
+    step, tally = Evaluate(ev.batches), ev.tally()
+    run(source, [step], progress)
+    score(source, [(step.before, tally.score)])
     result = tally.result()
     if lm["lm_eval"]:
         names = [n for n in str(lm["lm_eval"]).split(",") if n.strip()]
         result["lm_eval"] = _run_lm_eval(load(spec, dtype, device).model, tokenizer, names, lm["lm_eval_dir"],
                                          settings["batch_size"], settings["task_limit"])
-    return name, info, result, tokenizer
+    return name, model_info(source.model, source.layout), result, tokenizer
 
 
 def cmd_eval(args) -> int:
-    from ..report import jsonable, make_plots, render_markdown, summary_table, write_report
     report = run_eval(args.model, args.against, _none(args.domains), _none(args.tasks), args.lm_eval,
                       args.lm_eval_dir, args.seq_len, args.stride, args.max_tokens, args.limit, args.batch_size,
                       args.dtype, args.device, progress=not args.quiet)
@@ -112,14 +107,14 @@ def cmd_eval(args) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(jsonable(report.to_json()), indent=1, allow_nan=False) + "\n", encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)
     if args.md:
         path = Path(args.md)
         img = path.parent / f"{path.stem}_img"
         paths = make_plots(img, report)
         images = {k: p.relative_to(path.parent).as_posix() for k, p in paths.items()}
-        path.write_text(render_markdown(jsonable(report), images), encoding="utf-8")
+        path.write_text(render_markdown(jsonable(report.to_json()), images), encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)
     if args.report:
         write_report(args.report, report)

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..arch import MoePruneError
+from .multiple_choice import load_task, task_delimiter
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -37,7 +38,6 @@ def write_task_yaml(jsonl: str | Path, folder: str | Path, name: str | None = No
     The task scores exactly what moeprune.evaluate.multiple_choice scores (same delimiter, acc and acc_norm);
     target_delimiter None: the file's own convention (multiple_choice.task_delimiter).
     """
-    from .multiple_choice import load_task, task_delimiter
     jsonl = Path(jsonl).expanduser().resolve()
     if not jsonl.is_file():
         raise MoePruneError(f"task file {jsonl} not found")

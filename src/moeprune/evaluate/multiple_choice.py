@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import demo
 from ..arch import MoePruneError
+from ..text import jsonl_rows
 from .sources import named_files
 
 DEFAULT_MAX_LENGTH = 2048       # lm-eval's fallback when neither the config nor the tokenizer says
@@ -39,7 +40,6 @@ DEFAULT_MAX_LENGTH = 2048       # lm-eval's fallback when neither the config nor
 
 def load_task(path: str | Path) -> list[dict]:
     """The questions of a JSONL task file, validated: [{"query", "choices", "gold" (int)}]."""
-    from ..calibration import jsonl_rows  # the calibration reader: one rule for UTF-8 and JSON lines
     path = Path(path).expanduser()
     if not path.is_file():
         raise MoePruneError(f"multiple-choice task file {str(path)!r} not found")

@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from .. import demo
 from ..arch import MoePruneError
+from ..text import load_texts
 from .sources import named_files
 
 # ---------------------------------------------------------------- text -> token stream
 
 def read_documents(path: str | Path) -> list[str]:
     """The documents of a .txt file (blank-line separated), a .jsonl file ("text" field) or a folder of them."""
-    from ..calibration import load_texts  # the calibration reader: one definition of a document
     path = Path(path).expanduser()
     if not path.exists():
         raise MoePruneError(f"evaluation text {str(path)!r} not found")

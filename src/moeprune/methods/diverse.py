@@ -18,17 +18,18 @@ Mixture-of-Experts" (arXiv:2407.09590, ACL 2025 Findings). Per layer:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ..arch import MoePruneError
-from ..grouping import ANCHORED, anchored, check_share, group
+from ..grouping import ANCHORED, anchored, check_share, group, ranked
 from ..plan import Align, LayerPlan, Merge, RouterRule
 from ..similarity import SIMILARITIES
 from ..stats import LayerStats
-from . import Method, register
+from .registry import Method, register
 
 # the default --diversity of each anchored grouping: with half the calibration written by the model itself,
 # coverage a quarter of the way to pure diversity had the best worst held-out domain of the validation folds
@@ -81,6 +82,12 @@ class DiverseOptions(GroupOptions):
     align: Align = "none"
     merge: Merge = "average"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
+            raise MoePruneError(f"--tau {self.tau} must be a positive number: the temperature of the merge weights' "
+                                "softmax (0.1 by default; larger: more even weights)")
+
 
 def similarity(ls: LayerStats, representation: str, kind: str) -> torch.Tensor:
     """[E, E] similarity of a layer's experts, computed once and cached with the statistics."""
@@ -100,7 +107,7 @@ def saliency(ls: LayerStats, kind: str) -> torch.Tensor:
 
 def representative(members: list[int], score: torch.Tensor) -> int:
     """The member of highest saliency; ties go to the lowest id."""
-    return min(members, key=lambda e: (-float(score[e]), e))
+    return ranked(score, members)[0]
 
 
 def merge_weights(sim: torch.Tensor, rep: int, members: list[int], tau: float,

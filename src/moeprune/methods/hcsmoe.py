@@ -25,7 +25,7 @@ from ..grouping import agglomerative
 from ..plan import Align, LayerPlan, RouterRule
 from ..similarity import cosine_matrix
 from ..stats import LayerStats
-from . import Method, register
+from .registry import Method, register
 from .diverse import representative
 from .msmoe import frequency_weights
 

@@ -24,7 +24,7 @@ from ..grouping import anchors
 from ..plan import Align, LayerPlan, RouterRule
 from ..similarity import cosine_matrix
 from ..stats import LayerStats
-from . import Method, register
+from .registry import Method, register
 from .selection import top
 
 PAPER = ("Li et al., Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing Policy, "

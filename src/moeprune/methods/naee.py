@@ -35,7 +35,7 @@ from ..arch import MoePruneError
 from ..plan import LayerPlan
 from ..routing import restricted_routing
 from ..stats import LayerStats
-from . import Method, register
+from .registry import Method, register
 
 PAPER = ("Lu et al., Not All Experts are Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts LLMs, "
          "ACL 2024, arXiv:2402.14800")
@@ -46,6 +46,10 @@ class NaeeOptions:
     # most subsets to evaluate: exhaustive search when C(E, K) <= budget, else `budget` random subsets
     # (seeded) and greedy swap refinement of the best
     budget: int = 5000
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise MoePruneError(f"--budget {self.budget} must be at least 1: the most subsets NAEE evaluates per layer")
 
 
 class Reconstruction:

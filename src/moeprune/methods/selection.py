@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from ..grouping import ranked
 from ..plan import LayerPlan
 from ..stats import LayerStats
-from . import Method, register
+from .registry import Method, register
 
 
 def top(scores: torch.Tensor, keep: int) -> list[int]:
     """The `keep` highest scores; ties broken by the lower expert id (stable, deterministic)."""
-    order = sorted(range(scores.numel()), key=lambda e: (-float(scores[e]), e))
-    return order[:keep]
+    return ranked(scores)[:keep]
 
 
 def _by(score):

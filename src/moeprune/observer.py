@@ -1,0 +1,108 @@
+"""The statistics observer: what one MoE layer does on the calibration tokens that reach it.
+
+Per MoE layer it records the top-k counts, summed router probabilities and top-k weights, REAP's saliency
+sums and, on a seeded sample of token positions, the layer inputs, router logits and (for the methods that
+need them) every expert's output. Everything is accumulated in float64 on the CPU, batch after batch, so a
+pass is a sum over batches whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import Layout, MoeLayer
+from .forward import forward_batches
+from .routing import routing_rule
+from .similarity import SIMILARITIES, weight_representation
+from .stats import LayerStats
+
+
+def expert_output(layer: MoeLayer, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """E_i(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""
+    n = x.shape[0]
+    index = torch.full((n, 1), expert, dtype=torch.long, device=x.device)
+    weight = torch.ones((n, 1), dtype=x.dtype, device=x.device)
+    return layer.experts(x, index, weight)
+
+
+def route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own routing of x [n, d]: (logits [n, E], top-k weights [n, k], top-k indices [n, k])."""
+    logits, weights, indices = router(x)
+    return logits.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), indices.reshape(x.shape[0], -1)
+
+
+def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    logits = logits.double()
+    return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+class Observer:
+    """Accumulates one MoE layer's statistics from the inputs of its MoE block, batch after batch."""
+
+    def __init__(self, layer: MoeLayer, scoring: str, top_k: int, sample_positions: torch.Tensor,
+                 expert_outputs: bool = True):
+        E = layer.num_experts
+        self.layer, self.scoring, self.top_k, self.expert_outputs = layer, scoring, top_k, expert_outputs
+        self.sample_positions = sample_positions          # sorted flat token positions over the calibration set
+        self.offset = 0                                   # flat position of the current batch's first token
+        self.tokens = 0
+        z = lambda: torch.zeros(E, dtype=torch.float64)   # noqa: E731
+        self.counts, self.prob_sum, self.weight_sum, self.reap_sum = z(), z(), z(), z()
+        self.inputs, self.logits, self.outputs = [], [], []
+
+    @torch.no_grad()
+    def __call__(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        x = hidden.reshape(-1, hidden.shape[-1])                          # (B*T, d)
+        logits, weights, indices = route(self.layer.router, x)
+        E = self.counts.numel()
+        self.counts += torch.bincount(indices.flatten().cpu(), minlength=E).double()
+        self.prob_sum += probabilities(logits, self.scoring).sum(0).cpu()
+        self.weight_sum.index_add_(0, indices.flatten().cpu(), weights.flatten().double().cpu())
+        for e in indices.unique().tolist():
+            tok, slot = torch.where(indices == e)
+            norms = expert_output(self.layer, x[tok], e).double().norm(dim=-1)
+            self.reap_sum[e] += (weights[tok, slot].double() * norms).sum().cpu()
+        # the seeded sample of tokens that falls into this batch
+        lo, hi = self.offset, self.offset + x.shape[0]
+        local = self.sample_positions[(self.sample_positions >= lo) & (self.sample_positions < hi)] - lo
+        if local.numel():
+            xs = x[local.to(x.device)]
+            self.inputs.append(xs.float().cpu())
+            self.logits.append(logits[local.to(x.device)].float().cpu())
+            if self.expert_outputs:     # every expert on every sample token: E / top-k times the routed compute
+                out = torch.empty((E, *xs.shape), dtype=torch.float32)
+                for e in range(E):
+                    out[e] = expert_output(self.layer, xs, e)
+                self.outputs.append(out)
+        self.offset = hi
+        self.tokens += x.shape[0]
+
+    def result(self) -> LayerStats:
+        def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
+        return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
+                          prob_sum=self.prob_sum, weight_sum=self.weight_sum, reap_sum=self.reap_sum,
+                          inputs=cat(self.inputs), logits=cat(self.logits), outputs=cat(self.outputs, dim=1))
+
+
+@torch.no_grad()
+def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positions: torch.Tensor,
+                  weight_similarity: bool = True, expert_outputs: bool = True):
+    """Run one decoder layer on the cached batches with the statistics observer on its MoE block;
+    returns (the layer's statistics, the layer's outputs for the next layer). Without `expert_outputs`
+    the sample records inputs and router logits only (what selection methods and M-SMoE need)."""
+    observer = Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
+    handle = moe.block.register_forward_pre_hook(observer, with_kwargs=True)
+    try:
+        outputs = forward_batches(decoder_layer, batches)
+    finally:
+        handle.remove()
+    ls = observer.result()
+    ls.routing = routing_rule(moe, layout.family)
+    if weight_similarity:
+        # model-centric similarity needs the weights, which a method never sees: derive it now
+        reps = weight_representation(moe.experts, layout.family.gate_up)
+        for name, fn in SIMILARITIES.items():
+            ls.cache[f"similarity/{name}/weight"] = fn(reps).float()
+    return ls, outputs

@@ -1,0 +1,325 @@
+"""A prune as three stages: prepare -> the engine's steps -> finish.
+
+    run    = prepare(cfg, method_options)     # every check of options, paths, plan and cache; the source opened
+    tokens = calibration_windows(run)         # the calibration windows (text, and what the model writes)
+    steps  = layer_steps(run, tokens, writer) # what the engine does to each decoder layer, in order
+    engine.run(run.source, steps)
+    report = finish(run, steps, writer, tmp)  # config, plan, scores -> a Report
+
+`moeprune.api.prune` is these lines with the output folder around them.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import demo
+from .arch import Layout, MoePruneError
+from .checkpoint import check_output, folder_bytes, open_source, resolve
+from .config import PruneConfig
+from .engine import Step, score
+from .evaluate import Evaluation, evaluation_section
+from .hub import CheckpointWriter
+from .methods import Method, get_method
+from .plan import LayerPlan, Plan
+from .info import model_info
+from .report import Report, pick_layers
+from .selfcalib import mixed_windows, resolve_share, start_token, windows_for
+from .sources import CheckpointSource, ModelSource
+from .stats import LayerStats, Stats, layer_file, read_header
+from .steps import Apply, Decide, Evaluate, EvaluatePruned, KeepStats, Observe, Write
+from .surgery import apply_layer, check_plan, update_config
+from .text import calibration_tokens, check_spec
+from .tradeoff import HELD_OUT, Tradeoff
+
+
+class Stages:
+    """Wall time of each stage and the peak resident memory reached by its end."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = round(time.perf_counter() - start, 3)
+        self.peak_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return result
+
+
+@dataclass
+class Run:
+    """A prune, checked and prepared: everything decided before the first layer is read."""
+    cfg: PruneConfig
+    name: str                           # the model as the user named it
+    source: ModelSource
+    tokenizer: object | None
+    folder: Path | None                 # the input folder, when there is one
+    out: Path | None
+    method: Method | None               # None with --plan
+    options: object | None
+    saved_plan: Plan | None
+    keep: int
+    experts_before: int
+    expert_outputs: bool                # whether the statistics run every expert on the sample
+    share: float                        # share of the calibration windows the model writes
+    calibration_note: str | None        # why it writes none, when it does not by default
+    meta: dict                          # the calibration settings: the --stats-cache key
+    cache: dict[int, Path]              # layer -> statistics file of a matching --stats-cache
+    evaluation: Evaluation | None
+    tradeoff: Tradeoff | None
+    info_before: dict
+    stages: Stages = field(default_factory=Stages)
+    scratch: tempfile.TemporaryDirectory | None = None     # the input written out, for a model built in memory
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.scratch is not None:
+            self.scratch.cleanup()
+
+    @property
+    def layout(self) -> Layout:
+        return self.source.layout
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.saved_plan is None or self.saved_plan.needs_stats
+
+
+def resolve_keep(num_experts: int, top_k: int, keep: int | None, ratio: float | None) -> int:
+    if (keep is None) == (ratio is None):
+        raise MoePruneError("give exactly one of --keep K or --ratio R")
+    if ratio is not None:
+        if not 0 < ratio <= 1:
+            raise MoePruneError(f"--ratio {ratio} must be in (0, 1]")
+        keep = max(1, round(num_experts * ratio))
+    if keep < 1:
+        raise MoePruneError(f"--keep {keep} must be at least 1")
+    if keep > num_experts:
+        raise MoePruneError(f"--keep {keep} is more than the {num_experts} experts per layer")
+    if keep < top_k:
+        raise MoePruneError(f"--keep {keep} is below the model's top-k ({top_k}): every token routes to {top_k} "
+                            f"experts; keep at least {top_k}")
+    return keep
+
+
+def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
+    return cfg.calib or ("demo" if tokenizer is not None and demo.domains("calib") else "random")
+
+
+def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
+    """Layer -> statistics file of a --stats-cache made with the same settings (else {}: recollect)."""
+    if folder is None or not (Path(folder) / "stats.json").exists():
+        return {}
+    try:
+        header = read_header(Path(folder))
+    except MoePruneError:
+        return {}
+    have = header["calibration"]
+    differ = sorted(k for k in meta if have.get(k) != meta[k] and not (k == "expert_outputs" and have.get(k)))
+    if differ or sorted(header["layers"]) != sorted(layers):          # (a cache with expert outputs serves all)
+        differ = differ or ["layers"]
+        warnings.warn(f"--stats-cache {folder} holds statistics of other settings ({', '.join(differ)} differ); "
+                      "they are recollected and replaced", stacklevel=3)
+        return {}
+    return {i: layer_file(folder, i) for i in layers}
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v.strip()]
+
+
+def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | None, object | None]:
+    """Everything the options alone can tell, before any model is read."""
+    method = options = None
+    if cfg.plan is None:
+        method = get_method(cfg.method)
+        options = method.make_options(**method_options)
+    elif method_options:
+        raise MoePruneError("method options do not apply with --plan (the plan already fixes them)")
+    if cfg.plan is not None and cfg.report_tradeoff:
+        raise MoePruneError("--report-tradeoff compares methods planned from this run's statistics; with --plan "
+                            "there is nothing to plan")
+    if cfg.calib is not None:
+        check_spec(cfg.calib)
+    if cfg.self_calib is not None:
+        windows_for(cfg.self_calib, cfg.samples)
+    if cfg.self_text is not None:
+        try:
+            check_spec(cfg.self_text)
+        except MoePruneError as e:
+            raise MoePruneError(f"--self-text: {e}") from e
+    return method, options
+
+
+def prepare(cfg: PruneConfig, method_options: dict) -> Run:
+    """Every check of options, paths, plan and cache, then the source opened (a checkpoint: headers only)."""
+    _, folder = resolve(cfg.model)
+    out = check_output(cfg.out, cfg.overwrite, folder) if cfg.out else None
+    method, options = _check_options(cfg, method_options)
+    if cfg.quiet:
+        transformers.utils.logging.disable_progress_bar()
+    stages = Stages()
+    name, source, tokenizer, folder = stages.run("load", open_source, cfg.model, cfg.dtype, cfg.device)
+    scratch = None
+    if out is not None and not isinstance(source, CheckpointSource):
+        scratch, source, folder = _as_checkpoint(source, tokenizer)
+    layout = source.layout
+    saved_plan = Plan.load(cfg.plan) if cfg.plan is not None else None
+    E = layout.layers[0].num_experts
+    keep = check_plan(saved_plan, layout) if saved_plan is not None else \
+        resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
+    needs_stats = saved_plan is None or saved_plan.needs_stats
+    # the alternatives of the trade-off include diverse
+    expert_outputs = (method.needs_outputs if saved_plan is None else saved_plan.merge == "fit") or cfg.report_tradeoff
+    if cfg.self_text is not None and tokenizer is None:
+        raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
+    share, note = resolve_share(cfg.self_calib, source, start_token(source.model.config, tokenizer),
+                                cfg.self_text is not None) if needs_stats else (0.0, None)
+    meta = {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": share,
+            "self_text": cfg.self_text, "seq_len": cfg.seq_len, "seed": cfg.seed, "sample_tokens": cfg.sample_tokens,
+            "model": name, "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
+    tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
+                        method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
+    cache = cached_stats(cfg.stats_cache, meta, [layer.index for layer in layout.layers]) if needs_stats else {}
+    evaluation = None
+    if not cfg.no_eval and tokenizer is not None:
+        evaluation = Evaluation(tokenizer, source.model.config, _names(cfg.eval_domains), _names(cfg.eval_tasks),
+                                batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
+                                task_limit=cfg.eval_limit or None)
+    return Run(cfg, name, source, tokenizer, folder, out, method, options, saved_plan, keep, E, expert_outputs,
+               share, note, meta, cache, evaluation, tradeoff, model_info(source.model, layout), stages, scratch)
+
+
+def _as_checkpoint(source: ModelSource, tokenizer) -> tuple[tempfile.TemporaryDirectory, CheckpointSource, Path]:
+    """A model built in memory (tiny:NAME) written out once in the hub's layout, so that its output goes
+    through the one writer every checkpoint does; the folder lasts as long as the run."""
+    scratch = tempfile.TemporaryDirectory(prefix="moeprune-input-")
+    folder = Path(scratch.name)
+    source.model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    dtype = next(source.model.parameters()).dtype
+    return scratch, CheckpointSource(folder, source.device, dtype), folder
+
+
+def calibration_windows(run: Run) -> torch.Tensor | None:
+    """The calibration windows of a fresh statistics pass (None: a saved plan or a matching cache needs none):
+    text cut into windows, and the --self-calib share written by the model (sampled here, or --self-text)."""
+    cfg = run.cfg
+    if not run.needs_stats or run.cache:
+        return None
+
+    def windows(spec: str, docs: list[str] | None = None):
+        return lambda n: calibration_tokens(spec, run.tokenizer, n, cfg.seq_len, cfg.seed,
+                                            vocab_size=run.source.model.config.vocab_size, docs=docs)
+    sampling = run.share and cfg.self_text is None
+    text = windows(run.meta["spec"], run.tradeoff.calibration if run.tradeoff is not None else None)
+    return run.stages.run("self-calibration" if sampling else "calibration text", mixed_windows, text, run.source,
+                          start_token(run.source.model.config, run.tokenizer), run.share, cfg.samples, cfg.seq_len,
+                          cfg.seed, not cfg.quiet, windows(cfg.self_text) if cfg.self_text is not None else None)
+
+
+def _plan_of(run: Run, layers: dict[int, LayerPlan], seconds: float) -> Plan:
+    """The whole plan: the saved one, or the method's from its layers (no layer: its plan-wide options only)."""
+    if run.saved_plan is not None:
+        return run.saved_plan
+    return run.method.assemble(layers, run.keep, run.options, run.cfg.seed, run.layout.family.model_type, seconds)
+
+
+def layer_steps(run: Run, tokens: torch.Tensor | None, writer: CheckpointWriter | None) -> list[Step]:
+    """What the engine does to each decoder layer, in order (moeprune.steps)."""
+    cfg, layout, streamed = run.cfg, run.layout, isinstance(run.source, CheckpointSource)
+    plot_layers = set(pick_layers([layer.index for layer in layout.layers]))
+
+    def decide(i: int, ls: LayerStats | None) -> LayerPlan:
+        if run.saved_plan is not None:
+            return run.saved_plan.layers[i]
+        return run.method.plan_layer(ls, run.keep, run.options, cfg.seed)
+
+    def keep_stats(i: int, ls: LayerStats) -> LayerStats:
+        if cfg.stats_cache and i not in run.cache:
+            ls.save(layer_file(cfg.stats_cache, i))
+        # a checkpoint larger than memory keeps only what the report shows of a layer; a model in memory, all
+        return ls.light(similarity=i in plot_layers and ls.outputs.numel() > 0) if streamed else ls
+
+    plan = _plan_of(run, {}, 0.0)          # the plan-wide options (router rule, alignment, merge) of the surgery
+    weight_similarity = getattr(run.options, "representation", None) == "weight" or not streamed
+    steps: list[Step] = [Observe(layout, tokens, lambda i: LayerStats.load(run.cache[i]) if i in run.cache else None,
+                                 cfg.sample_tokens, cfg.seed, cfg.batch_size, weight_similarity, run.expert_outputs)]
+    evaluate = Evaluate(run.evaluation.batches) if run.evaluation is not None else None
+    steps += [evaluate] if evaluate is not None else []
+    steps += [run.tradeoff] if run.tradeoff is not None else []
+    steps += [Decide(decide), Apply(lambda m, lp, ls: apply_layer(m, lp, plan, layout, ls))]
+    steps += [EvaluatePruned(evaluate)] if evaluate is not None else []
+    steps += [KeepStats(keep_stats)]
+    steps += [Write(writer.write_layer)] if writer is not None else []
+    return steps
+
+
+def _step(steps: list[Step], kind: type) -> Step | None:
+    return next((s for s in steps if isinstance(s, kind)), None)
+
+
+def finish(run: Run, steps: list[Step], writer: CheckpointWriter | None, tmp: Path | None,
+           seconds: dict[str, float]) -> tuple[Report, Plan, Stats | None]:
+    """Config, plan and statistics of the pruned model; the checkpoint completed in `tmp`; then the scores."""
+    cfg, layout, stages = run.cfg, run.layout, run.stages
+    stages.times.update({f"prune: {step}": round(s, 3) for step, s in seconds.items()})
+    changes = update_config(run.source.model, layout, run.experts_before, run.keep)
+    kept = _step(steps, KeepStats).stats
+    stats = Stats(layout.family.model_type, run.name, run.meta, kept) if kept else None
+    if cfg.stats_cache and stats is not None and not run.cache:
+        stats.save_header(cfg.stats_cache)
+    decided = _step(steps, Decide)
+    plan = _plan_of(run, decided.plans, decided.seconds)
+    if tmp is not None:
+        stages.run("save", writer.finish, run.folder, layout.config, changes)
+        plan.save(tmp / "plan.json")
+    report = Report(model=run.name, method=plan.method, options=plan.options, router=plan.router, align=plan.align,
+                    keep_per_layer={str(k): v for k, v in plan.keep_per_layer().items()},
+                    experts_before=run.experts_before, before=run.info_before,
+                    after=model_info(run.source.model, layout),
+                    calibration=stats.calibration if stats is not None else None, calibration_note=run.calibration_note,
+                    bytes_on_disk={"before": folder_bytes(run.folder), "after": folder_bytes(tmp)},
+                    stages={"seconds": stages.times, "peak_rss_mb": stages.peak_mb})
+    _score(run, steps, report, tmp)
+    return report, plan, stats
+
+
+def _score(run: Run, steps: list[Step], report: Report, tmp: Path | None) -> None:
+    """The evaluation and the trade-off scored from the streams the steps left: once the checkpoint is complete,
+    so an evaluation that fails costs the report a section, not the prune."""
+    evaluate = _step(steps, Evaluate)
+    tallies = {}
+    streams = []
+    if evaluate is not None:
+        tallies = {which: run.evaluation.tally() for which in ("before", "after")}
+        got = evaluate.streams()
+        streams += [(got.get(which, got["before"]), tallies[which].score) for which in ("before", "after")]
+    if run.tradeoff is not None:
+        streams += run.tradeoff.streams()
+    if streams:
+        try:
+            run.stages.run("evaluate", score, run.source, streams)
+            if tallies:
+                report.evaluation = evaluation_section(tallies["before"].result(), tallies["after"].result())
+            if run.tradeoff is not None:
+                report.tradeoff = run.tradeoff.result(tmp)
+        except Exception as e:  # noqa: BLE001 - any failure here must not throw the pruned checkpoint away
+            report.evaluation_error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"the evaluation failed ({type(e).__name__}: {e}); the pruned checkpoint is saved "
+                          "and its report says so", stacklevel=3)
+    if run.evaluation is None and not run.cfg.no_eval:
+        report.evaluation_note = "skipped: the model has no tokenizer that can encode text"

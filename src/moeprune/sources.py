@@ -1,0 +1,162 @@
+"""Where the decoder layers come from: a model in memory, or a checkpoint folder read one layer at a time.
+
+    source = ModelSource(model) | CheckpointSource(folder, device, dtype)
+    batches = source.embed(token batches)       # hidden states entering decoder layer 0, with its kwargs
+    layer = source.layer(i); ...; source.release(i)
+    logits = source.logits(hidden); source.release_head()
+
+The engine (moeprune.engine) sees only this interface, so the in-memory API and a checkpoint larger than
+memory run the same loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .arch import Layout, MoePruneError, decoder_layers, moe_layout
+from .forward import Batches, first_layer_inputs
+from .hub import check_shapes, module_tensors
+from .preflight import check_finite
+from .shards import Checkpoint
+
+
+def _return_memory() -> None:
+    """Hand a freed layer's memory back to the system: glibc keeps freed heap pages (the per-expert reads fall
+    under its mmap threshold) unless asked, and the next layer would then come on top of them. (A layer is
+    freed by reference counting; no garbage collection pass is needed.)"""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):       # not glibc (musl): nothing to trim
+            pass
+
+
+class ModelSource:
+    """A model that is already in memory: tiny models, hub ids, the in-memory API."""
+
+    def __init__(self, model: nn.Module, layout: Layout | None = None, save_dtype: torch.dtype | None = None):
+        self.model = model
+        self.layout = layout or moe_layout(model)
+        self.device = next(model.parameters()).device
+        self.save_dtype = save_dtype                  # the dtype a saved checkpoint is written in
+
+    def layer(self, i: int) -> nn.Module:
+        return decoder_layers(self.model)[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+    def embed(self, batches: list[torch.Tensor]) -> Batches:
+        return first_layer_inputs(self.model, batches, self.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        base = getattr(self.model, "model", self.model)
+        return self.model.lm_head(base.norm(hidden))
+
+    def release_head(self) -> None:
+        pass
+
+    def weight_bytes(self) -> int:
+        """Bytes the whole model takes in the compute dtype."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @contextmanager
+    def whole(self):
+        """The whole model, runnable end to end (self-calibration samples from it)."""
+        yield self.model
+
+
+class CheckpointSource(ModelSource):
+    """A safetensors checkpoint folder read lazily: the model skeleton on the meta device, each module's
+    tensors read from the shards when it is used and dropped after (see moeprune.shards, moeprune.hub)."""
+
+    def __init__(self, folder: Path, device: str | torch.device, dtype: torch.dtype):
+        self.ckpt = Checkpoint(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        quantized = next((t.name for t in self.ckpt.tensors.values()
+                          if t.dtype.startswith("F8") or t.name.endswith("_scale_inv")), None)
+        if quantized or getattr(config, "quantization_config", None):
+            what = f"tensor {quantized}" if quantized else "its config has a quantization_config"
+            raise MoePruneError(f"{folder} is a quantized checkpoint ({what}); moeprune reads bf16/fp16/fp32 weights: "
+                                "dequantize it to bf16 first (e.g. DeepSeek's fp8_cast_bf16.py for FP8 checkpoints)")
+        with init_empty_weights(include_buffers=False):        # parameters on meta; rotary buffers are real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        self.model, self.layout = model.eval(), moe_layout(model)
+        self.device, self.dtype = torch.device(device), dtype
+        self.model.model.rotary_emb.to(self.device)
+
+    def _read(self, name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and name not in self.ckpt and getattr(self.model.config, "tie_word_embeddings",
+                                                                           False):
+            name = "model.embed_tokens.weight"
+        t = self.ckpt.get(name)
+        check_finite(name, t, f"the checkpoint {self.ckpt.folder} is damaged (re-download it) or was saved after a "
+                              "diverged training step")
+        return t
+
+    def materialise(self, module: nn.Module, prefix: str, layer: int | None = None) -> None:
+        """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype."""
+        expected = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if layer is None:
+            tensors = {k: self._read(k) for k in expected}
+        else:
+            tensors = dict(module_tensors(self.layout.family, layer, expected, self._read, self.dtype))
+        check_shapes(expected, tensors, str(self.ckpt.folder))
+        state = {k[len(prefix):]: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+                 for k, t in tensors.items()}
+        module.load_state_dict(state, assign=True, strict=True)
+
+    def layer(self, i: int) -> nn.Module:
+        layer = decoder_layers(self.model)[i]
+        self.materialise(layer, f"model.layers.{i}.", layer=i)
+        return layer
+
+    def release(self, i: int) -> None:
+        decoder_layers(self.model)[i].to("meta")
+        _return_memory()
+
+    def embed(self, batches: list[torch.Tensor]) -> Batches:
+        embed = self.model.model.embed_tokens
+        self.materialise(embed, "model.embed_tokens.")
+        try:
+            return first_layer_inputs(self.model, batches, self.device)
+        finally:
+            embed.to("meta")
+            _return_memory()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.model.lm_head.weight.is_meta:
+            self.materialise(self.model.model.norm, "model.norm.")
+            self.materialise(self.model.lm_head, "lm_head.")
+        return super().logits(hidden)
+
+    def release_head(self) -> None:
+        self.model.model.norm.to("meta")
+        self.model.lm_head.to("meta")
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
+
+    @contextmanager
+    def whole(self):
+        """Every module materialised at once, for a model that fits in memory; back to meta after."""
+        base = self.model.model
+        parts = [(base.embed_tokens, "model.embed_tokens.", None), (base.norm, "model.norm.", None),
+                 (self.model.lm_head, "lm_head.", None)]
+        parts += [(layer, f"model.layers.{i}.", i) for i, layer in enumerate(decoder_layers(self.model))]
+        try:
+            for module, prefix, layer in parts:
+                self.materialise(module, prefix, layer=layer)
+            yield self.model
+        finally:
+            for module, _, _ in parts:          # not the whole model: the rotary tables are real buffers
+                module.to("meta")
+            _return_memory()
