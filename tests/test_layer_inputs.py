@@ -17,7 +17,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from moeprune.arch import FAMILIES as SUPPORTED
 from moeprune.arch import MoePruneError
-from moeprune.layer_inputs import capture, run_layer
+from moeprune.layer_inputs import advance, capture, run_layer
 from moeprune.tiny import tiny_model
 
 torch.set_num_threads(1)
@@ -176,14 +176,20 @@ def test_layer_0_kwargs_for_every_layer_is_wrong_for_gpt_oss():
     assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), ref) < 1e-5
 
 
-def test_several_batches():
-    model = build("gpt_oss")
-    batches = [tokens(2, seed=1), tokens(1, seed=2)]
+@pytest.mark.parametrize("model_type", ["gpt_oss", "bamba"])      # bamba: a tuple-returning model, batch 1 first
+def test_several_batches_advanced_layer_by_layer(model_type):
+    """The engine's loop: advance every cached batch through layer 0, then layer 1, ..."""
+    model = build(model_type)
+    batches = [tokens(1, seed=1), tokens(2, seed=2)]
     captured = capture(model, batches, "cpu")
     assert len(captured) == 2
+    refs = [reference(model, ids) for ids in batches]
     for ids, (hidden, kwargs_list) in zip(batches, captured):
         assert hidden.shape == (ids.shape[0], SEQ, 64)
-        assert max_error(layer_by_layer(model.model.layers, hidden, kwargs_list), reference(model, ids)) < 1e-5
+    for i, layer in enumerate(model.model.layers):
+        captured = advance(layer, i, captured)
+        for ref, (hidden, _) in zip(refs, captured):
+            assert (hidden - ref[i + 1]).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -166,3 +166,10 @@ def run_layer(decoder_layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> t
     (the first element when the layer returns a tuple). Run it under torch.no_grad() for calibration."""
     out = decoder_layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def advance(decoder_layer: nn.Module, index: int, batches: list[LayerInputs]) -> list[LayerInputs]:
+    """Decoder layer `index` run on every cached batch: [(its output hidden states, the same kwargs list)],
+    the per-layer counterpart of calibration.forward_batches."""
+    return [(run_layer(decoder_layer, hidden, kwargs[index]), kwargs) for hidden, kwargs in batches]
