@@ -3,7 +3,7 @@
 Per model type: a tiny random model is saved with save_pretrained (safetensors, the hub layout); then
 (a) the file names HubMap predicts from the meta-device model are exactly the saved file's keys (with shapes),
 (b) to_module rebuilds every tensor of a freshly loaded model bit for bit from the saved file tensors,
-(c) to_files of the loaded model's tensors reproduces every saved file tensor bit for bit,
+(c) to_files of the saved model's tensors reproduces every saved file tensor bit for bit,
 and for the families moeprune supports, (d) the names and expert axes agree with moeprune.hub.
 """
 
@@ -27,8 +27,14 @@ MODEL_TYPES = [
     "jetmoe", "hunyuan_v1_moe", "dots1", "flex_olmo", "glm4_moe_lite", "exaone_moe", "cohere2_moe", "afmoe",
     "longcat_flash", "solar_open", "lfm2_moe", "jamba", "bailing_hybrid", "sarvam_moe", "laguna", "mimo_v2_flash",
     "hy_v3", "kimi_linear", "nemotron_h", "aria_text", "deepseek_v32", "glm_moe_dsa", "granitemoehybrid",
-    "qwen3_5_moe_text", "axk1", "kolibri1", "flint", "mellum", "beam",
+    "qwen3_5_moe_text", "axk1", "kolibri1", "flint", "mellum", "beam", "zaya", "deepseek_v4", "hy_v4", "lara_mini",
+    "gemma4_text", "axk2", "granitemoe_swa",
+    # multimodal: the text tower's tables scoped under the submodel, Transpose(check_dims=True)
+    "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next", "minimax_m3_vl", "gemma4",
 ]
+# model types whose tables hold an operation the map cannot describe as views: refused, naming the tensor
+# (muse_spark also passes, checked by hand: 12 s of vision tower, left out for speed)
+REFUSED = {"step3p7": "PermuteForRope", "inkling2_text": "Inkling2UnpadVocab"}
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                head_dim=32, intermediate_size=48, moe_intermediate_size=24, max_position_embeddings=128,
@@ -73,8 +79,17 @@ def _config(model_type: str):
     return config
 
 
-def _build(config, device=None):
+def _auto_class(config):
     from transformers import AutoModelForCausalLM
+    try:
+        from moeprune.tiny import model_class_for
+    except ImportError:
+        return AutoModelForCausalLM
+    return model_class_for(config) or AutoModelForCausalLM
+
+
+def _build(config, device=None):
+    AutoModelForCausalLM = _auto_class(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if device == "meta":
@@ -95,7 +110,6 @@ def saved(tmp_path_factory):
 
     def get(model_type: str):
         if model_type not in cache:
-            from transformers import AutoModelForCausalLM
             try:
                 config = _config(model_type)
                 model = _build(config)
@@ -107,8 +121,8 @@ def saved(tmp_path_factory):
                 files = {k: f.get_tensor(k) for k in f.keys()}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            cache[model_type] = (config, files, loaded)
+                loaded = _auto_class(config).from_pretrained(folder, dtype=torch.float32)
+            cache[model_type] = (config, files, loaded, model.state_dict())
         return cache[model_type]
 
     return get
@@ -116,7 +130,7 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_hubmap_matches_save_and_load(model_type, saved):
-    config, files, loaded = saved(model_type)
+    config, files, loaded, original = saved(model_type)
     hub = HubMap.for_model(_build(config, "meta"))
 
     # (a) the predicted file names and shapes are the saved file's
@@ -136,12 +150,15 @@ def test_hubmap_matches_save_and_load(model_type, saved):
     for name, t in state.items():
         del reads[:]
         got = hub.to_module(name, t.shape, read, t.dtype)
-        assert got.dtype == t.dtype and torch.equal(got, t), name
+        assert got.dtype == t.dtype, name
+        # bit for bit; where the model's own loading code rewrites a tensor (zaya's balancing biases), the file's
+        assert torch.equal(got, t) or (torch.equal(got, original[name]) and not torch.equal(t, original[name])), name
         assert reads == hub.file_names(name), name             # each file tensor read once
     assert {f for m in state for f in hub.file_names(m)} == set(files)
 
-    # (c) every file tensor, from the loaded model's tensors
+    # (c) every file tensor, from the tensors of the model that was saved
     written = {}
+    state = original
     for name, t in state.items():
         if any(len(hub.module_names(f)) > 1 for f in hub.file_names(name)):
             continue
@@ -173,7 +190,7 @@ def test_hubmap_matches_save_and_load(model_type, saved):
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_hubmap_agrees_with_hub(model_type, saved):
     from moeprune import hub as old
-    config, files, _ = saved(model_type)
+    config, files, _, _ = saved(model_type)
     family = family_of(config)
     model = _build(config, "meta")
     hub = HubMap.for_model(model)
@@ -216,7 +233,7 @@ def test_unknown_operation_is_named():
 
 
 def test_shape_checked(saved):
-    config, files, loaded = saved("mixtral")
+    config, files, loaded, _ = saved("mixtral")
     hub = HubMap.for_model(_build(config, "meta"))
     name = "model.layers.0.mlp.experts.gate_up_proj"
     shape = loaded.state_dict()[name].shape
@@ -247,3 +264,29 @@ def test_checkpoint_stored_fused(model_type, tmp_path):
         assert torch.equal(hub.to_module(name, t.shape, files.__getitem__, t.dtype), t), name
     with pytest.raises(MoePruneError, match="not a checkpoint of this model"):
         HubMap.for_model(meta, file_names=[n for n in files if "layers.1." not in n])
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_refused_with_the_tensor_named(model_type):
+    """transformers' own tables with an operation the map does not know: MoePruneError naming tensor, type, op."""
+    try:
+        model = _build(_config(model_type), "meta")
+    except Exception as e:                                  # noqa: BLE001
+        pytest.skip(f"{model_type}: no tiny model ({type(e).__name__})")
+    with pytest.raises(MoePruneError, match=rf"^\S+\.\w+: transformers saves this {model_type} tensor .*"
+                                            rf"{REFUSED[model_type]}"):
+        HubMap.for_model(model)
+
+
+def test_experts_stored_transposed(saved):
+    """Transpose(check_dims=True): a checkpoint holding the experts transposed is read transposed, as transformers'
+    loader does; the map itself predicts what save_pretrained writes (untransposed)."""
+    config, files, loaded, _ = saved("qwen3_vl_moe")
+    hub = HubMap.for_model(_build(config, "meta"))
+    state = loaded.state_dict()
+    names = [n for n in state if n.endswith("experts.down_proj")]
+    assert names
+    for name in names:
+        stored = {f: files[f].transpose(1, 2).contiguous() for f in hub.file_names(name)}
+        got = hub.to_module(name, state[name].shape, stored.__getitem__, torch.float32)
+        assert torch.equal(got, state[name]), name

@@ -65,6 +65,9 @@ class FileTensor:
     name: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    # transformers' Transpose(check_dims=True): a checkpoint may also store it with these two axes swapped (the
+    # loader transposes whatever does not have the model's shape); save_pretrained writes it unswapped
+    swapped: tuple[int, int] | None = None
 
     @property
     def whole_view(self) -> bool:
@@ -83,6 +86,7 @@ class _Sym:
     """A tensor of the save direction, as pieces of module tensors; `pieces`' file_view applies to this tensor."""
     shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
+    swapped: tuple[int, int] | None = None
 
     @property
     def pure(self) -> bool:
@@ -162,8 +166,10 @@ def _chunk_sizes(n: int, chunks: int) -> list[int]:
     return sizes or [0]
 
 
-def _run_op(op, data: dict[str, list[_Sym] | _Sym], sources: list[str], targets: list[str], config) -> dict:
-    """One reversed conversion op of transformers, on symbolic tensors, with the op's own key rules."""
+def _run_op(op, data: dict[str, list[_Sym] | _Sym], sources: list[str], targets: list[str], config,
+            expected: tuple[int, ...] | None = None) -> dict:
+    """One reversed conversion op of transformers, on symbolic tensors, with the op's own key rules (`expected`:
+    the shape of the model tensor the op is named after, which Transpose(check_dims=True) compares with)."""
     kind = type(op).__name__
     if kind == "Chunk":
         if len(data) > 1:
@@ -214,8 +220,6 @@ def _run_op(op, data: dict[str, list[_Sym] | _Sym], sources: list[str], targets:
                 parts += v if isinstance(v, list) else [v]
         return {targets[0]: _Sym.cat(parts, op.dim)}
     if kind == "Transpose":
-        if getattr(op, "check_dims", False):
-            raise _Unsupported("Transpose(check_dims=True), which transposes or not depending on the shapes")
         if len(data) != 1:
             raise _Unsupported("Transpose of several inputs")
         if len(targets) > 1:
@@ -224,7 +228,13 @@ def _run_op(op, data: dict[str, list[_Sym] | _Sym], sources: list[str], targets:
             key = sources[0]
         else:
             key = targets[0]
-        return {key: _first(next(iter(data.values()))).transpose(op.dim0, op.dim1)}
+        t = _first(next(iter(data.values())))
+        if getattr(op, "check_dims", False):
+            if expected is None:
+                raise _Unsupported("Transpose(check_dims=True) of a tensor whose name is not the model's")
+            if tuple(t.shape) == tuple(expected):
+                return {key: _Sym(t.shape, t.pieces, (op.dim0, op.dim1))}
+        return {key: t.transpose(op.dim0, op.dim1)}
     if kind == "Interleave":
         return {targets[0]: _first(next(iter(data.values()))).interleave(op.dim, op.inverse)}
     raise _Unsupported(f"the operation {kind}")
@@ -440,7 +450,7 @@ class HubMap:
         def add(name: str, sym: _Sym, what: str):
             if name in files:
                 raise MoePruneError(f"{what}: two tensors of this {model_type} model map to the file tensor {name}")
-            files[name] = FileTensor(name, sym.shape, tuple(sym.pieces))
+            files[name] = FileTensor(name, sym.shape, tuple(sym.pieces), sym.swapped)
 
         for key in sorted(shapes, key=dot_natural_key):
             for conv in converters:
@@ -457,7 +467,8 @@ class HubMap:
             data = {p: [_Sym(shapes[k], [Piece(k)]) for k in keys] for p, keys in by_pattern.items()}
             try:
                 for op in conv.operations:
-                    data = _run_op(op, data, conv.source_patterns, conv.target_patterns, model.config)
+                    data = _run_op(op, data, conv.source_patterns, conv.target_patterns, model.config,
+                                   shapes.get(renamed))
             except _Unsupported as e:
                 raise MoePruneError(
                     f"{first}: transformers saves this {model_type} tensor with {type(conv).__name__}"
@@ -554,6 +565,9 @@ class HubMap:
         for name in self._by_module[source]:
             f = self.files[name]
             t = read(name)
+            if f.swapped is not None and tuple(t.shape) != f.shape \
+                    and tuple(t.transpose(*f.swapped).shape) == f.shape:
+                t = t.transpose(*f.swapped).contiguous()    # stored transposed: transformers' loader transposes it
             if tuple(t.shape) != f.shape:
                 raise MoePruneError(f"{name} has shape {list(t.shape)}, the config implies {list(f.shape)}; the "
                                     "checkpoint does not match its config.json")
