@@ -142,6 +142,26 @@ def _config_error(where: str, e: Exception) -> MoePruneError:
     return MoePruneError(f"{where}: {detail}; the file is damaged or was edited by hand: restore it")
 
 
+def _culprit(config_class: type, fields: dict) -> str | None:
+    """The config.json field whose removal lets transformers read the config (for an error that names none)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for key in fields:
+                if key == "model_type":
+                    continue
+                try:
+                    config_class.from_dict({k: v for k, v in fields.items() if k != key})
+                except CONFIG_ERRORS:
+                    continue
+                return key
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return None
+
+
 def check_config(config, where: str = "config.json") -> None:
     """The fields that size the model: positive integers; top-k within the expert count; whole KV groups."""
     family = FAMILIES.get(getattr(config, "model_type", None))
@@ -159,6 +179,13 @@ def check_config(config, where: str = "config.json") -> None:
         if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
             raise MoePruneError(f"{where}: field {family.top_k_field!r} ({top_k}) exceeds the expert count "
                                 f"{family.n_experts_field!r} ({experts}); restore the file")
+    auto_map, architectures = getattr(config, "auto_map", None), getattr(config, "architectures", None)
+    if auto_map is not None and not isinstance(auto_map, dict):
+        raise MoePruneError(f"{where}: field 'auto_map' is {repr(auto_map)[:60]}, not an object; restore the file")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise MoePruneError(f"{where}: field 'architectures' is {repr(architectures)[:60]}, not a list of class "
+                            "names; restore the file")
     heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
         raise MoePruneError(f"{where}: field 'num_attention_heads' ({heads}) is not a multiple of "
@@ -182,26 +209,29 @@ def load_config(source: str | Path) -> PretrainedConfig:
     raw = read_config_json(path)
     file = path / "config.json"
     model_type = raw["model_type"]
+    if model_type in CONFIG_MAPPING:
+        config_class, fields = CONFIG_MAPPING[model_type], raw
+    else:
+        names = raw.get("architectures")
+        names = names if isinstance(names, list) else []
+        cls = next((c for c in map(_transformers_class, names) if c is not None), None)
+        if cls is None:
+            raise MoePruneError(f"{file}: model type {model_type[:80]!r} is not a transformers model type and its "
+                                f"architectures ({str(names)[:120]}) name no transformers class: the folder needs "
+                                "its own code (auto_map), which moeprune never runs")
+        warnings.warn(f"model type {model_type!r} is not a transformers model type; using transformers' "
+                      f"{cls.__name__} named in architectures (the folder's own code is never run)", stacklevel=2)
+        config_class, fields = cls.config_class, {k: v for k, v in raw.items() if k != "model_type"}
     try:
-        if model_type in CONFIG_MAPPING:
+        if config_class is CONFIG_MAPPING.get(model_type):
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         else:
-            names = raw.get("architectures")
-            names = names if isinstance(names, list) else []
-            cls = next((c for c in map(_transformers_class, names) if c is not None), None)
-            if cls is None:
-                raise MoePruneError(f"{file}: model type {model_type[:80]!r} is not a transformers model type and "
-                                    f"its architectures ({str(names)[:120]}) name no transformers class: the folder "
-                                    "needs its own code (auto_map), which moeprune never runs")
-            warnings.warn(f"model type {model_type!r} is not a transformers model type; using transformers' "
-                          f"{cls.__name__} named in architectures (the folder's own code is never run)", stacklevel=2)
-            fields = {k: v for k, v in raw.items() if k != "model_type"}
-            config = cls.config_class.from_dict(fields)
+            config = config_class.from_dict(fields)
             config._name_or_path = str(path)
-    except MoePruneError:
-        raise
     except CONFIG_ERRORS as e:
-        raise _config_error(str(file), e) from None
+        culprit = None if "field '" in str(e) else _culprit(config_class, fields)
+        raise _config_error(str(file) if culprit is None else f"{file}: field {culprit[:80]!r} is not valid", e) \
+            from None
     check_config(config, str(file))
     return config
 
