@@ -370,3 +370,20 @@ def test_files_written_by_the_safetensors_library_pass(tmp_path):
     ckpt = Checkpoint(tmp_path)
     assert all(torch.equal(ckpt.get(k), v) for k, v in tensors.items())
     assert ckpt.metadata["model.safetensors"] == {"format": "pt", "note": "x"}
+
+
+def test_atomic_folder_never_replaces_a_foreign_folder(tmp_path):
+    from moeprune.atomic import AtomicFolder
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(MoePruneError, match="did not write"), AtomicFolder(out, overwrite=True):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    out2 = tmp_path / "out2"
+    with pytest.raises(MoePruneError, match="did not write.*kept in") as e, AtomicFolder(out2, overwrite=True) as tmp:
+        (tmp / "weights.bin").write_bytes(b"w")
+        out2.mkdir()                                            # someone else's folder appears meanwhile
+        (out2 / "precious.txt").write_text("mine")
+    assert (out2 / "precious.txt").read_text() == "mine" and (tmp / "weights.bin").exists()
+    assert str(tmp) in str(e.value)

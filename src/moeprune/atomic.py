@@ -15,6 +15,8 @@ stopped from outside, which is how long prunes usually end badly:
     a live run, of another host, or without a marker are left alone, with a warning.
   * A finished folder is never deleted: the marker is removed before the rename, so no later run takes it
     for a stray, and if the rename cannot happen the message says where the finished output is.
+  * overwrite replaces only what moeprune may replace (`replaceable`): an empty folder or an earlier moeprune
+    output (it holds a plan.json that parses as a moeprune plan). Anything else in its place is left alone.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def remove_strays(out: Path) -> None:
             warnings.warn(f"removed {folder}: the unfinished output of a killed run (PID {owner['pid']})")
 
 
+def replaceable(folder: Path) -> bool:
+    """An empty folder, or one moeprune wrote: it holds a plan.json that parses as a moeprune plan."""
+    from .plan import Plan
+    try:
+        if not Path(folder).is_dir() or Path(folder).is_symlink():
+            return False
+        if not any(Path(folder).iterdir()):
+            return True
+        Plan.load(Path(folder) / "plan.json")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- the folder
 
 class AtomicFolder:
@@ -109,11 +125,21 @@ class AtomicFolder:
         self._pending: int | None = None    # a signal that arrived while settling
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.overwrite and self.out.exists() and not replaceable(self.out):
+            raise MoePruneError(self._foreign())
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MoePruneError(f"--out {self.out}: cannot create {self.out.parent} ({e.strerror or e}); choose a "
+                                "folder you can write to") from None
         remove_strays(self.out)
         if self.needs_bytes is not None:
             check_free_space(self.out.parent, self.needs_bytes)
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise MoePruneError(f"--out {self.out}: cannot create a folder in {self.out.parent} "
+                                f"({e.strerror or e}); choose a folder you can write to") from None
         try:
             (self.tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         except BaseException:
@@ -139,10 +165,16 @@ class AtomicFolder:
     def _kept(self) -> str:
         return f"The finished output is kept in {self.tmp}: move it where you want it (mv {self.tmp} NEW_FOLDER)"
 
+    def _foreign(self) -> str:
+        return (f"--out {self.out} is a folder moeprune did not write (it has no moeprune plan.json); --overwrite "
+                "replaces only an empty folder or an earlier moeprune output, so it is left alone")
+
     def _commit(self) -> None:
         (self.tmp / MARKER).unlink()        # finished: from here on no later run may take it for a stray
         if self.out.exists() and not self.overwrite:
             raise MoePruneError(f"--out {self.out} appeared while pruning; not replacing it. {self._kept()}")
+        if self.out.exists() and not replaceable(self.out):
+            raise MoePruneError(f"{self._foreign()}. {self._kept()}")
         old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}" if self.out.exists() else None
         try:
             if old is not None:

@@ -34,6 +34,7 @@ CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, Re
 
 from . import demo
 from .arch import FAMILIES, MoePruneError
+from .atomic import replaceable
 
 # transformers asks on stdin whether to run a folder's own code when trust_remote_code is left unset, and a
 # "y" runs it. With the timeout at 0 it raises instead: no load anywhere in the process can prompt, even one
@@ -366,18 +367,6 @@ def folder_bytes(path: Path | None) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) or None
 
 
-def _moeprune_output(folder: Path) -> bool:
-    """An empty folder, or one moeprune wrote: it holds a plan.json that parses as a moeprune plan."""
-    from .plan import Plan
-    try:
-        if not any(folder.iterdir()):
-            return True
-        Plan.load(folder / "plan.json")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        return False
-    return True
-
-
 def check_writable(path: Path, flag: str = "--out") -> None:
     """Refuse up front a location that cannot be written: a temporary entry is made in the nearest existing
     folder above `path` (where the output's folders will be made) and removed again."""
@@ -406,7 +395,7 @@ def check_output(out: str | Path, overwrite: bool, source: Path | None) -> Path:
         raise MoePruneError(f"--out {out} exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
         raise MoePruneError(f"--out {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not _moeprune_output(out):
+    if out.exists() and not replaceable(out):
         raise MoePruneError(f"--out {out} is a folder moeprune did not write (it has no moeprune plan.json); "
                             "--overwrite replaces only an empty folder or an earlier moeprune output, so it is "
                             "left alone: choose another --out, or delete it yourself")
