@@ -290,3 +290,28 @@ def test_experts_stored_transposed(saved):
         stored = {f: files[f].transpose(1, 2).contiguous() for f in hub.file_names(name)}
         got = hub.to_module(name, state[name].shape, stored.__getitem__, torch.float32)
         assert torch.equal(got, state[name]), name
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss", "ernie4_5_moe"])
+def test_pruned_layout_from_the_pruned_config(model_type, saved):
+    """The map of the skeleton with K experts is the pruned output's layout: the input's file names less the
+    experts >= K, expert axes cut to K, everything else unchanged."""
+    config, files, _, _ = saved(model_type)
+    hub = HubMap.for_model(_build(config, "meta"))
+    n = _expert_count(config)
+    keep = n - 2
+    field = next(f for f in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                 if getattr(config, f, None) == n)
+    small = type(config).from_dict({**config.to_dict(), field: keep})
+    pruned = HubMap.for_model(_build(small, "meta"))
+    want = {}
+    for f in files:
+        e, axis = hub.expert_of(f), hub.expert_axis(f)
+        if e is not None and e[1] >= keep:
+            continue
+        shape = list(files[f].shape)
+        if axis is not None:
+            assert hub.layer_of(f) is not None
+            shape[axis] = keep
+        want[f] = tuple(shape)
+    assert {f: pruned.file_shape(f) for f in pruned.all_file_names()} == want

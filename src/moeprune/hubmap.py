@@ -535,6 +535,11 @@ class HubMap:
         self._file(file_name)
         return self._expert.get(file_name)
 
+    def layer_of(self, file_name: str) -> int | None:
+        """The decoder layer a file tensor belongs to (by its module tensors' names), else None."""
+        m = _LAYER.search(self._file(file_name).pieces[0].module)
+        return int(m.group(1)) if m else None
+
     def expert_axis(self, file_name: str) -> int | None:
         """The axis of a file tensor that carries the expert index (router weights and biases, correction biases,
         experts stored fused), else None."""
