@@ -20,7 +20,8 @@ from pathlib import Path
 from benchmarks.common import KEEPS, UNSEEN, eval_domains, keeps_for, split_calibration, stats_for
 
 from moeprune.arch import moe_layout
-from moeprune.calibration import calibration_tokens, collect
+from moeprune.calibration import collect
+from moeprune.text import calibration_tokens
 from moeprune.checkpoint import load
 from moeprune.methods import METHODS
 

@@ -28,8 +28,10 @@ import torch
 
 from benchmarks.memwatch import watch
 
-from moeprune.calibration import calibration_tokens
-from moeprune.engine import CheckpointSource, Job, run, score
+from moeprune.engine import run, score
+from moeprune.sources import CheckpointSource
+from moeprune.steps import Evaluate
+from moeprune.text import calibration_tokens
 from moeprune.hub import _expert_index, expert_axis, touched
 from moeprune.shards import Checkpoint
 
@@ -39,7 +41,9 @@ def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int) ->
     start = time.perf_counter()
     source = CheckpointSource(ckpt, "cpu", torch.float32)
     ids = calibration_tokens("random", None, samples, seq_len, 0, vocab_size=source.model.config.vocab_size)
-    score(source, run(source, Job(evaluate=list(ids.split(batch_size)), progress=False)), lambda *a: None)
+    step = Evaluate(list(ids.split(batch_size)))
+    run(source, [step], progress=False)
+    score(source, [(step.before, lambda k, logits: None)])
     return time.perf_counter() - start
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from moeprune import demo
-from moeprune.api import model_info
+from moeprune.info import model_info
 from moeprune.arch import moe_layout
-from moeprune.calibration import route
+from moeprune.observer import route
 from moeprune.checkpoint import load
 from moeprune.evaluate.multiple_choice import task_accuracy
 from moeprune.evaluate.perplexity import perplexity, token_stream

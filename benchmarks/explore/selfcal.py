@@ -10,7 +10,8 @@ import torch
 
 from benchmarks.common import ppl, ratios, split_all, split_calibration
 from moeprune.arch import moe_layout
-from moeprune.calibration import calibration_tokens, collect
+from moeprune.calibration import collect
+from moeprune.text import calibration_tokens
 from moeprune.checkpoint import load
 from moeprune.methods import METHODS
 from moeprune.surgery import apply_plan
