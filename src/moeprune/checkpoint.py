@@ -220,8 +220,9 @@ def load_config(source: str | Path) -> PretrainedConfig:
             raise MoePruneError(f"{file}: model type {model_type[:80]!r} is not a transformers model type and its "
                                 f"architectures ({str(names)[:120]}) name no transformers class: the folder needs "
                                 "its own code (auto_map), which moeprune never runs")
+        # one warning location, so a process that reads the config twice warns once
         warnings.warn(f"model type {model_type!r} is not a transformers model type; using transformers' "
-                      f"{cls.__name__} named in architectures (the folder's own code is never run)", stacklevel=2)
+                      f"{cls.__name__} named in architectures (the folder's own code is never run)")
         config_class, fields = cls.config_class, {k: v for k, v in raw.items() if k != "model_type"}
     try:
         if config_class is CONFIG_MAPPING.get(model_type):
