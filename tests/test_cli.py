@@ -66,9 +66,15 @@ def test_existing_out_needs_overwrite(tiny_dir, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "prune", tiny_dir, "--keep", 4, "--out", out, "--calib", "random")
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
-    code, _, _ = run(capsys, "prune", tiny_dir, "--keep", 4, "--out", out, "--calib", "random", "--samples", 2,
-                     "--seq-len", 16, "--overwrite", "--quiet", "--no-eval")
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "plan.json").exists()
+    args = ("--keep", 4, "--calib", "random", "--samples", 2, "--seq-len", 16, "--overwrite", "--quiet", "--no-eval")
+    # --overwrite replaces only what moeprune wrote: a folder of the user's own is never deleted
+    code, _, err = run(capsys, "prune", tiny_dir, "--out", out, *args)
+    assert code == 2 and (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "pruned"
+    assert run(capsys, "prune", tiny_dir, "--out", mine, *args)[0] == 0
+    (mine / "stale.txt").write_text("from the first run")
+    code, _, _ = run(capsys, "prune", tiny_dir, "--out", mine, *args)
+    assert code == 0 and not (mine / "stale.txt").exists() and (mine / "plan.json").exists()
 
 
 def test_failure_mid_run_leaves_no_output(tiny_dir, tmp_path, monkeypatch):

@@ -12,6 +12,9 @@ list, not a new flag here. The calibration stream advances through the original 
 first), as llm-compressor's sequential pipeline does for observers: statistics then do not depend on the
 plan, so one statistics pass (or a --stats-cache) serves every method and every K.
 
+Every layer runs with the arguments the model's own forward gives that layer (moeprune.layer_inputs: the
+sliding or full mask of its type, its position embeddings, a linear-attention or mamba mask), not layer 0's.
+
 Memory at any time: one decoder layer in the compute dtype, the cached hidden states of the steps' batches,
 one layer's statistics, and the embeddings / lm_head while they are in use.
 """
@@ -28,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import MoeLayer, decoder_layers
-from .forward import Batches
+from .layer_inputs import LayerInputs
 from .plan import LayerPlan
 from .sources import ModelSource
 from .stats import LayerStats
@@ -89,7 +92,7 @@ def run(source: ModelSource, steps: list[Step], progress: bool = True) -> dict[s
 
 
 @torch.no_grad()
-def score(source: ModelSource, streams: list[tuple[Batches, Callable[[int, torch.Tensor], None]]]) -> None:
+def score(source: ModelSource, streams: list[tuple[list[LayerInputs], Callable[[int, torch.Tensor], None]]]) -> None:
     """score(k, logits) for every batch k of every stream: the final norm and lm_head, one batch at a time."""
     try:
         for stream, fn in streams:

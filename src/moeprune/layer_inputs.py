@@ -170,6 +170,5 @@ def run_layer(decoder_layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> t
 
 @torch.no_grad()
 def advance(decoder_layer: nn.Module, index: int, batches: list[LayerInputs]) -> list[LayerInputs]:
-    """Decoder layer `index` run on every cached batch: [(its output hidden states, the same kwargs list)],
-    the per-layer counterpart of calibration.forward_batches."""
+    """Decoder layer `index` run on every cached batch: [(its output hidden states, the same kwargs list)]."""
     return [(run_layer(decoder_layer, hidden, kwargs[index]), kwargs) for hidden, kwargs in batches]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .arch import Layout, MoeLayer
-from .forward import forward_batches
+from .layer_inputs import advance
 from .routing import routing_rule
 from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats
@@ -95,7 +95,7 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     observer = Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
     handle = moe.block.register_forward_pre_hook(observer, with_kwargs=True)
     try:
-        outputs = forward_batches(decoder_layer, batches)
+        outputs = advance(decoder_layer, moe.index, batches)
     finally:
         handle.remove()
     ls = observer.result()

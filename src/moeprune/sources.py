@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .arch import Layout, MoePruneError, decoder_layers, moe_layout
-from .forward import Batches, first_layer_inputs
+from .layer_inputs import LayerInputs, capture
 from .hub import check_shapes, module_tensors
 from .preflight import check_finite
 from .shards import Checkpoint
@@ -54,8 +54,8 @@ class ModelSource:
     def release(self, i: int) -> None:
         pass
 
-    def embed(self, batches: list[torch.Tensor]) -> Batches:
-        return first_layer_inputs(self.model, batches, self.device)
+    def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
+        return capture(self.model, batches, self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         base = getattr(self.model, "model", self.model)
@@ -123,11 +123,11 @@ class CheckpointSource(ModelSource):
         decoder_layers(self.model)[i].to("meta")
         _return_memory()
 
-    def embed(self, batches: list[torch.Tensor]) -> Batches:
+    def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
         embed = self.model.model.embed_tokens
         self.materialise(embed, "model.embed_tokens.")
         try:
-            return first_layer_inputs(self.model, batches, self.device)
+            return capture(self.model, batches, self.device)
         finally:
             embed.to("meta")
             _return_memory()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .arch import Layout, MoeLayer
 from .engine import LayerWork, Step
-from .forward import Batches, forward_batches
+from .layer_inputs import LayerInputs, advance
 from .observer import observe_layer
 from .plan import LayerPlan
 from .sources import ModelSource
@@ -41,7 +41,7 @@ class Observe(Step):
         self.weight_similarity, self.expert_outputs = weight_similarity, expert_outputs
         need = [i for i in layout.by_index() if cached(i) is None] if tokens is not None else []
         self.last = max(need, default=-1)
-        self.calib: Batches | None = None
+        self.calib: list[LayerInputs] | None = None
         self.positions: torch.Tensor | None = None
 
     def begin(self, source: ModelSource) -> None:
@@ -64,7 +64,7 @@ class Observe(Step):
             work.stats, self.calib = observe_layer(work.module, work.moe, self.layout, self.calib, self.positions,
                                                    self.weight_similarity, self.expert_outputs)
         else:
-            self.calib = forward_batches(work.module, self.calib)
+            self.calib = advance(work.module, work.index, self.calib)
         if work.index == self.last:
             self.calib = None                                   # nothing further needs the stream
 
@@ -76,9 +76,9 @@ class Evaluate(Step):
 
     def __init__(self, batches: list[torch.Tensor]):
         self.batches = batches
-        self.before: Batches | None = None
-        self.after: Batches | None = None
-        self.after_inputs: Batches | None = None        # `after` as it entered the current layer
+        self.before: list[LayerInputs] | None = None
+        self.after: list[LayerInputs] | None = None
+        self.after_inputs: list[LayerInputs] | None = None        # `after` as it entered the current layer
         self.shared = True                              # whether `after` was `before` there
 
     def begin(self, source: ModelSource) -> None:
@@ -86,11 +86,11 @@ class Evaluate(Step):
 
     def layer(self, work: LayerWork) -> None:
         self.shared, self.after_inputs = self.after is self.before, self.after
-        self.before = forward_batches(work.module, self.before)
+        self.before = advance(work.module, work.index, self.before)
         if self.shared:
             self.after = self.before
 
-    def streams(self) -> dict[str, Batches]:
+    def streams(self) -> dict[str, list[LayerInputs]]:
         """"before", and "after" where it differs."""
         return {"before": self.before, **({"after": self.after} if self.after is not self.before else {})}
 
@@ -105,7 +105,7 @@ class EvaluatePruned(Step):
     def layer(self, work: LayerWork) -> None:
         ev = self.ev
         if work.plan is not None or not ev.shared:
-            ev.after = forward_batches(work.module, ev.after_inputs)
+            ev.after = advance(work.module, work.index, ev.after_inputs)
 
 
 class Decide(Step):

@@ -22,7 +22,7 @@ from pathlib import Path
 from .arch import Layout, MoeLayer, MoePruneError
 from .engine import LayerWork, Step
 from .evaluate import Evaluation
-from .forward import Batches, forward_batches
+from .layer_inputs import LayerInputs, advance
 from .methods import get_method
 from .plan import LayerPlan, Plan
 from .sources import ModelSource
@@ -65,8 +65,8 @@ class Tradeoff(Step):
         self.tallies = {label: self.evaluation.tally() for label in self.methods}
         self.surgery = {label: self._plan(method, options, {}) for label, (method, options) in self.methods.items()}
         self.plans: dict[str, dict[int, LayerPlan]] = {label: {} for label in self.methods}
-        self.held: Batches | None = None
-        self.alt: dict[str, Batches] = {}
+        self.held: list[LayerInputs] | None = None
+        self.alt: dict[str, list[LayerInputs]] = {}
 
     def begin(self, source: ModelSource) -> None:
         self.held = source.embed(self.evaluation.batches)
@@ -74,16 +74,16 @@ class Tradeoff(Step):
 
     def layer(self, work: LayerWork) -> None:
         """Before the chosen plan changes the layer: the original, then each alternative on a copy of the block."""
-        held_in, self.held = self.held, forward_batches(work.module, self.held)
+        held_in, self.held = self.held, advance(work.module, work.index, self.held)
         for label, (method, options) in self.methods.items():
             if work.moe is None:                  # a dense layer: a stream that still is the original's is shared
-                self.alt[label] = self.held if self.alt[label] is held_in else forward_batches(work.module,
-                                                                                               self.alt[label])
+                self.alt[label] = self.held if self.alt[label] is held_in else advance(work.module, work.index,
+                                                                                       self.alt[label])
                 continue
             lp = self.plans[label][work.index] = method.plan_layer(work.stats, self.keep, options, self.seed)
             self.alt[label] = self._with_plan(work, lp, self.surgery[label], self.alt[label])
 
-    def _with_plan(self, work: LayerWork, lp: LayerPlan, plan: Plan, batches: Batches) -> Batches:
+    def _with_plan(self, work: LayerWork, lp: LayerPlan, plan: Plan, batches: list[LayerInputs]) -> list[LayerInputs]:
         """The decoder layer run on `batches` with a pruned copy of its MoE block in place of its own."""
         family, moe = self.layout.family, work.moe
         block = copy.deepcopy(moe.block)
@@ -91,11 +91,11 @@ class Tradeoff(Step):
                     lp, plan, self.layout, work.stats)
         setattr(work.module, family.block, block)
         try:
-            return forward_batches(work.module, batches)
+            return advance(work.module, work.index, batches)
         finally:
             setattr(work.module, family.block, moe.block)
 
-    def streams(self) -> list[tuple[Batches, Callable]]:
+    def streams(self) -> list[tuple[list[LayerInputs], Callable]]:
         """(hidden states, scorer) pairs for engine.score: the original's and each alternative's."""
         return [(self.held, self.tally.score), *((self.alt[label], self.tallies[label].score) for label in self.methods)]
 

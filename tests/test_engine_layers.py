@@ -1,0 +1,70 @@
+"""The engine runs every decoder layer with that layer's own inputs: its hidden states equal the model's own
+forward, layer by layer, at a sequence longer than GPT-OSS's sliding window (layer 0's mask given to every
+layer, the old behaviour, made the full-attention layers see only the window)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moeprune.engine import LayerWork, Step, run, score
+from moeprune.sources import CheckpointSource, ModelSource
+from moeprune.steps import Evaluate
+from moeprune.tiny import tiny_model
+
+WINDOW, T = 8, 40
+
+
+class Record(Step):
+    """After Evaluate: the evaluation stream's hidden states as each layer left them."""
+    name = "record"
+
+    def __init__(self, evaluate: Evaluate):
+        self.ev, self.hidden = evaluate, []
+
+    def layer(self, work: LayerWork) -> None:
+        self.hidden.append(torch.cat([h for h, _ in self.ev.before]))
+
+
+def gpt_oss():
+    model = tiny_model("gpt_oss", num_hidden_layers=4, sliding_window=WINDOW,
+                       layer_types=["sliding_attention", "full_attention"] * 2)
+    model.config._attn_implementation = "eager"          # the mask decides everything: no kernel shortcut
+    return model
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_engine_hidden_states_equal_the_models_own_forward(tmp_path, streamed):
+    model = gpt_oss()
+    ids = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    if streamed:
+        model.save_pretrained(tmp_path / "m")
+        source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
+        source.model.config._attn_implementation = "eager"
+    else:
+        source = ModelSource(model)
+    ev = Evaluate([ids])
+    record = Record(ev)
+    run(source, [ev, record], progress=False)
+    # hidden_states[i + 1] is layer i's output for every layer but the last, whose entry is after the final norm
+    for i, h in enumerate(record.hidden[:-1]):
+        assert torch.allclose(h, want.hidden_states[i + 1], atol=1e-5), f"layer {i}"
+    got = []
+    score(source, [(ev.before, lambda k, logits: got.append(logits))])
+    assert torch.allclose(got[0], want.logits, atol=1e-4)
+
+
+def test_full_attention_layers_see_past_the_window():
+    """The check above can fail: the full-attention layers' outputs depend on tokens outside the window."""
+    model = gpt_oss()
+    ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % model.config.vocab_size          # a token far outside the last window
+    with torch.no_grad():
+        a = model(input_ids=ids, use_cache=False).logits[0, -1]
+        b = model(input_ids=changed, use_cache=False).logits[0, -1]
+    assert not torch.allclose(a, b, atol=1e-6) and math.isfinite(float(a.sum()))
