@@ -250,6 +250,23 @@ def _status(row: dict) -> str:
     return f"not a causal LM ({row.get('why')})"
 
 
+def gaps(row: dict) -> str:
+    """What moeprune's current code (arch / routing / surgery) lacks for a type that works by structure."""
+    if row["status"] != "works by structure":
+        return "-"
+    out = []
+    if row.get("family") is None:
+        out.append("routing rule (routing.routing_rule is keyed by model type)")
+    if row.get("gate_up") not in ("halves", "interleaved_t"):
+        out.append(f"gate_up layout {row.get('gate_up')} (arch knows halves, interleaved_t)")
+    names = {t.split()[0] for t in row.get("expert_tensors") or []}
+    if "gate_up_proj" not in names:
+        out.append("no gate_up_proj (moe_layout skips it)")
+    if row.get("text_config_path") or "." in (row.get("n_experts_keys") or [""])[0]:
+        out.append("count key in a sub-config")
+    return "; ".join(out) or "none"
+
+
 def write_page(rows: list[dict], path: Path) -> None:
     import transformers
     import torch
@@ -272,8 +289,8 @@ def write_page(rows: list[dict], path: Path) -> None:
         "Summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         + f" ({len(rows)} model types).",
         "",
-        "| model type | status | checkpoints | experts key (E=8) | top-k key | MoE layers / layers | block . router / experts, shared | gate_up, scoring |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model type | status | checkpoints | experts key (E=8) | top-k key | MoE layers / layers | block . router / experts, other block children | gate_up, scoring | gaps in moeprune today |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         keys = ", ".join(row.get("n_experts_keys") or []) or "-"
@@ -289,7 +306,7 @@ def write_page(rows: list[dict], path: Path) -> None:
             if row.get("experts") else "-"
         lines.append("| " + " | ".join(_cell(x) for x in (
             row["model_type"], _status(row), ", ".join(row.get("checkpoints") or []) or "-", keys,
-            ", ".join(row.get("top_k_keys") or []) or "-", layers, where, gu)) + " |")
+            ", ".join(row.get("top_k_keys") or []) or "-", layers, where, gu, gaps(row))) + " |")
     lines += ["", "Evidence: *probe* = measured on the tiny model (zeroing half of the fused gate_up kills an "
               "expert's output exactly when that half is the gate; the router's weights are proportional to "
               "softmax/sigmoid of its logits); *shape* / *guess* = from the tensor shapes / router tensors alone.",

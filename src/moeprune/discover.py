@@ -327,6 +327,8 @@ def _gate_up_shape(tensors: tuple[ExpertTensor, ...]) -> str | None:
         return "halves_t" if fused[0].transposed else "halves"
     if {"gate", "up"} <= roles:
         return "split"
+    if "up" in roles:
+        return "plain"                      # an ungated expert MLP: up_proj, activation, down_proj
     return None
 
 

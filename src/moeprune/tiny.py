@@ -132,6 +132,14 @@ _SHARED_COUNT = re.compile(r"shared_experts?$|shared_experts?_num$|^n_shared|num
 _TYPE_OVERRIDES: dict[str, dict] = {
     # DbrxAttentionConfig declares no rope_theta, yet DbrxAttention reads attn_config.rope_theta
     "dbrx": dict(attn_config=dict(kv_n_heads=1, rope_theta=10000.0)),
+    # fields whose class default is None but that the modeling code reads
+    "hunyuan_v1_moe": dict(head_dim=64),
+    # the modeling code's default mrope_section [8, 12, 12] needs head_dim 128: 2+3+3 = half of 32 x 0.5
+    "glm4v_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                                mrope_section=[2, 3, 3])),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=64, indexer_budget=16,
+                           indexer_compress_ratio=4),
 }
 
 
@@ -219,6 +227,16 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
                 and layers_before and max(value) < layers_before:
             kept = [v for v in value if v < layers_after]
             kw[key] = kept if kept or key != "moe_layers" else list(range(layers_after))
+    rope = defaults.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and "hidden_size" in kw:
+        # multimodal RoPE sections split half the rotary dimension: rescale them to the tiny one
+        head = kw.get("head_dim") or kw["hidden_size"] // kw.get("num_attention_heads", 1)
+        half = int(head * rope.get("partial_rotary_factor", defaults.get("partial_rotary_factor") or 1.0)) // 2
+        old = rope["mrope_section"]
+        new = [max(1, round(v * half / sum(old))) for v in old]
+        new[0] += half - sum(new)
+        kw["rope_parameters"] = {**rope, "mrope_section": new}
+    kw.update(_TYPE_OVERRIDES.get(getattr(cls, "model_type", ""), {}))   # also where it is a sub-config
     # nested sub-configs: shrink them too
     for key, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
         if isinstance(defaults.get(key), dict) or key in raw:
