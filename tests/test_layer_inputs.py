@@ -79,6 +79,10 @@ FAMILIES: dict[str, dict] = {
     "mimo_v2_flash": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
                           num_experts_per_tok=2, num_key_value_heads=1, v_head_dim=16, sliding_window=16,
                           layer_types=["sliding_attention", "full_attention"] * 2),
+    "lara_mini": dict(num_hidden_layers=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, sliding_window=16, linear_key_head_dim=16, linear_value_head_dim=16,
+                      linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"]),
     # a dense hybrid, here for its decoder layers' tuple output (`hidden_states, attn_weights = decoder_layer(...)`)
     "bamba": dict(num_hidden_layers=4, intermediate_size=64, attn_layer_indices=[1, 3], mamba_n_heads=4,
                   mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1),

@@ -27,10 +27,11 @@ captured kwargs gives the hidden states of the model's own forward, float32, ato
 the sliding window / attention chunk / linear-attention block, with the model's default attention and with eager;
 and again with every module but the embeddings and rotary tables on the meta device):
     gpt_oss (sliding / full), llama4_text (chunked / full, NoPE), afmoe, cohere2_moe, exaone_moe, mimo_v2_flash,
-    granitemoe_swa (sliding / full; granitemoe_swa also per-layer rope theta and NoPE), qwen3_next, qwen3_5_moe_text,
-    minimax, kimi_linear, bailing_hybrid (linear / full attention), jamba, granitemoehybrid, nemotron_h
-    (mamba / attention / MoE / MLP blocks), lfm2_moe (short convolution / attention), bamba (a dense hybrid whose
-    layers return tuples), and every family of moeprune.arch.FAMILIES (their tiny models).
+    granitemoe_swa (sliding / full; granitemoe_swa also per-layer rope theta and NoPE), qwen3_next,
+    qwen3_5_moe_text, minimax, kimi_linear, bailing_hybrid (linear / full attention), lara_mini (linear /
+    sliding / full), jamba, granitemoehybrid, nemotron_h (mamba / attention / MoE / MLP blocks), lfm2_moe (short
+    convolution / attention), bamba (a dense hybrid whose layers return tuples), and every family of
+    moeprune.arch.FAMILIES (their tiny models).
 Refused with a MoePruneError: glm_moe_dsa (each layer takes the previous layer's sparse-attention top-k indices);
 glm5_next, hy_v4 and mistral_large4 hand top-k indices from layer to layer the same way (not run here).
 """
