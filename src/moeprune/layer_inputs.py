@@ -30,8 +30,10 @@ and again with every module but the embeddings and rotary tables on the meta dev
     granitemoe_swa (sliding / full; granitemoe_swa also per-layer rope theta and NoPE), qwen3_next,
     qwen3_5_moe_text, minimax, kimi_linear, bailing_hybrid (linear / full attention), lara_mini (linear /
     sliding / full), jamba, granitemoehybrid, nemotron_h (mamba / attention / MoE / MLP blocks), lfm2_moe (short
-    convolution / attention), bamba (a dense hybrid whose layers return tuples), and every family of
-    moeprune.arch.FAMILIES (their tiny models).
+    convolution / attention), gemma4_text (sliding / full, per-layer inputs, KV-shared layers), bamba (a dense
+    hybrid whose layers return tuples), and every family of moeprune.arch.FAMILIES (their tiny models).
+gemma4's KV-shared layers read the keys and values an earlier layer wrote into `shared_kv_states`, a dict in every
+layer's kwargs of one batch: run each batch's layers in order, and give each stream of batches its own capture.
 Refused with a MoePruneError: glm_moe_dsa (each layer takes the previous layer's sparse-attention top-k indices);
 glm5_next, hy_v4 and mistral_large4 hand top-k indices from layer to layer the same way (not run here).
 """
@@ -112,9 +114,15 @@ def _record(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, as
     return calls
 
 
+def _same(a, b: torch.Tensor) -> bool:
+    """a is b, or a view of all of b's memory in b's layout (e.g. gemma4's hidden_states[:, -0:])."""
+    return a is b or (isinstance(a, torch.Tensor) and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr())
+
+
 def _chained(calls: list, n: int) -> bool:
     """Whether the forward reached every layer, in order, each on the very tensor the one before received."""
-    return [c[0] for c in calls] == list(range(n)) and all(c[1] is calls[0][1] for c in calls)
+    return [c[0] for c in calls] == list(range(n)) and all(_same(c[1], calls[0][1]) for c in calls)
 
 
 @torch.no_grad()
@@ -144,7 +152,8 @@ def capture(model: nn.Module, batches: list[torch.Tensor], device) -> list[Layer
                 except Exception:
                     if first_error is not None:
                         raise first_error from None
-                    raise
+                    # the tensor was handed on, but not unchanged: said below, with the layers it reached
+                    as_tuple = False
         else:
             calls = _record(model, layers, ids, as_tuple)
         if not _chained(calls, n):
