@@ -123,6 +123,7 @@ def survey_one(model_type: str) -> dict:
     transformers.logging.set_verbosity_error()
     from moeprune.discover import check_contract, find_moe
     from moeprune.tiny import model_class_for, tiny_config_any, tiny_model_any
+    from transformers import CONFIG_MAPPING
 
     row: dict = {"model_type": model_type, "stage": "config"}
     t0 = time.time()
@@ -136,7 +137,9 @@ def survey_one(model_type: str) -> dict:
         from transformers.models.auto import modeling_auto as ma
         kinds = [n[10:-14].lower() for n in dir(ma) if n.startswith("MODEL_FOR_") and n.endswith("_MAPPING_NAMES")
                  and model_type in getattr(ma, n)]
-        row.update(status="not a causal LM", why=", ".join(kinds) or "a sub-config (built inside another model)")
+        parents = [t for t, c in CONFIG_MAPPING.items() if type(config) in (getattr(c, "sub_configs", None) or {}).values()]
+        inside = f"the sub-config of {', '.join(parents)}, surveyed in its own row" if parents else "a sub-config"
+        row.update(status="not a causal LM", why=", ".join(kinds) or inside)
         return row
     row["auto_class"] = cls.__name__
     row["stage"] = "build"

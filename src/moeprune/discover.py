@@ -245,6 +245,8 @@ def _decoder_stack(model: nn.Module, expert_paths: list[str]) -> tuple[str, dict
 
 def _expert_count(experts: nn.Module) -> int | None:
     count = getattr(experts, "num_experts", None)
+    if count is None:
+        count = getattr(experts, "total_experts", None)
     if isinstance(count, int) and not isinstance(count, bool) and count > 0:
         return count
     firsts = {p.shape[0] for _, p in experts.named_parameters(recurse=False) if p.dim() >= 1}
@@ -402,15 +404,32 @@ def _probe_scoring(router: nn.Module, H: int, E: int) -> str | None:
     return None
 
 
-def _call_router(router: nn.Module, hidden: torch.Tensor):
+def _describe(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor {list(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return "(" + ", ".join(f"{list(o.shape)} {str(o.dtype)[6:]}" if isinstance(o, torch.Tensor) else type(o).__name__
+                               for o in out) + ")"
+    return type(out).__name__
+
+
+def _call_router(router: nn.Module, hidden: torch.Tensor, why: list | None = None, extra: tuple = ()):
+    """The router's (logits, weights, indices) on `hidden` ([n, H], else [1, n, H]); None, with the reason
+    appended to `why`, when its forward is of another contract."""
+    errors = []
     for x in (hidden, hidden[None]):
         try:
-            out = router(x)
-        except Exception:                               # noqa: BLE001  a router of another contract
+            out = router(x, *extra)
+        except Exception as e:                          # noqa: BLE001  a router of another contract
+            errors.append(f"{type(e).__name__}: {str(e)[:100]}")
             continue
         if isinstance(out, tuple) and len(out) == 3 and all(isinstance(o, torch.Tensor) for o in out):
             return out
+        if why is not None:
+            why.append(f"returns {_describe(out)}")
         return None
+    if why is not None:
+        why.append(f"forward(hidden) fails: {errors[0]}")
     return None
 
 
@@ -479,7 +498,13 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
                 break
             block_path = block_path.rpartition(".")[0]
         if router is None:
-            notes.append(f"layer {index}: no router with {E} rows next to {path}")
+            layer_module = _get(model, layer_prefix)
+            wider = sorted({tuple(t.shape) for n, t in layer_module.named_parameters()
+                            if t.dim() == 2 and E < t.shape[0] <= 2 * E and not n.startswith(_relative(path, layer_prefix))
+                            and (H is None or H in t.shape or "router" in n or "gate" in n)})
+            extra = f" (a {wider[0]} weight: the router scores {wider[0][0] - E} more experts than the experts " \
+                    "module holds - shared, zero or no-op experts routed too)" if wider else ""
+            notes.append(f"layer {index}: no router with {E} rows next to {path}{extra}")
             continue
         experts_rel = _relative(path, block_path)
         head = {experts_rel.split(".")[0], router_path.split(".")[0]}
@@ -568,10 +593,20 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
     if not any(p.is_meta for p in router.parameters()):
         n = 6
         dtype = next(router.parameters()).dtype
-        out = _call_router(router, torch.randn(n, H, dtype=dtype))
+        why: list[str] = []
+        hidden = torch.randn(n, H, dtype=dtype)
+        out = _call_router(router, hidden, why)
+        block = _get(model, prefix)
+        if out is None and first.block_tensors and "missing 1 required positional argument" in why[-1]:
+            extra = tuple(_get(block, t.name) for t in first.block_tensors)
+            out = _call_router(router, hidden, why, extra)
+            if out is not None:
+                names = ", ".join(t.name for t in first.block_tensors)
+                diffs.append(f"router {type(router).__name__}.forward takes the block's {names} as a second "
+                             "argument (the block holds that per-expert tensor: surgery must cut it too)")
         if out is None:
-            returns = "not a 3-tuple of tensors"
-            diffs.append(f"router {type(router).__name__}.forward does not return (logits, weights, indices)")
+            returns = why[0] if why else "not a 3-tuple of tensors"
+            diffs.append(f"router {type(router).__name__}.forward {returns}, not (logits, weights, indices)")
         else:
             logits, weights, index = out
             returns = f"({list(logits.shape)}, {list(weights.shape)}, {list(index.shape)} {str(index.dtype)[6:]})"

@@ -173,9 +173,10 @@ def _field_defaults(cls) -> dict:
 def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
     """Keyword arguments that make a tiny instance of config class `cls`."""
     try:
-        defaults = cls().to_dict()
+        instance = cls()
+        defaults = instance.to_dict()
     except Exception:                                       # noqa: BLE001  a config that needs arguments
-        defaults = {}
+        instance, defaults = None, {}
     raw = _field_defaults(cls)
     kw: dict = {}
     for key, value in defaults.items():
@@ -202,7 +203,12 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
                 kw[key] = 1
             elif (key.endswith("token_id") or key.endswith("token_index")) and value >= 256:
                 kw[key] = 3 + len([k for k in kw if k.endswith(("token_id", "token_index"))]) % 250
-    # sizes the family ties together: keep them tied
+    # sizes the family ties together: keep them tied (a width equal to the hidden size follows it)
+    hidden = defaults.get("hidden_size")
+    if isinstance(hidden, int) and hidden >= 256 and "hidden_size" in kw:
+        for key, value in defaults.items():
+            if key not in kw and value == hidden and not isinstance(value, bool) and re.search(r"dim|size|width", key):
+                kw[key] = kw["hidden_size"]
     for a, b in (("num_key_value_heads", "num_attention_heads"), ("head_dim", "qk_rope_head_dim")):
         if a in kw and b in kw and defaults.get(a) == defaults.get(b):
             kw[a] = kw[b]
@@ -219,6 +225,12 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
         if per_layer and layers_after != layers_before:
             cut = _layer_pattern(list(value), layers_after)
             kw[key] = "".join(cut) if isinstance(value, str) else cut
+    # per-layer overrides keyed by layer index: those of the tiny layers, else the first one on the last layer
+    plc = defaults.get("per_layer_config")
+    if isinstance(plc, dict) and plc and layers_after and layers_after != layers_before:
+        kept = {k: v for k, v in plc.items() if int(k) < layers_after}
+        first = min(plc, key=int)
+        kw["per_layer_config"] = kept or {layers_after - 1: plc[first]}
     # lists of layer indices (mlp_only_layers, moe_layers, ...): only those of the tiny layers
     for key, value in defaults.items():
         if key in kw or not isinstance(value, list) or not value or raw.get(key, value) is None:
@@ -239,6 +251,9 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
     kw.update(_TYPE_OVERRIDES.get(getattr(cls, "model_type", ""), {}))   # also where it is a sub-config
     # nested sub-configs: shrink them too
     for key, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
+        default_sub = getattr(instance, key, None)
+        if hasattr(default_sub, "to_dict") and not getattr(sub_cls, "model_type", ""):
+            sub_cls = type(default_sub)                     # declared as AutoConfig: the default's own class
         if isinstance(defaults.get(key), dict) or key in raw:
             try:
                 sub = sub_cls(**_shrunk_fields(sub_cls, n_layers))
