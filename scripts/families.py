@@ -35,7 +35,8 @@ CHECKPOINTS: dict[str, list[str]] = {
     "qwen3_omni_moe": ["Qwen/Qwen3-Omni-30B-A3B-Instruct"],
     "olmoe": ["allenai/OLMoE-1B-7B-0924"],
     "flex_olmo": ["allenai/FlexOlmo-7x7B-1T"],
-    "deepseek_v2": ["deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V2", "deepseek-ai/DeepSeek-Coder-V2-Instruct"],
+    "deepseek_v2": ["deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V2",
+                    "deepseek-ai/DeepSeek-Coder-V2-Instruct"],
     "deepseek_v3": ["deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1", "moonshotai/Kimi-K2-Instruct"],
     "deepseek_v32": ["deepseek-ai/DeepSeek-V3.2-Exp"],
     "glm4_moe": ["zai-org/GLM-4.5", "zai-org/GLM-4.5-Air", "zai-org/GLM-4.6"],
@@ -137,7 +138,8 @@ def survey_one(model_type: str) -> dict:
         from transformers.models.auto import modeling_auto as ma
         kinds = [n[10:-14].lower() for n in dir(ma) if n.startswith("MODEL_FOR_") and n.endswith("_MAPPING_NAMES")
                  and model_type in getattr(ma, n)]
-        parents = [t for t, c in CONFIG_MAPPING.items() if type(config) in (getattr(c, "sub_configs", None) or {}).values()]
+        parents = [t for t, c in CONFIG_MAPPING.items()
+                   if type(config) in (getattr(c, "sub_configs", None) or {}).values()]
         inside = f"the sub-config of {', '.join(parents)}, surveyed in its own row" if parents else "a sub-config"
         row.update(status="not a causal LM", why=", ".join(kinds) or inside)
         return row
@@ -292,7 +294,8 @@ def write_page(rows: list[dict], path: Path) -> None:
         "Summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         + f" ({len(rows)} model types).",
         "",
-        "| model type | status | checkpoints | experts key (E=8) | top-k key | MoE layers / layers | block . router / experts, other block children | gate_up, scoring | gaps in moeprune today |",
+        "| model type | status | checkpoints | experts key (E=8) | top-k key | MoE layers / layers "
+        "| block . router / experts, other block children | gate_up, scoring | gaps in moeprune today |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
@@ -305,8 +308,10 @@ def write_page(rows: list[dict], path: Path) -> None:
             if row.get("shared"):
                 where += ", " + ", ".join(row["shared"])
         layers = f"{len(row['moe_layers'])}/{row['num_layers']}" if row.get("moe_layers") else "-"
-        gu = f"{row.get('gate_up')} ({row.get('gate_up_evidence')}), {row.get('scoring')} ({row.get('scoring_evidence')})" \
-            if row.get("experts") else "-"
+        gu = "-"
+        if row.get("experts"):
+            gu = (f"{row.get('gate_up')} ({row.get('gate_up_evidence')}), "
+                  f"{row.get('scoring')} ({row.get('scoring_evidence')})")
         lines.append("| " + " | ".join(_cell(x) for x in (
             row["model_type"], _status(row), ", ".join(row.get("checkpoints") or []) or "-", keys,
             ", ".join(row.get("top_k_keys") or []) or "-", layers, where, gu, gaps(row))) + " |")
@@ -349,7 +354,8 @@ def main() -> None:
         return
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_page(rows, Path(args.out))
-    Path(args.out).with_name("families.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    timeless = [{k: v for k, v in row.items() if k not in ("build_s", "total_s")} for row in rows]   # reproducible
+    Path(args.out).with_name("families.json").write_text(json.dumps(timeless, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
 
 

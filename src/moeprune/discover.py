@@ -79,7 +79,8 @@ class MoeStructure:
     top_k: int | None
     layers: tuple[MoeLayerInfo, ...]
     n_experts_keys: tuple[str, ...]         # config paths whose value is E, best first ("text_config.num_experts")
-    n_experts_aliases: tuple[str, ...]      # attribute_map spellings of those keys ("num_experts" -> "num_local_experts")
+    n_experts_aliases: tuple[str, ...]      # attribute_map spellings of those keys ("num_experts" for
+                                            # "num_local_experts")
     top_k_keys: tuple[str, ...]             # config paths of the top-k, best first
     group_fields: tuple[str, str] | None    # (n_group, topk_group) config fields, when the config has both
     gate_up: str | None                     # "halves", "interleaved_t", "halves_t", "interleaved", "plain", "split"...
@@ -319,7 +320,8 @@ def _expert_tensors(experts: nn.Module, E: int, H: int | None) -> tuple[ExpertTe
         rows.append((name, tuple(p.shape), axis, role, transposed))
     known = [t for *_, t in rows if t is not None]
     default = bool(known) and sum(known) * 2 >= len(known)
-    return tuple(ExpertTensor(name, shape, axis, role, default if t is None else t) for name, shape, axis, role, t in rows)
+    return tuple(ExpertTensor(name, shape, axis, role, default if t is None else t)
+                 for name, shape, axis, role, t in rows)
 
 
 def _gate_up_shape(tensors: tuple[ExpertTensor, ...]) -> str | None:
@@ -408,8 +410,9 @@ def _describe(out) -> str:
     if isinstance(out, torch.Tensor):
         return f"a tensor {list(out.shape)}"
     if isinstance(out, (tuple, list)):
-        return "(" + ", ".join(f"{list(o.shape)} {str(o.dtype)[6:]}" if isinstance(o, torch.Tensor) else type(o).__name__
-                               for o in out) + ")"
+        parts = [f"{list(o.shape)} {str(o.dtype)[6:]}" if isinstance(o, torch.Tensor) else type(o).__name__
+                 for o in out]
+        return "(" + ", ".join(parts) + ")"
     return type(out).__name__
 
 
@@ -499,8 +502,9 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
             block_path = block_path.rpartition(".")[0]
         if router is None:
             layer_module = _get(model, layer_prefix)
+            inside = _relative(path, layer_prefix)
             wider = sorted({tuple(t.shape) for n, t in layer_module.named_parameters()
-                            if t.dim() == 2 and E < t.shape[0] <= 2 * E and not n.startswith(_relative(path, layer_prefix))
+                            if t.dim() == 2 and E < t.shape[0] <= 2 * E and not n.startswith(inside)
                             and (H is None or H in t.shape or "router" in n or "gate" in n)})
             extra = f" (a {wider[0]} weight: the router scores {wider[0][0] - E} more experts than the experts " \
                     "module holds - shared, zero or no-op experts routed too)" if wider else ""
@@ -546,17 +550,17 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
         try:
             probed = _probe_gate_up(experts0, first.expert_tensors, H, top_k or 2)
         except Exception as e:                          # noqa: BLE001  experts of another contract
-            probed, _ = None, notes.append(f"gate_up probe failed: {type(e).__name__}: {e}"[:200])
+            probed = None
+            notes.append(f"gate_up probe failed: {type(e).__name__}: {e}"[:200])
         if probed is not None:
             fused = next(t for t in first.expert_tensors if t.role == "gate_up")
             gate_up, gate_up_evidence = probed + ("_t" if fused.transposed else ""), "probe"
         scoring = _probe_scoring(router0, H, E)
         scoring_evidence = "probe" if scoring else "none"
     if scoring is None:
-        names = {t.name.rpartition(".")[2] for t in first.router_tensors} | {t.name for t in first.block_tensors}
+        # a correction bias on the router goes with sigmoid scoring (DeepSeek-V3 style); else softmax
         direct = {t.name for t in first.router_tensors}
-        scoring = "sigmoid" if "e_score_correction_bias" in direct else "softmax"
-        scoring_evidence = "guess" if names else "none"
+        scoring, scoring_evidence = ("sigmoid" if "e_score_correction_bias" in direct else "softmax"), "guess"
     return MoeStructure(
         model_type=getattr(config, "model_type", type(config).__name__), layers_path=stack_path,
         num_layers=len(stack), num_experts=E, top_k=top_k, layers=tuple(layers), n_experts_keys=n_keys,

@@ -186,7 +186,8 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
             continue
         if isinstance(value, int):
             if key in _LAYER_FIELDS and value > 1 and (key != "n_layers" or "num_hidden_layers" not in defaults):
-                kw[key] = n_layers if key in ("num_hidden_layers", "num_layers", "num_decoder_layers") else min(value, 2)
+                decoder = key in ("num_hidden_layers", "num_layers", "num_decoder_layers")
+                kw[key] = n_layers if decoder else min(value, 2)
             elif key in _TOP_K_FIELDS and value > 0:
                 kw[key] = min(TINY_TOP_K, value) if value > 0 else value
             elif _EXPERT_FIELD.search(key) and _SHARED_COUNT.search(key) and value > 0:
