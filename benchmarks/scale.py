@@ -32,7 +32,7 @@ from moeprune.engine import run, score
 from moeprune.sources import CheckpointSource
 from moeprune.steps import Evaluate
 from moeprune.text import calibration_tokens
-from moeprune.hub import _expert_index, expert_axis, touched
+from moeprune.hub import output_layout
 from moeprune.shards import Checkpoint
 
 
@@ -48,17 +48,15 @@ def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int) ->
 
 
 def check_output(src: Path, out: Path, keep: int) -> dict:
-    """Names, shapes and dtypes against the input; untouched tensors byte-identical; config: only the count."""
-    from transformers import AutoConfig
-
-    from moeprune.arch import family_of
-    family = family_of(AutoConfig.from_pretrained(src))
-    a, b = Checkpoint(src), Checkpoint(out)
+    """Names, shapes and dtypes against the planned output; untouched tensors byte-identical; config: only the
+    count. The plan is moeprune.hub.output_layout, from the input's key map (transformers' conversion tables)."""
+    source = CheckpointSource(src, "cpu", torch.float32)                 # headers and the skeleton only
+    planned = output_layout(source.ckpt, source.hub, source.layout, keep)
+    want = {s.name: s for slots in planned.shards.values() for s in slots}
+    a, b = source.ckpt, Checkpoint(out)
     problems, identical = [], 0
-    for name, t in a.tensors.items():
-        i = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        e = _expert_index(family, i, name) if i >= 0 else None
-        if e is not None and e >= keep:
+    for name in a.tensors:
+        if name not in want:
             if name in b:
                 problems.append(f"{name}: a dropped expert is still there")
             continue
@@ -66,13 +64,9 @@ def check_output(src: Path, out: Path, keep: int) -> dict:
             problems.append(f"{name}: missing")
             continue
         u = b.info(name)
-        shape = list(t.shape)
-        axis = expert_axis(family, i, name) if i >= 0 else None
-        if axis is not None:
-            shape[axis] = keep
-        if list(u.shape) != shape or u.dtype != t.dtype:
-            problems.append(f"{name}: {u.dtype}{list(u.shape)}, expected {t.dtype}{shape}")
-        if i < 0 or not touched(family, i, name):
+        if tuple(u.shape) != tuple(want[name].shape) or u.dtype != want[name].dtype:
+            problems.append(f"{name}: {u.dtype}{list(u.shape)}, expected {want[name].dtype}{list(want[name].shape)}")
+        if name not in planned.touched:
             if hashlib.sha256(a.raw(name)).digest() != hashlib.sha256(b.raw(name)).digest():
                 problems.append(f"{name}: untouched but not byte-identical")
             identical += 1

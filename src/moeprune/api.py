@@ -34,6 +34,7 @@ from .plan import Plan
 from .report import Report, write_report
 from .sources import CheckpointSource
 from .stats import Stats
+from .surgery import config_changes
 
 __all__ = ["PruneConfig", "PruneResult", "model_info", "parameter_counts", "prune", "resolve_keep"]
 
@@ -55,8 +56,8 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
         # the output is at most the input's size: enough free space for that is checked before the first layer
         needs = folder_bytes(run.folder) or sum(p.numel() * p.element_size() for p in run.source.model.parameters())
         with AtomicFolder(run.out, cfg.overwrite, needs_bytes=needs) if run.out is not None else nullcontext() as tmp:
-            writer = CheckpointWriter(tmp, run.source.ckpt, run.layout.family, [m.index for m in run.layout.layers],
-                                      run.keep) if tmp is not None else None
+            writer = CheckpointWriter(tmp, run.source, run.layout, run.keep,
+                                      config_changes(run.layout, run.keep)) if tmp is not None else None
             steps = layer_steps(run, tokens, writer)
             seconds = run.stages.run("prune", engine.run, run.source, steps, not cfg.quiet)
             report, plan, stats = finish(run, steps, writer, tmp, seconds)

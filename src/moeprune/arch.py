@@ -44,10 +44,6 @@ class Family:
     group_fields: tuple[str, str] | None = None          # (n_group, topk_group) config fields
     # which decoder layers are MoE, from the config alone (used by `info` and checked against the model)
     is_moe_layer: Callable[[object, int], bool] = lambda c, i: True
-    # the hub's file layout (moeprune.hub): prefix renames of a decoder layer's tensor names, module -> file
-    # (first match wins), and the per-expert (gate, up, down) names under `experts.<e>.`; None: stored fused
-    hub_renames: tuple[tuple[str, str], ...] = ()
-    hub_expert: tuple[str, str, str] | None = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
 def _every_step(c, i: int) -> bool:  # Qwen2-MoE / Qwen3-MoE
@@ -63,11 +59,8 @@ def _ernie(c, i: int) -> bool:
     return (i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= end
 
 
-_W132 = ("w1.weight", "w3.weight", "w2.weight")     # Mixtral's names: w1 gate, w3 up, w2 down
-
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
-    Family("mixtral", "num_local_experts", hub_renames=(("mlp.", "block_sparse_moe."),),
-           hub_expert=_W132),
+    Family("mixtral", "num_local_experts"),
     Family("qwen2_moe", "num_experts", shared=("shared_expert", "shared_expert_gate"), is_moe_layer=_every_step),
     Family("qwen3_moe", "num_experts", is_moe_layer=_every_step),
     Family("olmoe", "num_experts"),
@@ -80,12 +73,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
            group_fields=("n_group", "topk_group"), is_moe_layer=_after_dense),
     Family("ernie4_5_moe", "moe_num_experts", top_k_field="moe_k", shared=("shared_experts",),
-           router_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)), is_moe_layer=_ernie,
-           hub_renames=(("mlp.gate.moe_statics.", "mlp.moe_statics."),)),
-    Family("phimoe", "num_local_experts", router="router",
-           hub_renames=(("mlp.router.", "block_sparse_moe.gate."), ("mlp.", "block_sparse_moe.")), hub_expert=_W132),
+           router_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)), is_moe_layer=_ernie),
+    Family("phimoe", "num_local_experts", router="router"),
     Family("gpt_oss", "num_local_experts", router="router", router_tensors=(("weight", 0), ("bias", 0)),
-           gate_up="interleaved_t", hub_expert=None),
+           gate_up="interleaved_t"),
 ]}
 
 

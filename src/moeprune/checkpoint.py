@@ -87,6 +87,17 @@ def resolve_device(device: str | None) -> str:
     """"auto" (the default): the GPU when there is one, else the CPU."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise MoePruneError(f"--device {device!r} is not a torch device; give cpu, cuda, cuda:N or auto") from None
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise MoePruneError(f"--device {device}: this machine has no {kind} device that torch can use; "
+                            "give --device cpu (or auto)")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise MoePruneError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -286,10 +297,10 @@ def check_weights(folder: Path) -> None:
 
 def own_dtype(source: str | Path) -> torch.dtype | None:
     """The checkpoint's own dtype as its config.json states it (None when it states none)."""
-    return _torch_dtype(load_config(source).dtype)
+    return torch_dtype(load_config(source).dtype)
 
 
-def _torch_dtype(own) -> torch.dtype | None:
+def torch_dtype(own) -> torch.dtype | None:
     own = getattr(torch, own, None) if isinstance(own, str) else own
     return own if isinstance(own, torch.dtype) else None
 
@@ -303,34 +314,6 @@ def load_tokenizer(source: str):
     except Exception:           # damaged or foreign tokenizer files (tokenizers raises plain Exception): none
         return None
     return tokenizer if usable_tokenizer(tokenizer)[0] else None
-
-
-def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
-    """(name, source for the per-layer engine, tokenizer, input folder or None).
-
-    A local folder of safetensors is read lazily, a layer at a time (engine.CheckpointSource): the
-    model never has to fit in memory. A tiny model or a hub id is loaded; a folder of pickle weights
-    (pytorch_model.bin) is refused.
-    """
-    from .sources import CheckpointSource, ModelSource
-    name, path = resolve(spec)
-    device = resolve_device(device)
-    compute = compute_dtype(dtype, device)
-    if path is not None:
-        check_weights(path)
-        config = load_config(path)           # before any header: custom code refused, fields checked
-        if compute == "auto":
-            compute = _torch_dtype(config.dtype) or torch.float32
-        try:
-            source = CheckpointSource(path, device, compute)
-        except MoePruneError:
-            raise
-        except CONFIG_ERRORS + (ZeroDivisionError, OverflowError, RuntimeError) as e:
-            raise MoePruneError(f"{path}: transformers cannot build the model its config.json describes "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
-        return name, source, load_tokenizer(str(path)), path
-    loaded = load(spec, dtype, device)
-    return name, ModelSource(loaded.model, save_dtype=loaded.save_dtype), loaded.tokenizer, path
 
 
 def load(spec: str | None, dtype: str = "auto", device: str = "auto") -> Loaded:
@@ -350,7 +333,7 @@ def load(spec: str | None, dtype: str = "auto", device: str = "auto") -> Loaded:
     if path is not None:
         check_weights(path)
     config = load_config(source)
-    own = _torch_dtype(config.dtype)                             # the checkpoint's own dtype, before loading
+    own = torch_dtype(config.dtype)                             # the checkpoint's own dtype, before loading
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=compute, trust_remote_code=False,
                                                      use_safetensors=True)

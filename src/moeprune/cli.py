@@ -22,14 +22,13 @@ import typing
 from .api import PruneConfig, prune
 from .arch import MoePruneError
 from .atomic import Terminated
-from .checkpoint import open_source
 from .evaluate.command import add_eval_parser, cmd_eval
 from .info import model_info
 from .methods import METHODS
 from .plan import Plan
 from .report import summary_table, tradeoff_table
 from .sample import add_sample_parser, cmd_sample
-from .sources import CheckpointSource
+from .sources import CheckpointSource, open_source
 
 
 def _flag(name: str) -> str:

@@ -1,10 +1,10 @@
 """The hub's checkpoint layout, and an output folder that every client reads.
 
-transformers 5 holds a layer's routed experts fused (`experts.gate_up_proj` [E, 2I, H] = gate rows then up
-rows, `experts.down_proj` [E, H, I]); the hub's files hold them per expert (`experts.<e>.gate_proj.weight`
-..., Mixtral/PhiMoE `block_sparse_moe.experts.<e>.w1/w3/w2.weight`) and some families name the MoE block or
-a router tensor differently. This module is the one explicit key map between the two, driven by each
-Family's `hub_renames` and `hub_expert`; every tensor the map produces is checked against the file's shape.
+transformers 5 holds a layer's routed experts fused (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
+[E, H, I]); the hub's files hold most families per expert (`experts.<e>.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.<e>.w1.weight`, ...) and some name a block or a router tensor differently. The
+map between the two is transformers' own conversion table for the model type, run symbolically
+(moeprune.hubmap.HubMap): nothing here is written per family, and every tensor is shape-checked.
 
 The output folder is the input folder with only what pruning changes changed: config.json is the input's
 text with the expert count (and, when it must, top-k or group routing) edited in place, every non-weight
@@ -16,147 +16,79 @@ converters and serving stacks that read the hub's spelling.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
 
-from .arch import Family, MoePruneError
+from .arch import Layout, MoePruneError
+from .hubmap import HubMap
 from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, Slot
 
-_LAYER = re.compile(r"^(model\.layers\.(\d+)\.)(.*)$")
 # files that hold weights (any format): never copied, the pruned weights replace them
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 SKIP = {INDEX, "pytorch_model.bin.index.json", "config.json", "plan.json", "report.json", "report.md"}
 
 
-# ---------------------------------------------------------------- names
+# ---------------------------------------------------------------- which file tensors pruning rewrites
 
-def hub_name(family: Family, name: str) -> str:
-    """The file name of a non-expert tensor from its transformers 5 module name."""
-    m = _LAYER.match(name)
-    if m is None:
-        return name
-    prefix, rest = m.group(1), m.group(3)
-    for old, new in family.hub_renames:
-        if rest.startswith(old):
-            return prefix + new + rest[len(old):]
-    return name
+def _pruned_prefixes(layout: Layout) -> dict[int, tuple[str, str]]:
+    """MoE layer -> the module-name prefixes of its router and routed experts (what pruning rewrites)."""
+    f = layout.family
+    return {m.index: (f"model.layers.{m.index}.{f.block}.{f.router}.", f"model.layers.{m.index}.{f.block}.{f.experts}.")
+            for m in layout.layers}
 
 
-def experts_prefix(family: Family, i: int) -> str:
-    """Module-side prefix of layer i's fused expert tensors."""
-    return f"model.layers.{i}.{family.block}.{family.experts}."
+@dataclass
+class OutputLayout:
+    """The pruned checkpoint's tensors, known before the first layer is read."""
+    shards: dict[str, list[Slot]]      # the input's shards, names, order and dtypes; dropped experts left out
+    touched: set[str]                  # output file tensors the prune rewrites (routed experts, router rows)
 
 
-def expert_names(family: Family, i: int, e: int) -> tuple[str, str, str]:
-    """File names of expert e's (gate, up, down) weights in layer i."""
-    base = hub_name(family, experts_prefix(family, i)) + f"{e}."
-    return tuple(base + n for n in family.hub_expert)          # type: ignore[return-value]
-
-
-def router_names(family: Family, i: int) -> dict[str, int]:
-    """File name -> expert axis of layer i's router tensors (router weight, biases, correction biases)."""
-    base = f"model.layers.{i}.{family.block}.{family.router}."
-    return {hub_name(family, base + t): axis for t, axis in family.router_tensors}
-
-
-def _expert_index(family: Family, i: int, name: str) -> int | None:
-    """e if `name` is one of expert e's per-expert tensors in layer i, else None."""
-    if family.hub_expert is None:
-        return None
-    base = hub_name(family, experts_prefix(family, i))
-    if not name.startswith(base):
-        return None
-    e, _, rest = name[len(base):].partition(".")
-    return int(e) if e.isdigit() and rest in family.hub_expert else None
-
-
-def expert_axis(family: Family, i: int, name: str) -> int | None:
-    """The expert axis of a layer-i file tensor that pruning cuts to K (router tensors, and the expert tensors
-    of a family whose files keep them fused), else None."""
-    axis = router_names(family, i).get(name)
-    if axis is None and family.hub_expert is None and name.startswith(hub_name(family, experts_prefix(family, i))):
-        axis = 0
-    return axis
-
-
-def touched(family: Family, i: int, name: str) -> bool:
-    """Whether pruning layer i rewrites this file tensor (routed experts and router); the rest is copied."""
-    return expert_axis(family, i, name) is not None or _expert_index(family, i, name) is not None
-
-
-# ---------------------------------------------------------------- tensors: files <-> modules
-
-def module_tensors(family: Family, i: int, expected: dict[str, tuple[int, ...]], read: Callable[[str], torch.Tensor],
-                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(module name, tensor) for decoder layer i's parameters (name -> the shape its config implies), from the
-    files, floating tensors in `dtype`. Fused experts are assembled expert by expert straight into `dtype`
-    (never a second full copy in the stored dtype), each part shape-checked."""
-    prefix = experts_prefix(family, i)
-
-    def part(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        t = read(name)
-        if tuple(t.shape) != tuple(shape):
-            raise MoePruneError(f"{name} has shape {list(t.shape)}, its config implies {list(shape)}; the "
-                                "checkpoint does not match its config.json")
-        return t
-
-    for name, shape in expected.items():
-        param = name[len(prefix):] if name.startswith(prefix) else None
-        if family.hub_expert is None or param not in ("gate_up_proj", "down_proj"):
-            t = read(hub_name(family, name))
-            yield name, t.to(dtype) if t.is_floating_point() else t
-            continue
-        fused = torch.empty(shape, dtype=dtype)
-        half = (shape[1] // 2, shape[2])
-        for e in range(shape[0]):
-            gate, up, down = expert_names(family, i, e)
-            if param == "down_proj":
-                fused[e] = part(down, shape[1:])
-            else:
-                fused[e, :half[0]] = part(gate, half)
-                fused[e, half[0]:] = part(up, half)
-        yield name, fused
-
-
-def file_tensors(family: Family, i: int, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """(file name, tensor) for one module tensor of decoder layer i: fused experts split per expert."""
-    prefix = experts_prefix(family, i)
-    param = name[len(prefix):] if name.startswith(prefix) else None
-    if family.hub_expert is None or param not in ("gate_up_proj", "down_proj"):
-        yield hub_name(family, name), tensor
-        return
-    for e in range(tensor.shape[0]):
-        gate, up, down = expert_names(family, i, e)
-        if param == "down_proj":
-            yield down, tensor[e]
-        else:
-            half = tensor.shape[1] // 2
-            yield gate, tensor[e, :half]
-            yield up, tensor[e, half:]
-
-
-def output_slots(ckpt: Checkpoint, family: Family, moe_layers: list[int], keep: int) -> dict[str, list[Slot]]:
-    """The output's shards: the input's files, names, order and dtypes; experts >= keep dropped, expert axes cut."""
-    moe = set(moe_layers)
+def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int) -> OutputLayout:
+    """Per input file tensor of a MoE layer's router or experts: an expert >= keep is dropped, an expert axis
+    cut to keep; every other tensor is the input's."""
+    prefixes = _pruned_prefixes(layout)
     shards: dict[str, list[Slot]] = {f: [] for f in ckpt.files}
+    touched = set()
     for t in sorted(ckpt.tensors.values(), key=lambda t: (ckpt.files.index(t.file.name), t.start)):
-        shape = t.shape
-        m = _LAYER.match(t.name)
-        i = int(m.group(2)) if m else -1
-        if i in moe:
-            e = _expert_index(family, i, t.name)
-            if e is not None and e >= keep:
+        shape, i = t.shape, hub.layer_of(t.name)
+        if i in prefixes and any(m.startswith(prefixes[i]) for m in hub.module_names(t.name)):
+            expert = hub.expert_of(t.name)
+            if expert is not None and expert[1] >= keep:
                 continue
-            axis = expert_axis(family, i, t.name)
+            axis = hub.expert_axis(t.name)
             if axis is not None:
                 shape = shape[:axis] + (keep,) + shape[axis + 1:]
+            touched.add(t.name)
         shards[t.file.name].append(Slot(t.name, t.dtype, shape))
-    return {f: slots for f, slots in shards.items() if slots}
+    return OutputLayout({f: slots for f, slots in shards.items() if slots}, touched)
+
+
+def pruned_map(model, layout: Layout, changes: dict[str, int], out: OutputLayout) -> HubMap:
+    """The key map of the pruned model (a skeleton on the meta device with the edited config), stored as the
+    input is; it must name exactly the output's tensors with their shapes, or the prune would write another
+    layout than it planned."""
+    config = copy.deepcopy(model.config)
+    for attr, value in changes.items():
+        setattr(config, attr, value)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    names = {s.name: s.shape for slots in out.shards.values() for s in slots}
+    hub = HubMap.for_model(skeleton, file_names=names)
+    missing = sorted(out.touched - set(hub.all_file_names()))
+    wrong = missing or sorted(n for n in out.touched if hub.file_shape(n) != tuple(names[n]))
+    if wrong:
+        raise MoePruneError(f"the pruned {layout.family.model_type} model's layout does not match the planned output "
+                            f"at {wrong[0]} (and {len(wrong) - 1} more); please report this as a bug")
+    return hub
 
 
 # ---------------------------------------------------------------- config.json and the other files
@@ -225,23 +157,26 @@ def check_shapes(expected: dict[str, tuple[int, ...]], got: dict[str, torch.Tens
 class CheckpointWriter:
     """The pruned checkpoint of a safetensors folder, written layer by layer as the engine goes.
 
-    Layer i's routed experts and router rows come from the pruned module, cast to each file tensor's own
-    dtype; every other tensor is copied from the input shards as raw bytes (byte-identical).
+    Layer i's routed experts and router rows come from the pruned module, split into the hub's files by the
+    pruned model's key map and cast to each file tensor's own dtype; every other tensor is copied from the
+    input shards as raw bytes (byte-identical).
     """
 
-    def __init__(self, folder: Path, ckpt: Checkpoint, family: Family, moe_layers: list[int], keep: int):
-        self.folder, self.ckpt, self.family, self.moe = Path(folder), ckpt, family, set(moe_layers)
-        slots = output_slots(ckpt, family, moe_layers, keep)
-        self.dtypes = {s.name: s.dtype for ss in slots.values() for s in ss}
-        self.shards = ShardWriter(self.folder, slots, ckpt.metadata, index=ckpt.index is not None)
+    def __init__(self, folder: Path, source, layout: Layout, keep: int, changes: dict[str, int]):
+        self.folder, self.ckpt, self.prefixes = Path(folder), source.ckpt, _pruned_prefixes(layout)
+        self.out = output_layout(source.ckpt, source.hub, layout, keep)
+        self.hub = pruned_map(source.model, layout, changes, self.out)
+        self.dtypes = {s.name: s.dtype for ss in self.out.shards.values() for s in ss}
+        self.shards = ShardWriter(self.folder, self.out.shards, source.ckpt.metadata,
+                                  index=source.ckpt.index is not None)
 
     def write_layer(self, i: int, layer: torch.nn.Module) -> None:
         prefix = f"model.layers.{i}."
-        if i in self.moe:
-            for name, tensor in layer.state_dict(prefix=prefix).items():
-                for file_name, t in file_tensors(self.family, i, name, tensor):
-                    if touched(self.family, i, file_name):
-                        self.shards.write(file_name, t.to(DTYPES[self.dtypes[file_name]]))
+        if i in self.prefixes:
+            pruned = {name: t for name, t in layer.state_dict(prefix=prefix).items()
+                      if name.startswith(self.prefixes[i])}
+            for file_name, t in self.hub.files_from(pruned):
+                self.shards.write(file_name, t.to(DTYPES[self.dtypes[file_name]]))
         for name in self.dtypes:
             if name.startswith(prefix) and name not in self.shards.written:
                 self.shards.write(name, self.ckpt.raw(name))

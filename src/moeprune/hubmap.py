@@ -574,7 +574,7 @@ class HubMap:
                     and tuple(t.transpose(*f.swapped).shape) == f.shape:
                 t = t.transpose(*f.swapped).contiguous()    # stored transposed: transformers' loader transposes it
             if tuple(t.shape) != f.shape:
-                raise MoePruneError(f"{name} has shape {list(t.shape)}, the config implies {list(f.shape)}; the "
+                raise MoePruneError(f"{name} has shape {list(t.shape)}, its config implies {list(f.shape)}; the "
                                     "checkpoint does not match its config.json")
             want = dtype if dtype is not None and t.is_floating_point() else t.dtype
             if f.whole_view and not f.pieces[0].module_view and f.pieces[0].module == source:

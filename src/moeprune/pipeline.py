@@ -23,7 +23,7 @@ import transformers
 
 from . import demo
 from .arch import Layout, MoePruneError
-from .checkpoint import check_output, folder_bytes, open_source, resolve
+from .checkpoint import check_output, check_side_path, folder_bytes, resolve
 from .config import PruneConfig
 from .engine import Step, score
 from .evaluate import Evaluation, evaluation_section
@@ -33,7 +33,7 @@ from .plan import LayerPlan, Plan
 from .info import model_info
 from .report import Report, pick_layers
 from .selfcalib import mixed_windows, resolve_share, start_token, windows_for
-from .sources import CheckpointSource, ModelSource
+from .sources import CheckpointSource, ModelSource, open_source
 from .stats import LayerStats, Stats, layer_file, read_header
 from .steps import Apply, Decide, Evaluate, EvaluatePruned, KeepStats, Observe, Write
 from .surgery import apply_layer, check_plan, update_config
@@ -142,12 +142,22 @@ def _names(value: str | None) -> list[str] | None:
 
 def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | None, object | None]:
     """Everything the options alone can tell, before any model is read."""
+    for flag, value, least in (("--samples", cfg.samples, 1), ("--batch-size", cfg.batch_size, 1),
+                               ("--sample-tokens", cfg.sample_tokens, 1), ("--seq-len", cfg.seq_len, 2),
+                               ("--tradeoff-tokens", cfg.tradeoff_tokens, 1), ("--eval-max-tokens", cfg.eval_max_tokens, 0),
+                               ("--eval-limit", cfg.eval_limit, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise MoePruneError(f"{flag} {value} must be an integer of at least {least}"
+                                + (" (0: all)" if least == 0 else ""))
     method = options = None
     if cfg.plan is None:
         method = get_method(cfg.method)
         options = method.make_options(**method_options)
     elif method_options:
         raise MoePruneError("method options do not apply with --plan (the plan already fixes them)")
+    elif cfg.keep is not None or cfg.ratio is not None or cfg.method != PruneConfig.method:
+        raise MoePruneError("--keep, --ratio and --method do not apply with --plan: the plan fixes what is kept and "
+                            "how; leave them out, or plan again without --plan")
     if cfg.plan is not None and cfg.report_tradeoff:
         raise MoePruneError("--report-tradeoff compares methods planned from this run's statistics; with --plan "
                             "there is nothing to plan")
@@ -166,7 +176,11 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
 def prepare(cfg: PruneConfig, method_options: dict) -> Run:
     """Every check of options, paths, plan and cache, then the source opened (a checkpoint: headers only)."""
     _, folder = resolve(cfg.model)
-    out = check_output(cfg.out, cfg.overwrite, folder) if cfg.out else None
+    out = check_output(cfg.out, cfg.overwrite, folder) if cfg.out is not None else None
+    if cfg.plan_out is not None:          # never inside the input, never inside the output being written
+        cfg.plan_out = str(check_side_path("--plan-out", cfg.plan_out, folder, out, folder_ok=False))
+    if cfg.stats_cache is not None:
+        cfg.stats_cache = str(check_side_path("--stats-cache", cfg.stats_cache, folder, out, folder_ok=True))
     method, options = _check_options(cfg, method_options)
     if cfg.quiet:
         transformers.utils.logging.disable_progress_bar()
@@ -176,6 +190,10 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
     if out is not None and not isinstance(source, CheckpointSource):
         scratch, source, folder = _as_checkpoint(source, tokenizer)
     layout = source.layout
+    positions = getattr(source.model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.seq_len > positions:
+        raise MoePruneError(f"--seq-len {cfg.seq_len} is longer than the {positions} positions the model was built for; "
+                            f"give at most {positions}")
     saved_plan = Plan.load(cfg.plan) if cfg.plan is not None else None
     E = layout.layers[0].num_experts
     keep = check_plan(saved_plan, layout) if saved_plan is not None else \

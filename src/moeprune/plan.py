@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -52,7 +52,9 @@ class LayerPlan:
                 raise MoePruneError(f"{where}: group {g} has {len(w)} weights")
             if any(e < 0 or e >= self.num_experts for e in g):
                 raise MoePruneError(f"{where}: group {g} names an expert outside 0..{self.num_experts - 1}")
-            if seen & set(g) or len(set(g)) != len(g):
+            if len(set(g)) != len(g):
+                raise MoePruneError(f"{where}: group {g} lists an expert twice")
+            if seen & set(g):
                 raise MoePruneError(f"{where}: expert(s) {sorted(seen & set(g))} appear in two groups")
             seen |= set(g)
             if r not in g:
@@ -98,13 +100,68 @@ class Plan:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        d = json.loads(text)
-        layers = {int(i): LayerPlan(**v) for i, v in d.pop("layers").items()}
-        plan = cls(layers=layers, **d)
+    def from_json(cls, text: str, where: str = "plan") -> "Plan":
+        """A plan from its JSON, every field's type checked: a hand-edited or foreign file is named, not run."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise MoePruneError(f"{where} is not valid JSON ({e}); write it with moeprune prune --plan-out") from None
+        _expect(d, dict, where, "the file")
+        _fields(d, {f.name for f in fields(cls)}, {"method", "options", "layers"}, where, "the plan")
+        _expect(d["method"], str, where, "method")
+        _expect(d["options"], dict, where, "options")
+        _expect(d["layers"], dict, where, "layers")
+        for key in ("router", "align", "merge", "model_type"):
+            if key in d:
+                _expect(d[key], str, where, key)
+        layers = {}
+        for i, v in d["layers"].items():
+            if not (isinstance(i, str) and i.isdigit()):
+                raise MoePruneError(f"{where}: layer key {i!r} is not a decoder layer index")
+            at = f"layers.{i}"
+            _expect(v, dict, where, at)
+            _fields(v, {f.name for f in fields(LayerPlan)}, {"num_experts", "groups", "weights", "representatives"},
+                    where, at)
+            _expect(v["num_experts"], int, where, f"{at}.num_experts")
+            for key, kind in (("groups", int), ("weights", (int, float))):
+                _expect(v[key], list, where, f"{at}.{key}")
+                for g in v[key]:
+                    _expect(g, list, where, f"{at}.{key}[...]")
+                    for x in g:
+                        _expect(x, kind, where, f"{at}.{key}[...][...]")
+            _expect(v["representatives"], list, where, f"{at}.representatives")
+            for r in v["representatives"]:
+                _expect(r, int, where, f"{at}.representatives[...]")
+            if "info" in v:
+                _expect(v["info"], dict, where, f"{at}.info")
+            layers[int(i)] = LayerPlan(**{**v, "weights": [[float(x) for x in w] for w in v["weights"]]})
+        plan = cls(**{**d, "layers": layers})
         plan.validate()
         return plan
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_json(Path(path).read_text())
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoePruneError(f"cannot read the plan {path}: {e}") from None
+        return cls.from_json(text, str(path))
+
+
+_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}
+
+
+def _expect(value, kind, where: str, what: str) -> None:
+    """`value` must be of `kind` (bool is never a number here)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+        raise MoePruneError(f"{where}: {what} must be {want}, not {json.dumps(value)[:40]}")
+
+
+def _fields(d: dict, allowed: set[str], required: set[str], where: str, what: str) -> None:
+    missing, unknown = sorted(required - set(d)), sorted(set(d) - allowed)
+    if missing or unknown:
+        raise MoePruneError(f"{where}: {what} " + (f"lacks {', '.join(missing)}" if missing else
+                                                  f"has unknown field(s) {', '.join(unknown)}"))

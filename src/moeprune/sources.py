@@ -17,13 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from .arch import Layout, MoePruneError, decoder_layers, moe_layout
+from .checkpoint import (CONFIG_ERRORS, torch_dtype, build_skeleton, check_weights, compute_dtype, load,
+                         load_config, load_tokenizer, resolve, resolve_device)
 from .layer_inputs import LayerInputs, capture
-from .hub import check_shapes, module_tensors
+from .hub import check_shapes
+from .hubmap import HubMap
 from .preflight import check_finite
 from .shards import Checkpoint
 
@@ -78,37 +79,32 @@ class CheckpointSource(ModelSource):
     """A safetensors checkpoint folder read lazily: the model skeleton on the meta device, each module's
     tensors read from the shards when it is used and dropped after (see moeprune.shards, moeprune.hub)."""
 
-    def __init__(self, folder: Path, device: str | torch.device, dtype: torch.dtype):
+    def __init__(self, folder: Path, device: str | torch.device, dtype: torch.dtype, config=None):
         self.ckpt = Checkpoint(folder)
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        config = config if config is not None else load_config(folder)
         quantized = next((t.name for t in self.ckpt.tensors.values()
                           if t.dtype.startswith("F8") or t.name.endswith("_scale_inv")), None)
         if quantized or getattr(config, "quantization_config", None):
             what = f"tensor {quantized}" if quantized else "its config has a quantization_config"
             raise MoePruneError(f"{folder} is a quantized checkpoint ({what}); moeprune reads bf16/fp16/fp32 weights: "
                                 "dequantize it to bf16 first (e.g. DeepSeek's fp8_cast_bf16.py for FP8 checkpoints)")
-        with init_empty_weights(include_buffers=False):        # parameters on meta; rotary buffers are real
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = build_skeleton(config, dtype)                  # parameters on meta; rotary buffers are real
         self.model, self.layout = model.eval(), moe_layout(model)
         self.device, self.dtype = torch.device(device), dtype
         self.model.model.rotary_emb.to(self.device)
+        self.hub = HubMap.for_model(self.model, file_names=self.ckpt.tensors)   # files <-> modules
 
     def _read(self, name: str) -> torch.Tensor:
-        if name == "lm_head.weight" and name not in self.ckpt and getattr(self.model.config, "tie_word_embeddings",
-                                                                           False):
-            name = "model.embed_tokens.weight"
         t = self.ckpt.get(name)
         check_finite(name, t, f"the checkpoint {self.ckpt.folder} is damaged (re-download it) or was saved after a "
                               "diverged training step")
         return t
 
-    def materialise(self, module: nn.Module, prefix: str, layer: int | None = None) -> None:
-        """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype."""
+    def materialise(self, module: nn.Module, prefix: str) -> None:
+        """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype: each assembled
+        from its file tensors (fused experts expert by expert, straight into the compute dtype)."""
         expected = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
-        if layer is None:
-            tensors = {k: self._read(k) for k in expected}
-        else:
-            tensors = dict(module_tensors(self.layout.family, layer, expected, self._read, self.dtype))
+        tensors = {k: self.hub.to_module(k, shape, self._read, self.dtype) for k, shape in expected.items()}
         check_shapes(expected, tensors, str(self.ckpt.folder))
         state = {k[len(prefix):]: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
                  for k, t in tensors.items()}
@@ -116,7 +112,7 @@ class CheckpointSource(ModelSource):
 
     def layer(self, i: int) -> nn.Module:
         layer = decoder_layers(self.model)[i]
-        self.materialise(layer, f"model.layers.{i}.", layer=i)
+        self.materialise(layer, f"model.layers.{i}.")
         return layer
 
     def release(self, i: int) -> None:
@@ -149,14 +145,40 @@ class CheckpointSource(ModelSource):
     def whole(self):
         """Every module materialised at once, for a model that fits in memory; back to meta after."""
         base = self.model.model
-        parts = [(base.embed_tokens, "model.embed_tokens.", None), (base.norm, "model.norm.", None),
-                 (self.model.lm_head, "lm_head.", None)]
-        parts += [(layer, f"model.layers.{i}.", i) for i, layer in enumerate(decoder_layers(self.model))]
+        parts = [(base.embed_tokens, "model.embed_tokens."), (base.norm, "model.norm."), (self.model.lm_head, "lm_head.")]
+        parts += [(layer, f"model.layers.{i}.") for i, layer in enumerate(decoder_layers(self.model))]
         try:
-            for module, prefix, layer in parts:
-                self.materialise(module, prefix, layer=layer)
+            for module, prefix in parts:
+                self.materialise(module, prefix)
             yield self.model
         finally:
-            for module, _, _ in parts:          # not the whole model: the rotary tables are real buffers
+            for module, _ in parts:          # not the whole model: the rotary tables are real buffers
                 module.to("meta")
             _return_memory()
+
+
+def open_source(spec: str | None, dtype: str = "auto", device: str = "auto"):
+    """(name, source for the per-layer engine, tokenizer, input folder or None).
+
+    A local folder of safetensors is read lazily, a layer at a time (CheckpointSource): the
+    model never has to fit in memory. A tiny model or a hub id is loaded; a folder of pickle weights
+    (pytorch_model.bin) is refused.
+    """
+    name, path = resolve(spec)
+    device = resolve_device(device)
+    compute = compute_dtype(dtype, device)
+    if path is not None:
+        check_weights(path)
+        config = load_config(path)           # before any header: custom code refused, fields checked
+        if compute == "auto":
+            compute = torch_dtype(config.dtype) or torch.float32
+        try:
+            source = CheckpointSource(path, device, compute, config)
+        except MoePruneError:
+            raise
+        except CONFIG_ERRORS + (ZeroDivisionError, OverflowError, RuntimeError) as e:
+            raise MoePruneError(f"{path}: transformers cannot build the model its config.json describes "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
+        return name, source, load_tokenizer(str(path)), path
+    loaded = load(spec, dtype, device)
+    return name, ModelSource(loaded.model, save_dtype=loaded.save_dtype), loaded.tokenizer, path

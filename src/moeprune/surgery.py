@@ -172,6 +172,9 @@ def update_config(model: nn.Module, layout: Layout, before: int, keep: int) -> d
 def check_plan(plan: Plan, layout: Layout) -> int:
     """Validate a plan against the model's MoE layers; returns the one expert count it keeps."""
     plan.validate()
+    if plan.model_type and plan.model_type != layout.family.model_type:
+        raise MoePruneError(f"the plan was made for another model (a {plan.model_type}; this one is a "
+                            f"{layout.family.model_type}): plan this model (moeprune prune without --plan)")
     moe = {layer.index for layer in layout.layers}
     if set(plan.layers) != moe:
         raise MoePruneError(f"the plan covers layers {sorted(plan.layers)}, the model's MoE layers are "
@@ -183,7 +186,11 @@ def check_plan(plan: Plan, layout: Layout) -> int:
     keeps = set(plan.keep_per_layer().values())
     if len(keeps) != 1:
         raise MoePruneError(f"transformers configs hold one expert count for all layers; this plan keeps {keeps}")
-    return keeps.pop()
+    keep = keeps.pop()
+    if keep < layout.top_k:
+        raise MoePruneError(f"the plan keeps {keep} experts per layer, below the model's top-k ({layout.top_k}): every "
+                            f"token routes to {layout.top_k} experts; keep at least {layout.top_k}")
+    return keep
 
 
 @torch.no_grad()

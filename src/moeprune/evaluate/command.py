@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from ..arch import NotMoE
-from ..checkpoint import load, open_source
+from ..checkpoint import load
 from ..engine import run, score
 from ..info import model_info
 from ..report import Report, jsonable, make_plots, render_markdown, summary_table, write_report
+from ..sources import open_source
 from ..steps import Evaluate
 from . import Evaluation, _run_lm_eval, evaluate_model, evaluation_section, resolve_domains, resolve_tasks
 
