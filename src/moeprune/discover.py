@@ -22,6 +22,7 @@ returned weights are proportional to softmax or sigmoid of its returned logits.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -531,7 +532,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     top_k = layers[0].top_k
     d = config.to_dict()
     prefix = _text_prefix(config)
-    n_keys = tuple(sorted((p for p in _int_paths(d, E) if "expert" in p.rpartition(".")[2]),
+    n_keys = tuple(sorted((p for p in _int_paths(d, E) if "expert" in p.rpartition(".")[2]
+                           and not re.search(r"size|dim|per_tok|top|capacity", p.rpartition(".")[2])),
                           key=lambda p: _rank_key(p, ("expert",), prefix)))
     k_keys = ()
     if top_k is not None:
