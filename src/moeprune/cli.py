@@ -15,9 +15,13 @@ import argparse
 import errno
 import dataclasses
 import json
+import os
 import sys
+import tempfile
+import traceback
 import warnings
 import typing
+from pathlib import Path
 
 from .api import PruneConfig, prune
 from .arch import MoePruneError
@@ -64,6 +68,9 @@ def _method_option_names() -> set[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeprune", description="Prune and merge the experts of MoE language models.")
+    parser.add_argument("--log", default=None, metavar="FILE",
+                        help="where the details of an internal error go (default: <--out>.moeprune-error.log beside "
+                             "the output, else a file in the system temp folder; its path is printed)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model's routed experts and save a standard checkpoint")
@@ -148,9 +155,70 @@ def _warning(message, category, filename, lineno, line=None) -> str:
     return f"moeprune: warning: {message}\n"
 
 
+INTERNAL_ERROR = 3      # a bug in moeprune, not a problem with the input (those exit 2)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _argparse_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse's own errors (a bad flag value, a missing argument) as one `moeprune: error:` line, exit 2."""
+    def error(message, prog=parser.prog):
+        print(f"moeprune: error: {prog}: {_one_line(message)} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+    parser.error = error
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _argparse_errors(sub)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return True
+
+
+def _log_file(args) -> Path:
+    """Where the traceback of an internal error goes: --log, else beside --out (never inside the input model
+    folder), else a new file in the system temp folder."""
+    if getattr(args, "log", None):
+        return Path(args.log)
+    out, model = getattr(args, "out", None), getattr(args, "model", None)
+    if isinstance(out, str) and out.strip() and Path(out).name:
+        log = Path(out).parent / f"{Path(out).name}.moeprune-error.log"
+        unsafe = isinstance(model, str) and model and Path(model).is_dir() and _inside(log, Path(model))
+        if not unsafe and log.parent.is_dir() and os.access(log.parent, os.W_OK):
+            return log
+    fd, name = tempfile.mkstemp(prefix="moeprune-error-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+def _internal_error(args, argv, error: BaseException) -> int:
+    """One line for the user; the whole traceback in a log file, whose path the line gives."""
+    detail = "".join(traceback.format_exception(error))
+    text = f"moeprune {' '.join(argv if argv is not None else sys.argv[1:])}\n\n{detail}"
+    try:
+        log = _log_file(args)
+        log.write_text(text)
+        where = f"the log at {log}"
+    except Exception:  # noqa: BLE001 - the log is a courtesy; the message must still come out
+        where = "the command you ran (no log file could be written)"
+    print(f"moeprune: error: internal error ({type(error).__name__}: {_one_line(error)[:300]}); please report it "
+          f"with {where}", file=sys.stderr)
+    return INTERNAL_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a problem with the input or the environment (one `moeprune: error:` line naming it
+    and the fix), 3 an internal error (one line, the traceback in a log file), 130 Ctrl-C, 128 + N signal N."""
     warnings.formatwarning = _warning
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _argparse_errors(parser)
+    args = parser.parse_args(argv)
     handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods, "eval": cmd_eval,
                "sample": cmd_sample}[args.command]
     try:
@@ -164,12 +232,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moeprune: interrupted; the unfinished output was removed", file=sys.stderr)
         return 130
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"moeprune: error: no space left on the device while writing ({e}); the unfinished output was "
-              "removed. Free some space or write --out to another disk", file=sys.stderr)
+    except MemoryError:
+        print("moeprune: error: out of memory; lower --samples, --sample-tokens or --batch-size, or use "
+              "--dtype bfloat16", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"moeprune: error: no space left on the device while writing ({e}); the unfinished output was "
+                  "removed. Free some space or write --out to another disk", file=sys.stderr)
+            return 2
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.EISDIR, errno.ENOTDIR,
+                       errno.EDQUOT, errno.EMFILE, errno.ENAMETOOLONG, errno.EIO):
+            where = f" {e.filename}" if e.filename else ""
+            print(f"moeprune: error: {e.strerror or e}:{where}; check that path (permissions, free space, that it "
+                  "exists)", file=sys.stderr)
+            return 2
+        return _internal_error(args, argv, e)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - no traceback reaches the user: one line, the rest in the log
+        return _internal_error(args, argv, e)
 
 
 if __name__ == "__main__":  # pragma: no cover
