@@ -34,7 +34,7 @@ from .info import model_info
 from .report import Report, pick_layers
 from .selfcalib import mixed_windows, resolve_share, start_token, windows_for
 from .sources import CheckpointSource, ModelSource, open_source
-from .stats import LayerStats, Stats, layer_file, read_header
+from .stats import LayerStats, Stats, check_cache, layer_file
 from .steps import Apply, Decide, Evaluate, EvaluatePruned, KeepStats, Observe, Write
 from .surgery import apply_layer, check_plan, update_config
 from .text import calibration_tokens, check_spec
@@ -118,22 +118,17 @@ def calibration_spec(cfg: PruneConfig, tokenizer) -> str:
     return cfg.calib or ("demo" if tokenizer is not None and demo.domains("calib") else "random")
 
 
-def cached_stats(folder: str | None, meta: dict, layers: list[int]) -> dict[int, Path]:
-    """Layer -> statistics file of a --stats-cache made with the same settings (else {}: recollect)."""
+def cached_stats(folder: str | None, meta: dict, layers: list[int], weight_similarity: bool = False
+                 ) -> dict[int, Path]:
+    """Layer -> statistics file of a --stats-cache made with the same settings from the same inputs, whose files
+    are intact (stats.check_cache); else {} and a warning naming the reason: they are recollected."""
     if folder is None or not (Path(folder) / "stats.json").exists():
         return {}
-    try:
-        header = read_header(Path(folder))
-    except MoePruneError:
-        return {}
-    have = header["calibration"]
-    differ = sorted(k for k in meta if have.get(k) != meta[k] and not (k == "expert_outputs" and have.get(k)))
-    if differ or sorted(header["layers"]) != sorted(layers):          # (a cache with expert outputs serves all)
-        differ = differ or ["layers"]
-        warnings.warn(f"--stats-cache {folder} holds statistics of other settings ({', '.join(differ)} differ); "
-                      "they are recollected and replaced", stacklevel=3)
-        return {}
-    return {i: layer_file(folder, i) for i in layers}
+    files, reason = check_cache(folder, meta, layers, weight_similarity)
+    if reason is not None:
+        warnings.warn(f"--stats-cache {folder} is not used: {reason}; they are recollected and replaced",
+                      stacklevel=3)
+    return files
 
 
 def _names(value: str | None) -> list[str] | None:
