@@ -274,3 +274,128 @@ def test_a_tampered_cache_through_the_cli_is_recollected(model_dir, real_cache, 
     assert code == 0, err
     assert "counts holds NaN" in messages and "recollected" in messages
     assert check_cache(cache, header_of(cache)["calibration"], header_of(cache)["layers"])[1] is None
+
+
+# ---------------------------------------------------------------- text read as a stream, only as far as needed
+
+from conftest import char_tokenizer  # noqa: E402
+from moeprune import text as textmod  # noqa: E402
+from moeprune.arch import MoePruneError  # noqa: E402
+
+
+def whole_file_reference(data: bytes, path: Path, sep: str) -> list[str] | str:
+    """What the reader did before it streamed: decode the whole file, normalise the newlines, split."""
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"{path} is not UTF-8 text (byte {e.start}, line {line}: {data[e.start:e.start + 1]!r})"
+    return decoded.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split(sep)
+
+
+pieces = st.sampled_from(["a", "b c", "\n", "\n\n", "\r\n", "\r", " ", "é", "漢", "😀", "\ufeff", "{\"text\": \"x\"}"])
+raw = st.one_of(st.lists(pieces, max_size=30).map(lambda p: "".join(p).encode()),
+                st.binary(max_size=40),
+                st.tuples(st.lists(pieces, max_size=10), st.binary(min_size=1, max_size=3)).map(
+                    lambda t: "".join(t[0]).encode() + t[1] + b"tail\n"))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=raw, block=st.integers(1, 9))
+def test_the_stream_reads_what_the_whole_file_read(tmp_path_factory, monkeypatch, data, block):
+    """Tiny blocks, so that characters, \\r\\n pairs and separators fall across block boundaries."""
+    monkeypatch.setattr(textmod, "BLOCK", block)
+    path = tmp_path_factory.mktemp("s") / "t.txt"
+    path.write_bytes(data)
+    expected = whole_file_reference(data, path, "\n\n")
+    try:
+        docs = textmod._read_txt(path)
+        lines = [line for _, line, _ in textmod._pieces(path, "\n", 0, None)]
+    except MoePruneError as e:
+        assert isinstance(expected, str) and str(e).startswith(expected), (str(e), expected)
+        return
+    assert docs == [d for d in expected if d.strip()]
+    assert lines == whole_file_reference(data, path, "\n")
+
+
+def reference_windows(docs: list[str], tok, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """calibration_tokens as it was for every input: all documents shuffled, cut into windows, seeded picks."""
+    import random
+    rng = random.Random(seed)
+    docs = list(docs)
+    rng.shuffle(docs)
+    stream = []
+    for doc in docs:
+        stream.extend(tok(doc, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id])
+    picks = sorted(rng.sample(range(len(stream) // seq_len), samples))
+    return torch.tensor([stream[w * seq_len:(w + 1) * seq_len] for w in picks])
+
+
+def test_windows_of_a_source_under_the_threshold_are_unchanged(tmp_path):
+    tok = char_tokenizer()
+    docs = [f"document {i}: the cat sat on mat {i % 7}.\r\nsecond line {i}" for i in range(200)]
+    (tmp_path / "a.txt").write_bytes(("\ufeff" + "\n\n\n".join(docs[:120])).encode())
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[120:]) + "\n")
+    for spec in (tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path):
+        want = textmod.load_texts(str(spec))
+        got = textmod.calibration_tokens(str(spec), tok, samples=8, seq_len=24, seed=3)
+        assert torch.equal(got, reference_windows(want, tok, 8, 24, 3))
+    assert textmod.load_texts(str(tmp_path / "a.txt"))[1].startswith("\n")     # "\n\n\n" splits as it did
+
+
+def big_text(path: Path, megabytes: int) -> Path:
+    """Distinct numbered paragraphs, `megabytes` MiB of them."""
+    with open(path, "w") as f:
+        n = 0
+        while f.tell() < megabytes << 20:
+            f.write(f"{n} is the number of this paragraph of the big file.\nit has a second line, {n}.\n\n")
+            n += 1
+    return path
+
+
+def test_a_source_over_the_threshold_is_sampled_reading_only_what_it_needs(tmp_path, monkeypatch):
+    import tracemalloc
+    monkeypatch.setattr(textmod, "LAZY_BYTES", 1 << 20)
+    monkeypatch.setattr(textmod, "BLOCK", 16 << 10)
+    path = big_text(tmp_path / "big.txt", 24)
+    size = path.stat().st_size
+    tok = char_tokenizer()
+    textmod.READ["bytes"] = 0
+    tracemalloc.start()
+    try:
+        a = textmod.calibration_tokens(str(path), tok, samples=16, seq_len=64, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    read = textmod.READ["bytes"]
+    assert a.shape == (16, 64) and read <= 16 * 2 * (16 << 10), read      # a block or two per window
+    assert peak < 4 << 20, peak                                            # not the 24 MiB file
+    b = textmod.calibration_tokens(str(path), tok, samples=16, seq_len=64, seed=0)
+    c = textmod.calibration_tokens(str(path), tok, samples=16, seq_len=64, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    text = tok.decode(a[0])
+    assert "paragraph" in text and "<unk>" not in text
+    textmod.READ["bytes"] = 0
+    with pytest.warns(UserWarning, match=r"only its first 1 MiB were checked"):
+        textmod.check_spec(str(path))
+    assert textmod.READ["bytes"] <= (1 << 20) + (16 << 10) < size
+
+
+def test_a_bad_line_beyond_the_checked_part_is_one_error_when_reached(tmp_path, monkeypatch):
+    monkeypatch.setattr(textmod, "LAZY_BYTES", 64 << 10)
+    path = tmp_path / "big.jsonl"
+    good = json.dumps({"text": "some words here and there"}) + "\n"
+    path.write_text(good * 8000 + "{broken\n" + good * 10)
+    with pytest.warns(UserWarning, match="only its first"):
+        textmod.check_spec(str(path))               # the bad line lies beyond the checked part
+    with pytest.raises(MoePruneError, match=r"big.jsonl:8001: not valid JSON"):
+        list(textmod.iter_texts(str(path)))
+
+
+def test_iter_texts_stops_where_the_caller_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(textmod, "BLOCK", 4096)
+    path = big_text(tmp_path / "big.txt", 4)
+    textmod.READ["bytes"] = 0
+    first = [d for d, _ in zip(textmod.iter_texts(str(path)), range(3))]
+    assert len(first) == 3 and textmod.READ["bytes"] <= 2 * 4096
