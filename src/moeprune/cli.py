@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning
     parser = build_parser()
     _argparse_errors(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:                 # --help (0) or an argparse error, already printed as one line
+        return e.code if isinstance(e.code, int) else 2
     handler = {"prune": cmd_prune, "info": cmd_info, "methods": cmd_methods, "eval": cmd_eval,
                "sample": cmd_sample}[args.command]
     try:
