@@ -1,8 +1,9 @@
 """Generated bad input: safetensors headers, index files and config.json contents, fed to the real reader
-(`moeprune.shards.Checkpoint`) and to `moeprune info DIR` (moeprune.cli.main).
+(`moeprune.shards.Checkpoint`) and to `moeprune info DIR` (moeprune.cli.main); and generated command lines
+(`moeprune prune/eval/info` with flag values good and bad, on a tiny model folder, with small work).
 
-The outcome is always success or one MoePruneError / exit 2, never another exception, and the input
-folder's bytes are the same afterwards. Headers are also checked against the safetensors library itself:
+The outcome is always success or one MoePruneError / exit 2, never another exception (nor exit 3, an
+internal error), the input folder's bytes are the same afterwards, and nothing is left beside the output. Headers are also checked against the safetensors library itself:
 moeprune never accepts a file that safetensors refuses. Bounded (a few dozen examples each, no deadline)
 so the file runs in well under a minute.
 """
@@ -271,3 +272,110 @@ def test_the_unchanged_folder_is_accepted(model):
     """The generators start from a good folder: it passes, so the fuzzed failures are the damage's."""
     before = digest(model)
     assert info(model)[0] == 0 and Checkpoint(model).tensors and digest(model) == before
+
+
+# ---------------------------------------------------------------- command-line arguments
+
+METHOD_NAMES = ["diverse", "frequency", "reap", "random", "naee", "msmoe", "hcsmoe", "soft-activation", "nope", ""]
+numbers = st.one_of(st.integers(-2, 6).map(str), st.sampled_from(["0", "-1", "x", "", "1e3", "nan", "inf", "2.5", "99999999999"]))
+fractions = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
+                      st.sampled_from(["0", "1", "0.5", "-0.1", "1.5", "abc", ""]))
+
+
+@st.composite
+def prune_flags(draw, model: Path, work: Path) -> list[str]:
+    """A prune command with a few flags drawn from the bad and the good values of each; always small work."""
+    choices = {
+        "--keep": numbers, "--ratio": fractions, "--method": st.sampled_from(METHOD_NAMES),
+        "--samples": st.sampled_from(["0", "1", "2", "-3", "x"]), "--seq-len": st.sampled_from(["1", "2", "16", "100000", "y"]),
+        "--batch-size": st.sampled_from(["0", "1", "-1", "b"]), "--sample-tokens": st.sampled_from(["0", "1", "8", "-5"]),
+        "--seed": numbers, "--self-calib": st.one_of(st.sampled_from(["0", "0.5", "1"]), fractions), "--dtype": st.sampled_from(["auto", "float32", "bfloat16", "int8", "x"]),
+        "--device": st.sampled_from(["cpu", "cuda", "tpu9", "meta", "", "cuda:7"]),
+        "--calib": st.sampled_from(["random", "demo", str(work / "missing.txt"), "", "hf:"]),
+        "--plan": st.sampled_from([str(work / "missing.json"), str(model / "config.json"), ""]),
+        "--plan-out": st.sampled_from([str(work / "p.json"), str(model / "p.json"), str(work), ""]),
+        "--stats-cache": st.sampled_from([str(work / "cache"), str(model / "cache"), str(work / "out"), ""]),
+        "--tau": fractions, "--representation": st.sampled_from(["output", "weight", "x"]),
+        "--similarity": st.sampled_from(["cka", "cosine", "x"]), "--grouping": st.sampled_from(["coverage", "spectral", "x"]),
+        "--diversity": fractions, "--reserve": fractions, "--router": st.sampled_from(["weighted", "x"]),
+        "--eval-max-tokens": numbers,
+    }
+    out = draw(st.sampled_from([str(work / "out")] * 4 + [str(model / "out"), "", str(work / "a" / "b")]))
+    argv = ["prune", str(model), "--out", out, "--no-eval", "--quiet", "--calib", "random", "--samples", "2",
+            "--seq-len", "16", "--keep", "4"]
+    for flag in draw(st.lists(st.sampled_from(sorted(choices)), min_size=0, max_size=3, unique=True)):
+        argv += [flag, draw(choices[flag])]
+    if rarely(draw):
+        argv.append(draw(st.sampled_from(["--overwrite", "--report-tradeoff", "--bogus", "--keep"])))
+    return argv
+
+
+@st.composite
+def other_commands(draw, model: Path, work: Path) -> list[str]:
+    if draw(st.booleans()):
+        argv = ["info", draw(st.sampled_from([str(model), str(work / "missing"), "", str(model / "config.json")]))]
+        return argv + draw(st.sampled_from([[], ["--json"], ["--keep", "2"], ["--json", "x"]]))
+    argv = ["eval", str(model), "--domains", draw(st.sampled_from([str(work / "d.txt"), str(work / "missing.txt"), ""])),
+            "--max-tokens", "32"]
+    for flag, values in (("--seq-len", ["0", "1", "8", "x"]), ("--batch-size", ["0", "1", "-2"]),
+                         ("--device", ["cpu", "tpu9", "cuda"]), ("--dtype", ["auto", "float32", "x"]),
+                         ("--limit", ["0", "1", "-1"]), ("--against", [str(model), str(work / "missing")])):
+        if draw(st.booleans()):
+            argv += [flag, draw(st.sampled_from(values))]
+    return argv
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def check_command(argv: list[str], model: Path, work: Path, before: dict) -> None:
+    code, err = run_cli(argv)
+    event(f"{argv[0]}: exit {code}" + (f" ({err.split('error: ', 1)[-1][:40]})" if code == 2 else ""))
+    assert code in (0, 2), err
+    assert "Traceback" not in err, err
+    if code == 2:
+        assert err.count("moeprune: error:") == 1, err
+    assert digest(model) == before, "the input folder changed"
+    left = sorted(p.name for p in work.iterdir() if p.name not in ("out", "p.json", "cache", "d.txt", "a"))
+    assert not left, f"left beside the output: {left}"
+    assert not list(work.glob(".out.tmp-*")) and not list(model.glob(".*.tmp-*"))
+    if code != 0:
+        assert not (work / "out").exists() or argv[0] != "prune"
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("climodel") / "mixtral"
+    make("mixtral").save_pretrained(path)
+    return path
+
+
+def cli_work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cliwork")
+    (work / "d.txt").write_text("some evaluation text\n\nmore of it\n")
+    return work
+
+
+CLI_FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@CLI_FUZZ
+@given(data=st.data())
+def test_generated_prune_arguments(tmp_path_factory, cli_model, data):
+    work = cli_work(tmp_path_factory)
+    before = digest(cli_model)
+    check_command(data.draw(prune_flags(cli_model, work)), cli_model, work, before)
+
+
+@CLI_FUZZ
+@given(data=st.data())
+def test_generated_info_and_eval_arguments(tmp_path_factory, cli_model, data):
+    work = cli_work(tmp_path_factory)
+    before = digest(cli_model)
+    check_command(data.draw(other_commands(cli_model, work)), cli_model, work, before)
