@@ -1,0 +1,454 @@
+"""Quantized checkpoints read, pruned and written in the precision they ship.
+
+Two schemes are read, as their hubs publish them (and as transformers' finegrained_fp8 / mxfp4 integrations
+load them):
+
+- FP8 (`quantization_config.quant_method == "fp8"`, DeepSeek-V3, Kimi-K2, Qwen3-FP8): a quantized linear
+  weight `X.weight` is F8_E4M3 beside `X.weight_scale_inv` (float32, bfloat16, or e8m0 bytes as uint8) of
+  shape ceil(out/b0) x ceil(in/b1) for `weight_block_size` [b0, b1]; its value is q * scale_inv, block by
+  block. Experts stored fused (transformers 5's own layout) are `X` [E, out, in] beside `X_scale_inv`
+  [E, ...]. What the file keeps in bf16 (embeddings, norms, routers, lm_head, `modules_to_not_convert`) is
+  read as it is: a tensor is quantized exactly when the file stores it as F8 with its scale.
+- MXFP4 (`quant_method == "mxfp4"`, gpt-oss): the routed experts' `X_blocks` uint8 [E, R, K/32, 16] (two
+  FP4 e2m1 codes a byte, the low nibble first) beside `X_scales` uint8 e8m0 [E, R, K/32] (2^(byte - 127)
+  per 32 values); the model's tensor `X` [E, K, R] is their product, transposed.
+
+`Scheme` maps the stored tensors to the plain (dequantized) tensors the model reads, under the names a plain
+checkpoint would give them (`names()`), so the model skeleton is built without its quantization_config and
+the engine never sees a quantized tensor. A tensor is dequantized when it is read (`read`), one at a time,
+into the compute dtype; `quantize` goes the other way with fresh scales (FP8: amax / 448 per block; MXFP4:
+the per-32 power of two of lower error), for a merged expert the writer must store in the input's scheme.
+
+`ExpertIndex` tells the writer which input expert a pruned expert's tensor still is, bit for bit (a kept,
+unmerged expert), so that its stored bytes and scales are copied as they are instead of quantized again.
+
+Every other quantization method is refused, naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .arch import MoePruneError
+from .shards import DTYPES, Checkpoint
+
+SUPPORTED = ("fp8", "mxfp4")
+FP8_MAX = 448.0                                  # the largest float8_e4m3fn value
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MX_GROUP = 32                                    # values sharing one e8m0 scale
+E8M0_BIAS = 127
+SCALE_DTYPES = ("F32", "BF16", "U8")             # FP8 block scales: float, or e8m0 exponent bytes
+_CHUNK = 1 << 22                                 # elements per step of a fingerprint
+
+
+# ---------------------------------------------------------------- the config
+
+def quantization_config(config) -> dict | None:
+    """The config's quantization_config as a plain dict (None when it has none)."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        q = q.to_dict() if hasattr(q, "to_dict") else dict(vars(q))
+    return q
+
+
+def quant_method(config) -> str | None:
+    q = quantization_config(config)
+    if q is None:
+        return None
+    method = q.get("quant_method")
+    return str(method.value if hasattr(method, "value") else method) if method is not None else "unknown"
+
+
+def plain_config(config):
+    """A copy of the config without its quantization_config: the model of plain modules the engine reads."""
+    plain = copy.deepcopy(config)
+    for c in (plain, getattr(plain, "get_text_config", lambda: None)()):
+        if c is not None and hasattr(c, "quantization_config"):
+            try:
+                delattr(c, "quantization_config")
+            except AttributeError:
+                c.quantization_config = None
+    return plain
+
+
+def config_text_without_quantization(text: str) -> str:
+    """config.json's text without quantization_config (a dequantized output); every other key as it was."""
+    raw = json.loads(text)
+    raw.pop("quantization_config", None)
+    for sub in raw.values():                       # a text sub-config carrying its own copy
+        if isinstance(sub, dict):
+            sub.pop("quantization_config", None)
+    return json.dumps(raw, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------- FP8 e4m3 with block scales
+
+def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales as float32: e8m0 bytes are 2^(byte - 127)."""
+    if scale.dtype == torch.uint8:
+        return torch.ldexp(torch.ones(scale.shape, dtype=torch.float32), scale.to(torch.int32) - E8M0_BIAS)
+    return scale.to(torch.float32)
+
+
+def _expand(scale: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """A per-block tensor [..., ceil(rows/b0), ceil(cols/b1)] repeated over its blocks, cut to [..., rows, cols]."""
+    full = scale.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    return full[..., :rows, :cols]
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [..., rows, cols] float8_e4m3fn times its block scales [..., ceil(rows/b0), ceil(cols/b1)] (the last
+    blocks of a dimension that is not a multiple of the block size are partial), computed in float32."""
+    rows, cols = q.shape[-2:]
+    out = q.to(torch.float32) * _expand(_scale_values(scale), block, rows, cols)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int], scale_dtype: str = "F32",
+                 pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn, block scales in `scale_dtype`) of w [..., rows, cols], the scale of a block its largest
+    magnitude / 448 (rounded up to a power of two when `pow2`, the e8m0 format; 1 for an all-zero block), as
+    stored: q = w / stored scale, clamped to +-448."""
+    rows, cols = w.shape[-2:]
+    b0, b1 = block
+    nr, nc = math.ceil(rows / b0), math.ceil(cols / b1)
+    w32 = w.to(torch.float32)
+    padded = torch.zeros(*w.shape[:-2], nr * b0, nc * b1, dtype=torch.float32)
+    padded[..., :rows, :cols] = w32
+    amax = padded.unflatten(-1, (nc, b1)).unflatten(-3, (nr, b0)).abs().amax(dim=(-3, -1))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if pow2 or scale_dtype == "U8":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if scale_dtype == "U8":
+        stored = (torch.log2(scale).round().to(torch.int32) + E8M0_BIAS).clamp(0, 254).to(torch.uint8)
+    else:
+        stored = scale.to(DTYPES[scale_dtype])
+    q = (w32 / _expand(_scale_values(stored), block, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, stored
+
+
+# ---------------------------------------------------------------- MXFP4 (OCP microscaling, e2m1 + e8m0)
+
+_FP4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+_FP4_MAGNITUDES = _FP4[:8]
+_FP4_MIDPOINTS = (_FP4_MAGNITUDES[1:] + _FP4_MAGNITUDES[:-1]) / 2
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks uint8 [..., R, G, 16] (code of element 2k in the low nibble of byte k, 2k+1 in the high nibble)
+    with scales uint8 [..., R, G] -> [..., G*32, R]: the model's layout, rows and columns swapped as transformers'
+    mxfp4 loader swaps them."""
+    if blocks.shape[:-1] != scales.shape:
+        raise MoePruneError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not match")
+    b = blocks.to(torch.int64)
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2)                  # [..., R, G, 32]
+    values = torch.ldexp(_FP4[codes], (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
+    out = values.flatten(-2).transpose(-1, -2).contiguous()
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _fp4_codes(x: torch.Tensor) -> torch.Tensor:
+    """The e2m1 code (sign bit 8) of the FP4 value nearest to each x (saturating at 6)."""
+    mag = torch.bucketize(x.abs().contiguous(), _FP4_MIDPOINTS, right=False)
+    return mag + 8 * ((x < 0) & (mag > 0)).to(torch.int64)
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, scales) of w [..., K, R] (the model's layout; K a multiple of 32): per 32 values along K, the
+    power-of-two scale of the two candidates (the one that fits the largest magnitude in 6 and the one below
+    it, which clips that value) with the lower squared error."""
+    x = w.to(torch.float32).transpose(-1, -2).contiguous()                       # [..., R, K]
+    K = x.shape[-1]
+    if K % MX_GROUP:
+        raise MoePruneError(f"MXFP4 needs a multiple of {MX_GROUP} values per row, this tensor has {K}")
+    g = x.unflatten(-1, (K // MX_GROUP, MX_GROUP))                                # [..., R, G, 32]
+    amax = g.abs().amax(dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    high = torch.ceil(torch.log2((amax / 6.0).clamp(min=tiny))).clamp(-E8M0_BIAS, 127).to(torch.int32)
+    best_codes, best_exp, best_err = None, None, None
+    for exp in (high, (high - 1).clamp(min=-E8M0_BIAS)):
+        codes = _fp4_codes(torch.ldexp(g, -exp.unsqueeze(-1)))
+        err = (torch.ldexp(_FP4[codes], exp.unsqueeze(-1)) - g).square().sum(dim=-1)
+        if best_err is None:
+            best_codes, best_exp, best_err = codes, exp, err
+        else:
+            better = err < best_err
+            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+            best_exp = torch.where(better, exp, best_exp)
+            best_err = torch.where(better, err, best_err)
+    pairs = best_codes.unflatten(-1, (MX_GROUP // 2, 2))
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, (best_exp + E8M0_BIAS).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- a checkpoint's scheme
+
+@dataclass(frozen=True)
+class QTensor:
+    """A plain tensor of the model as a quantized checkpoint stores it."""
+    name: str                      # the name a plain checkpoint gives it
+    shape: tuple[int, ...]         # its shape, dequantized
+    parts: tuple[str, ...]         # the stored tensors (FP8: weight, scale_inv; MXFP4: blocks, scales)
+    dtypes: tuple[str, ...]        # their safetensors dtypes
+
+
+class Scheme:
+    """The quantized tensors of a checkpoint: names, reading (dequantized) and writing (quantized)."""
+    method = ""
+
+    def __init__(self, qconfig: dict, ckpt: Checkpoint):
+        self.qconfig, self.ckpt = qconfig, ckpt
+        self.tensors: dict[str, QTensor] = {}      # plain name -> its stored parts
+        self.parts: dict[str, str] = {}            # stored part -> plain name
+
+    def _add(self, q: QTensor) -> None:
+        self.tensors[q.name] = q
+        for p in q.parts:
+            self.parts[p] = q.name
+
+    def names(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the plain model reads: the stored tensors that are not quantized, and the quantized ones
+        under their plain names and shapes (their parts hidden)."""
+        out = {}
+        for name, t in self.ckpt.tensors.items():
+            if name in self.parts:
+                q = self.tensors[self.parts[name]]
+                out.setdefault(q.name, q.shape)
+            else:
+                out[name] = t.shape
+        return out
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The plain tensor `name`, dequantized from its parts (read one after the other) into `dtype`."""
+        q = self.tensors[name]
+        return self.dequantize(name, [self.ckpt.get(p) for p in q.parts], dtype)
+
+    def dequantize(self, name: str, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantize(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+        """The stored parts of `t`, a value of the plain tensor `name` (or of one expert of it, when its first
+        axis is the expert's), in the dtypes the input stores them in."""
+        raise NotImplementedError
+
+    def part_shapes(self, name: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shapes of the parts of the plain tensor `name` when it has `shape` (an expert axis cut)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What `moeprune info` and the report say of the scheme."""
+        return {"method": self.method, "quantized_tensors": len(self.tensors)}
+
+
+class FP8Scheme(Scheme):
+    method = "fp8"
+
+    def __init__(self, qconfig: dict, ckpt: Checkpoint):
+        super().__init__(qconfig, ckpt)
+        block = qconfig.get("weight_block_size")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise MoePruneError(f"{ckpt.folder}: quantization_config.weight_block_size is {block!r}; moeprune reads FP8 "
+                                "checkpoints with block scales (weight_block_size [128, 128], as DeepSeek-V3 and "
+                                "Qwen3-FP8 publish them), not per-tensor or per-channel FP8")
+        scheme = str(qconfig.get("activation_scheme", "dynamic")).lower()
+        if scheme != "dynamic":
+            raise MoePruneError(f"{ckpt.folder}: FP8 with activation_scheme {scheme!r} (static activation scales) is not "
+                                "supported; moeprune reads dynamic-activation FP8 checkpoints")
+        fmt = qconfig.get("fmt", "e4m3")
+        if fmt not in (None, "e4m3"):
+            raise MoePruneError(f"{ckpt.folder}: FP8 format {fmt!r} is not supported (moeprune reads e4m3)")
+        self.block = (int(block[0]), int(block[1]))
+        self.pow2 = qconfig.get("scale_fmt") == "ue8m0"
+        scales = {}
+        for name, t in ckpt.tensors.items():
+            if t.dtype == "F8_E5M2":
+                raise MoePruneError(f"{ckpt.folder}: {name} is F8_E5M2; moeprune reads FP8 e4m3 checkpoints")
+            if name.endswith("_scale_inv"):
+                scales[name] = t
+        for name, t in ckpt.tensors.items():
+            if t.dtype != "F8_E4M3":
+                continue
+            scale = self.scale_name(name)
+            s = scales.pop(scale, None)
+            if s is None:
+                raise MoePruneError(f"{ckpt.folder}: {name} is F8_E4M3 but the checkpoint has no {scale}; it is "
+                                    "incomplete (re-download it)")
+            if len(t.shape) < 2:
+                raise MoePruneError(f"{ckpt.folder}: {name} is F8_E4M3 of shape {list(t.shape)}; FP8 block scales "
+                                    "need a matrix")
+            want = self._scale_shape(t.shape)
+            if s.shape != want:
+                raise MoePruneError(f"{ckpt.folder}: {scale} has shape {list(s.shape)}; {name} {list(t.shape)} with "
+                                    f"weight_block_size {list(self.block)} needs {list(want)}")
+            if s.dtype not in SCALE_DTYPES:
+                raise MoePruneError(f"{ckpt.folder}: {scale} is {s.dtype}; FP8 block scales are read as "
+                                    f"{', '.join(SCALE_DTYPES)} (e8m0 as uint8)")
+            self._add(QTensor(name, t.shape, (name, scale), (t.dtype, s.dtype)))
+        if scales:
+            stray = sorted(scales)
+            raise MoePruneError(f"{ckpt.folder}: {stray[0]} (and {len(stray) - 1} more) is a scale without an "
+                                "F8_E4M3 weight; the checkpoint is damaged or of another FP8 layout")
+
+    @staticmethod
+    def scale_name(weight: str) -> str:
+        """X.weight -> X.weight_scale_inv; a fused tensor X -> X_scale_inv (transformers' Fp8Quantize)."""
+        return weight + "_scale_inv"
+
+    def _scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[:-2]) + (math.ceil(shape[-2] / self.block[0]), math.ceil(shape[-1] / self.block[1]))
+
+    def dequantize(self, name, parts, dtype):
+        return fp8_dequantize(parts[0], parts[1], self.block, dtype)
+
+    def quantize(self, name, t):
+        q, s = fp8_quantize(t, self.block, self.tensors[name].dtypes[1], self.pow2)
+        return [q, s]
+
+    def part_shapes(self, name, shape):
+        return [tuple(shape), self._scale_shape(tuple(shape))]
+
+    def describe(self):
+        return {**super().describe(), "weight_block_size": list(self.block),
+                "scale_dtypes": sorted({q.dtypes[1] for q in self.tensors.values()})}
+
+
+class MXFP4Scheme(Scheme):
+    method = "mxfp4"
+
+    def __init__(self, qconfig: dict, ckpt: Checkpoint):
+        super().__init__(qconfig, ckpt)
+        for name, t in ckpt.tensors.items():
+            if not name.endswith("_blocks"):
+                continue
+            base = name[: -len("_blocks")]
+            scales = ckpt.tensors.get(base + "_scales")
+            if scales is None:
+                raise MoePruneError(f"{ckpt.folder}: {name} has no {base}_scales beside it; the checkpoint is incomplete")
+            if t.dtype != "U8" or scales.dtype != "U8" or len(t.shape) < 3 or t.shape[-1] != MX_GROUP // 2 \
+                    or t.shape[:-1] != scales.shape:
+                raise MoePruneError(f"{ckpt.folder}: {name} {t.dtype}{list(t.shape)} with {base}_scales "
+                                    f"{scales.dtype}{list(scales.shape)} is not the MXFP4 layout (uint8 blocks "
+                                    "[..., R, K/32, 16] and uint8 e8m0 scales [..., R, K/32])")
+            *lead, rows, groups, _ = t.shape
+            self._add(QTensor(base, (*lead, groups * MX_GROUP, rows), (name, base + "_scales"), ("U8", "U8")))
+        stray = sorted(n for n in ckpt.tensors if n.endswith("_scales") and n not in self.parts)
+        if stray:
+            raise MoePruneError(f"{ckpt.folder}: {stray[0]} has no _blocks tensor beside it; the checkpoint is damaged")
+
+    def dequantize(self, name, parts, dtype):
+        return mxfp4_dequantize(parts[0], parts[1], dtype)
+
+    def quantize(self, name, t):
+        return list(mxfp4_quantize(t))
+
+    def part_shapes(self, name, shape):
+        *lead, k, rows = shape
+        return [(*lead, rows, k // MX_GROUP, MX_GROUP // 2), (*lead, rows, k // MX_GROUP)]
+
+
+SCHEMES: dict[str, type[Scheme]] = {"fp8": FP8Scheme, "mxfp4": MXFP4Scheme}
+
+
+def scheme_of(config, ckpt: Checkpoint) -> Scheme | None:
+    """The checkpoint's quantization scheme (None: plain weights); a method moeprune does not read is refused by
+    name, and so are quantized tensors without a quantization_config."""
+    method = quant_method(config)
+    folder = ckpt.folder
+    if method is None:
+        odd = next((t for t in ckpt.tensors.values() if t.dtype.startswith("F8") or t.name.endswith("_scale_inv")
+                    or t.name.endswith("_blocks")), None)
+        if odd is not None:
+            raise MoePruneError(f"{folder} stores quantized tensors ({odd.name} {odd.dtype}) but its config.json has no "
+                                "quantization_config saying how; restore config.json, or dequantize it to bf16 first")
+        return None
+    if method not in SCHEMES:
+        raise MoePruneError(f"{folder} is quantized with {method!r} (quantization_config.quant_method); moeprune reads "
+                            f"{' and '.join(SUPPORTED)} checkpoints and plain bf16/fp16/fp32 ones: dequantize it to bf16 "
+                            "first (e.g. with transformers: from_pretrained, then save_pretrained)")
+    scheme = SCHEMES[method](quantization_config(config), ckpt)
+    if not scheme.tensors:
+        raise MoePruneError(f"{folder}: its quantization_config says {method!r} but no tensor is stored quantized")
+    return scheme
+
+
+# ---------------------------------------------------------------- which input expert a pruned tensor still is
+
+def fingerprint(t: torch.Tensor) -> int:
+    """A cheap hash of a tensor's exact values (its bits, position-weighted): equal tensors have equal ones."""
+    flat = t.detach().reshape(-1)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    flat = flat.contiguous().view(bits)
+    h = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK].to(torch.int64)
+        pos = torch.arange(start, start + chunk.numel(), dtype=torch.int64)
+        h = (h * 1_000_003 + int(((chunk + 0x9E3779B9) * (pos % 65_521 + 1)).sum())) % (1 << 61)
+    return h * 31 + flat.numel()
+
+
+def role(name: str, expert: int) -> str:
+    """A per-expert file tensor's name with its expert index written '*': the same for every expert of a
+    tensor, before and after pruning (the layer index comes first in the name, the expert index last)."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k] == str(expert):
+            parts[k] = "*"
+            return ".".join(parts)
+    raise MoePruneError(f"{name}: no expert index {expert} in the name")
+
+
+class ExpertIndex:
+    """For each quantized routed-expert tensor of the input (a per-expert file tensor, or one expert of a fused
+    one): the fingerprint of its dequantized value as the engine read it. The writer looks a pruned expert's
+    value up, checks the candidate bit for bit, and copies the stored bytes when it matches."""
+
+    def __init__(self, scheme: Scheme, hub):
+        self.scheme = scheme
+        self.units: dict[str, dict[int, str]] = defaultdict(dict)     # role -> expert -> plain name
+        self.fused: dict[str, str] = {}                               # plain name of a fused tensor -> its role
+        for name, q in scheme.tensors.items():
+            expert = hub.expert_of(name)
+            if expert is not None:
+                self.units[role(name, expert[1])][expert[1]] = name
+            elif hub.expert_axis(name) == 0:
+                self.fused[name] = name + "[*]"
+                for e in range(q.shape[0]):
+                    self.units[name + "[*]"][e] = name
+        self.seen: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))   # role -> fp -> experts
+        self.done: dict[str, set[int]] = defaultdict(set)
+        self.enabled = False                                          # set by a writer: only a prune needs it
+
+    def record(self, name: str, t: torch.Tensor, hub) -> None:
+        """Index the value `t` of the plain tensor `name` as it was read (for every expert a fused one holds)."""
+        if not self.enabled:
+            return
+        expert = hub.expert_of(name)
+        if expert is not None:
+            self._add(role(name, expert[1]), expert[1], t)
+        elif name in self.fused:
+            for e in range(t.shape[0]):
+                self._add(self.fused[name], e, t[e])
+
+    def _add(self, r: str, e: int, t: torch.Tensor) -> None:
+        if e not in self.done[r]:
+            self.seen[r][fingerprint(t)].append(e)
+            self.done[r].add(e)
+
+    def candidates(self, r: str, t: torch.Tensor, read: Callable[[str, int], torch.Tensor]) -> list[int]:
+        """The input experts of role `r` whose value may be `t` (fingerprints equal); experts the engine has not
+        read are read now with `read(plain name, expert)`."""
+        for e, name in self.units.get(r, {}).items():
+            if e not in self.done[r]:
+                self._add(r, e, read(name, e))
+        return list(self.seen[r].get(fingerprint(t), ()))
