@@ -1,7 +1,7 @@
 """Survey every transformers model type with a routed *Experts module: can moeprune find its experts by
 structure (moeprune.discover), without a hand-written arch.Family entry?
 
-    python scripts/families.py                     # writes docs/FAMILIES.md (and docs/families.json)
+    python scripts/families.py                     # writes docs/FAMILIES.md (and docs/data/families.json)
     python scripts/families.py --only qwen3_moe    # one model type, printed
 
 Per model type, in a child process (one thread, a time limit each): the generic tiny config
@@ -318,7 +318,7 @@ def write_page(rows: list[dict], path: Path) -> None:
     lines += ["", "Evidence: *probe* = measured on the tiny model (zeroing half of the fused gate_up kills an "
               "expert's output exactly when that half is the gate; the router's weights are proportional to "
               "softmax/sigmoid of its logits); *shape* / *guess* = from the tensor shapes / router tensors alone.",
-              "", "The raw survey, one JSON object per model type: docs/families.json.", ""]
+              "", "The raw survey, one JSON object per model type: docs/data/families.json.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -355,7 +355,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_page(rows, Path(args.out))
     timeless = [{k: v for k, v in row.items() if k not in ("build_s", "total_s")} for row in rows]   # reproducible
-    Path(args.out).with_name("families.json").write_text(json.dumps(timeless, indent=1, default=str) + "\n")
+    (Path(args.out).parent / "data" / "families.json").write_text(json.dumps(timeless, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
 
 

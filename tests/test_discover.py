@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeprune.arch import FAMILIES
+from moeprune.arch import FAMILIES, discovered_family
 from moeprune.discover import check_contract, find_moe
 from moeprune.tiny import TINY_EXPERTS, TINY_TOP_K, _layer_pattern, tiny_config_any, tiny_model, tiny_model_any
 
 torch.set_num_threads(1)
 
-SURVEY = Path(__file__).resolve().parents[1] / "docs" / "families.json"
+SURVEY = Path(__file__).resolve().parents[1] / "docs" / "data" / "families.json"
 ROWS = {r["model_type"]: r for r in json.loads(SURVEY.read_text())} if SURVEY.exists() else {}
 WORKING = sorted(t for t, r in ROWS.items() if r["status"] == "works by structure")
 
@@ -47,7 +47,7 @@ def test_known_families_agree_with_arch(model_type):
     family = FAMILIES[model_type]
     model = tiny_model(model_type, **_MIXED.get(model_type, {}))
     s = find_moe(model)
-    found = s.as_family()
+    found = discovered_family(s)
     for name in ("top_k_field", "block", "router", "experts", "shared", "router_tensors", "scoring", "gate_up",
                  "group_fields"):
         assert getattr(found, name) == getattr(family, name), name
@@ -81,7 +81,7 @@ def test_layer_pattern_keeps_every_kind():
     assert _layer_pattern(["dense", "sparse", "sparse", "sparse"], 2) == ["dense", "sparse"]
 
 
-@pytest.mark.skipif(not WORKING, reason="docs/families.json not generated (python scripts/families.py)")
+@pytest.mark.skipif(not WORKING, reason="docs/data/families.json not generated (python scripts/families.py)")
 @pytest.mark.parametrize("model_type", WORKING)
 def test_working_types_by_structure(model_type):
     """E, the top-k, the expert-count key path, and editing that key to 4 gives experts (and routers) of 4 rows."""

@@ -1,10 +1,12 @@
 """Where the routed experts live, per model family.
 
 A family is data, not a subclass: attribute names, config field names and routing quirks of one
-transformers 5.x model type. Every family stores its routed experts fused in one `experts` module
+transformers 5.x model type. Every family stores its routed experts fused in one `*Experts` module
 whose tensors all carry the expert index on axis 0, and a router whose forward returns
-`(router_logits, topk_weights, topk_indices)`. moeprune relies on exactly that contract, so adding a
-family is one `Family(...)` entry below.
+`(router_logits, topk_weights, topk_indices)`. moeprune relies on exactly that contract, and finds it
+by structure (moeprune.discover): a model type with no entry below works when nothing about it is
+special. The entries are the families whose routing quirks (group-limited routing, sparsemixer,
+correction biases) or config fields the structure cannot tell, checked against discovery by the tests.
 
     layout = moe_layout(model)      # -> Layout with one MoeLayer per MoE decoder layer
 """
@@ -18,12 +20,8 @@ import torch
 from torch import nn
 
 
-class MoePruneError(ValueError):
-    """A user-facing error: the message names the problem and the fix."""
-
-
-class NotMoE(MoePruneError):
-    """The model has no routed experts moeprune can find (a dense model, or a family it does not know)."""
+from .discover import MoeStructure, check_contract, find_moe
+from .errors import MoePruneError, NotMoE
 
 
 @dataclass(frozen=True)
@@ -126,27 +124,52 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def family_of(config) -> Family:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise NotMoE(
-            f"no MoE layers found: model type {model_type!r} is not a supported MoE family. "
-            f"Supported: {', '.join(sorted(FAMILIES))}. A dense model has no experts to prune; "
-            "for a new MoE family add one Family(...) entry in moeprune/arch.py."
-        )
-    return FAMILIES[model_type]
+def discovered_family(s: MoeStructure) -> Family:
+    """The Family that a model's structure describes (moeprune.discover), for a type with no entry above."""
+    problems = [name for name, value in (("block", s.block), ("router", s.router), ("experts", s.experts),
+                                          ("n_experts_key", s.n_experts_key), ("top_k_key", s.top_k_key)) if value is None]
+    if problems:
+        raise MoePruneError(f"model type {s.model_type!r}: its MoE layers differ in {', '.join(problems)}; moeprune "
+                            "prunes models whose MoE layers share one layout (docs/FAMILIES.md)")
+    moe = set(s.moe_layers)
+    return Family(s.model_type, s.n_experts_key.rpartition(".")[2], top_k_field=s.top_k_key.rpartition(".")[2],
+                  block=s.block, router=s.router, experts=s.experts, shared=s.shared, router_tensors=s.router_tensors,
+                  scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields,
+                  is_moe_layer=lambda c, i: i in moe)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The model's family: the entry above for its type, else what its structure shows (no entry needed when
+    nothing about it is special). A model with experts that moeprune cannot prune yet is told what was found
+    and what is missing; only a model without routed experts is called dense."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    try:
+        s = find_moe(model)
+    except MoePruneError as e:
+        raise NotMoE(f"no MoE layers found in this {model_type} model ({e}): a dense model has no routed experts "
+                     "to prune") from None
+    contract = check_contract(s, model)
+    if not contract.ok:
+        first = s.layers[0]
+        raise MoePruneError(f"model type {model_type!r}: found {s.num_experts} routed experts in {len(s.layers)} MoE "
+                            f"layers ({first.experts_class} beside {first.router_class}), but "
+                            f"{'; '.join(contract.differences)}; moeprune cannot prune this family yet "
+                            "(docs/FAMILIES.md lists what each family needs)")
+    return discovered_family(s)
 
 
 def moe_layout(model: nn.Module) -> Layout:
-    """Find every MoE layer of a transformers causal LM; raise MoePruneError if there is none."""
-    family = family_of(model.config)
+    """Find every MoE layer of a transformers causal LM; raise NotMoE if there is none."""
+    family = family_of(model)
     layout = Layout(family, model.config)
     for i, decoder_layer in enumerate(decoder_layers(model)):
-        block = getattr(decoder_layer, family.block, None)
-        experts = getattr(block, family.experts, None) if block is not None else None
-        if experts is None or not hasattr(experts, "gate_up_proj"):
+        block = get_tensor(decoder_layer, family.block)
+        experts = get_tensor(block, family.experts) if block is not None else None
+        if experts is None or next(experts.parameters(), None) is None or not family.is_moe_layer(model.config, i):
             continue
-        layout.layers.append(MoeLayer(i, block, getattr(block, family.router), experts))
+        layout.layers.append(MoeLayer(i, block, get_tensor(block, family.router), experts))
     if not layout.layers:
         raise NotMoE(f"no MoE layers found in this {family.model_type} model (it has no routed experts)")
     return layout

@@ -236,7 +236,7 @@ def load_config(source: str | Path) -> PretrainedConfig:
                       f"{cls.__name__} named in architectures (the folder's own code is never run)")
         config_class, fields = cls.config_class, {k: v for k, v in raw.items() if k != "model_type"}
     try:
-        if config_class is CONFIG_MAPPING.get(model_type):
+        if model_type in CONFIG_MAPPING:        # transformers' own reader (it decodes {"__float__": "Infinity"})
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         else:
             config = config_class.from_dict(fields)

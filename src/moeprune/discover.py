@@ -9,7 +9,6 @@ entries spell out per family:
     s.num_experts, s.n_experts_key, s.top_k_key, s.moe_layers, s.block, s.router, s.experts, s.shared
     s.layers[0].expert_tensors         # every experts parameter with its expert axis and role
     s.layers[0].router_tensors         # every router tensor with an expert axis (weight, bias, correction bias)
-    s.as_family()                      # the arch.Family these facts describe (hub file layout not included)
     check_contract(s, model)           # does the router return (logits, weights, indices), do the
                                        # experts take (hidden, top_k_index, top_k_weights)?
 
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import Family, MoePruneError
+from .errors import MoePruneError
 
 _TOP_K_NAME = ("per_tok", "top_k", "topk", "moe_k", "activated", "experts_per", "selected")
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "moe_k", "k", "num_selected_experts")
@@ -137,20 +136,6 @@ class MoeStructure:
     def axis0(self) -> bool:
         """Every experts parameter carries the expert index on axis 0 (what moeprune's surgery relies on)."""
         return all(t.expert_axis == 0 for layer in self.layers for t in layer.expert_tensors)
-
-    def as_family(self) -> Family:
-        """The arch.Family these facts describe (the hub's file layout is not discovered: its defaults stay)."""
-        problems = [name for name, value in (("block", self.block), ("router", self.router),
-                                              ("experts", self.experts), ("n_experts_key", self.n_experts_key),
-                                              ("top_k_key", self.top_k_key)) if value is None]
-        if problems:
-            raise MoePruneError(f"{self.model_type}: no single {', '.join(problems)} across the MoE layers")
-        moe = set(self.moe_layers)
-        return Family(self.model_type, self.n_experts_key.rpartition(".")[2],
-                      top_k_field=self.top_k_key.rpartition(".")[2], block=self.block, router=self.router,
-                      experts=self.experts, shared=self.shared, router_tensors=self.router_tensors,
-                      scoring=self.scoring or "softmax", gate_up=self.gate_up or "halves",
-                      group_fields=self.group_fields, is_moe_layer=lambda c, i: i in moe)
 
 
 @dataclass(frozen=True)

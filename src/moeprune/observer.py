@@ -12,7 +12,7 @@ import torch
 
 from .arch import Layout, MoeLayer
 from .layer_inputs import advance
-from .routing import routing_rule
+from .routing import inferred_rule, routing_rule
 from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats
 
@@ -49,6 +49,7 @@ class Observer:
         z = lambda: torch.zeros(E, dtype=torch.float64)   # noqa: E731
         self.counts, self.prob_sum, self.weight_sum, self.reap_sum = z(), z(), z(), z()
         self.inputs, self.logits, self.outputs = [], [], []
+        self.chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # the sample's (top-k weights, indices)
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
@@ -70,6 +71,7 @@ class Observer:
             xs = x[local.to(x.device)]
             self.inputs.append(xs.float().cpu())
             self.logits.append(logits[local.to(x.device)].float().cpu())
+            self.chosen.append((weights[local.to(x.device)].cpu(), indices[local.to(x.device)].cpu()))
             if self.expert_outputs:     # every expert on every sample token: E / top-k times the routed compute
                 out = torch.empty((E, *xs.shape), dtype=torch.float32)
                 for e in range(E):
@@ -100,6 +102,9 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
         handle.remove()
     ls = observer.result()
     ls.routing = routing_rule(moe, layout.family)
+    if not ls.routing and observer.chosen:             # a family found by structure: read off its router
+        w, i = (torch.cat(parts) for parts in zip(*observer.chosen))
+        ls.routing = inferred_rule(moe.router, ls.logits.double(), w, i, layout.top_k)
     if weight_similarity:
         # model-centric similarity needs the weights, which a method never sees: derive it now
         reps = weight_representation(moe.experts, layout.family.gate_up)

@@ -63,8 +63,42 @@ def routing_rule(layer: MoeLayer, family: Family) -> dict:
     elif mt == "gpt_oss":
         rule["topk_softmax"] = True
     else:
-        raise MoePruneError(f"no routing rule for model type {mt!r}; add one in moeprune/routing.py")
+        return {}                     # a family found by structure: inferred from the router's own choices
     return rule
+
+
+def _base_rule(scoring: str) -> dict:
+    return {"scoring": scoring, "select": "topk", "topk_softmax": False, "renormalize": False, "norm_min": 1e-20,
+            "scale": 1.0, "correction_bias": None, "n_group": 1, "topk_group": 1, "group_score": "max",
+            "jitter_eps": 0.0}
+
+
+def inferred_rule(router, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, top_k: int) -> dict:
+    """The routing rule of a family moeprune has no entry for, read off the router's own decisions on calibration
+    tokens: the candidate (softmax or sigmoid scores, plus the router's correction bias if it has one; top-k of the
+    scores or softmax over the top-k logits; renormalised or not; a constant scale) that reproduces every token's
+    chosen experts and their weights. {} when none does (then NAEE, which replays routing, refuses the layer)."""
+    if logits.numel() == 0:
+        return {}
+    bias = getattr(router, "e_score_correction_bias", None)
+    bias = bias.detach().float().flatten().tolist() if torch.is_tensor(bias) and not bias.is_meta else None
+    want = weights.double()
+    chosen = indices.sort(dim=-1).values
+    for scoring in ("softmax", "sigmoid"):
+        for topk_softmax in (False, True):
+            for renormalize in (True, False):
+                rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
+                        "correction_bias": bias}
+                w, idx = restricted_routing(logits, range(logits.shape[1]), rule, top_k)
+                order = idx.sort(dim=-1)
+                if not torch.equal(order.values, chosen):
+                    continue
+                got = w.gather(-1, order.indices)
+                mine = want.gather(-1, indices.argsort(dim=-1))
+                scale = float((mine.sum() / got.sum().clamp_min(1e-30)))
+                if torch.allclose(got * scale, mine, rtol=1e-3, atol=1e-6):
+                    return {**rule, "scale": round(scale, 6)}
+    return {}
 
 
 def group_routing_after(keep: int, n_group: int, topk_group: int) -> tuple[int, int]:

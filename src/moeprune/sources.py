@@ -40,6 +40,19 @@ def _return_memory() -> None:
             pass
 
 
+# the final norm's attribute on the base model, by family (Llama-style "norm" first)
+FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "final_norm", "ln_f", "embedding_norm")
+
+
+def head_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(final norm, lm_head) of a causal LM: what turns the last decoder layer's hidden states into logits."""
+    base = getattr(model, "model", model)
+    norm = next((getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+    if norm is None:
+        raise MoePruneError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORMS)})")
+    return norm, model.get_output_embeddings()
+
+
 class ModelSource:
     """A model that is already in memory: tiny models, hub ids, the in-memory API."""
 
@@ -59,8 +72,8 @@ class ModelSource:
         return capture(self.model, batches, self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        base = getattr(self.model, "model", self.model)
-        return self.model.lm_head(base.norm(hidden))
+        norm, head = head_modules(self.model)
+        return head(norm(hidden))
 
     def release_head(self) -> None:
         pass
@@ -91,8 +104,17 @@ class CheckpointSource(ModelSource):
         model = build_skeleton(config, dtype)                  # parameters on meta; rotary buffers are real
         self.model, self.layout = model.eval(), moe_layout(model)
         self.device, self.dtype = torch.device(device), dtype
-        self.model.model.rotary_emb.to(self.device)
+        for module in self.model.modules():             # the real buffers (rotary tables) onto the device
+            for name, buf in module.named_buffers(recurse=False):
+                if not buf.is_meta:
+                    setattr(module, name, buf.to(self.device))
         self.hub = HubMap.for_model(self.model, file_names=self.ckpt.tensors)   # files <-> modules
+
+    def prefix(self, module: nn.Module) -> str:
+        """The state-dict prefix of one of the model's modules ("model.embed_tokens.", "lm_head.", ...)."""
+        if not hasattr(self, "_prefixes"):
+            self._prefixes = {id(m): name + "." for name, m in self.model.named_modules()}
+        return self._prefixes[id(module)]
 
     def _read(self, name: str) -> torch.Tensor:
         t = self.ckpt.get(name)
@@ -120,8 +142,8 @@ class CheckpointSource(ModelSource):
         _return_memory()
 
     def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
-        embed = self.model.model.embed_tokens
-        self.materialise(embed, "model.embed_tokens.")
+        embed = self.model.get_input_embeddings()
+        self.materialise(embed, self.prefix(embed))
         try:
             return capture(self.model, batches, self.device)
         finally:
@@ -129,14 +151,15 @@ class CheckpointSource(ModelSource):
             _return_memory()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.model.lm_head.weight.is_meta:
-            self.materialise(self.model.model.norm, "model.norm.")
-            self.materialise(self.model.lm_head, "lm_head.")
+        norm, head = head_modules(self.model)
+        if head.weight.is_meta:
+            self.materialise(norm, self.prefix(norm))
+            self.materialise(head, self.prefix(head))
         return super().logits(hidden)
 
     def release_head(self) -> None:
-        self.model.model.norm.to("meta")
-        self.model.lm_head.to("meta")
+        for module in head_modules(self.model):
+            module.to("meta")
 
     def weight_bytes(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
@@ -144,8 +167,7 @@ class CheckpointSource(ModelSource):
     @contextmanager
     def whole(self):
         """Every module materialised at once, for a model that fits in memory; back to meta after."""
-        base = self.model.model
-        parts = [(base.embed_tokens, "model.embed_tokens."), (base.norm, "model.norm."), (self.model.lm_head, "lm_head.")]
+        parts = [(m, self.prefix(m)) for m in (self.model.get_input_embeddings(), *head_modules(self.model))]
         parts += [(layer, f"model.layers.{i}.") for i, layer in enumerate(decoder_layers(self.model))]
         try:
             for module, prefix in parts:

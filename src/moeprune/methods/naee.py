@@ -127,7 +127,9 @@ def naee(ls: LayerStats, keep: int, o: NaeeOptions, seed: int) -> LayerPlan:
     if o.budget < 1:
         raise MoePruneError(f"--budget must be >= 1, got {o.budget}")
     if not ls.routing:
-        raise MoePruneError("naee needs the routing rule in the statistics, which these lack; recollect them")
+        raise MoePruneError("naee replays the router's top-k routing, and these statistics hold no rule for it: the "
+                            "model's router is none of the forms moeprune knows or could read off it (or the "
+                            "statistics are older); choose another method, or recollect them")
     E = ls.num_experts
     error = Reconstruction(ls)
     relative = lambda e: e / error.norm if error.norm > 0 else 0.0
