@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from transformers import AutoModelForCausalLM
 
 from .arch import Layout, MoePruneError
 from .hubmap import HubMap
-from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, Slot
+from .quant import config_text_without_quantization, role
+from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, Slot, tensor_bytes
 
 # files that hold weights (any format): never copied, the pruned weights replace them
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
@@ -50,26 +52,54 @@ class OutputLayout:
     """The pruned checkpoint's tensors, known before the first layer is read."""
     shards: dict[str, list[Slot]]      # the input's shards, names, order and dtypes; dropped experts left out
     touched: set[str]                  # output file tensors the prune rewrites (routed experts, router rows)
+    # a quantized input: every output tensor under its plain name, with its plain shape (what the pruned model's
+    # key map must name); None: the slots' own names and shapes
+    plain: dict[str, tuple[int, ...]] | None = None
 
 
-def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int) -> OutputLayout:
+def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quant=None,
+                  dequantize: bool = False) -> OutputLayout:
     """Per input file tensor of a MoE layer's router or experts: an expert >= keep is dropped, an expert axis
-    cut to keep; every other tensor is the input's."""
+    cut to keep; every other tensor is the input's.
+
+    `quant` (a moeprune.quant.Scheme): the input's quantized tensors are decided by their plain names; each keeps
+    its stored parts (weight and scale, blocks and scales) with shapes following the cut, or, `dequantize`, is one
+    BF16 tensor under its plain name where its first part was."""
     prefixes = _pruned_prefixes(layout)
     shards: dict[str, list[Slot]] = {f: [] for f in ckpt.files}
     touched = set()
+    plain: dict[str, tuple[int, ...]] = {}
     for t in sorted(ckpt.tensors.values(), key=lambda t: (ckpt.files.index(t.file.name), t.start)):
-        shape, i = t.shape, hub.layer_of(t.name)
-        if i in prefixes and any(m.startswith(prefixes[i]) for m in hub.module_names(t.name)):
-            expert = hub.expert_of(t.name)
+        name = quant.parts.get(t.name, t.name) if quant is not None else t.name
+        q = quant.tensors.get(name) if quant is not None else None
+        shape, i = (q.shape if q is not None else t.shape), hub.layer_of(name)
+        if i in prefixes and any(m.startswith(prefixes[i]) for m in hub.module_names(name)):
+            expert = hub.expert_of(name)
             if expert is not None and expert[1] >= keep:
                 continue
-            axis = hub.expert_axis(t.name)
+            axis = hub.expert_axis(name)
             if axis is not None:
                 shape = shape[:axis] + (keep,) + shape[axis + 1:]
-            touched.add(t.name)
-        shards[t.file.name].append(Slot(t.name, t.dtype, shape))
-    return OutputLayout({f: slots for f, slots in shards.items() if slots}, touched)
+            touched.add(name)
+        plain[name] = shape
+        if q is None:
+            shards[t.file.name].append(Slot(t.name, t.dtype, shape))
+        elif dequantize:
+            if t.name == q.parts[0]:
+                shards[t.file.name].append(Slot(name, "BF16", shape))
+        else:
+            k = q.parts.index(t.name)
+            shards[t.file.name].append(Slot(t.name, t.dtype, quant.part_shapes(name, shape)[k]))
+    return OutputLayout({f: slots for f, slots in shards.items() if slots}, touched,
+                        plain if quant is not None else None)
+
+
+def output_bytes(source, layout: Layout, keep: int, dequantize: bool = False) -> int:
+    """The bytes of the pruned checkpoint's tensors (headers aside), from the input's headers alone: at most the
+    input's, except a quantized input written dequantized (FP8 -> BF16 doubles, MXFP4 -> BF16 quadruples)."""
+    quant = getattr(source, "quant", None)
+    out = output_layout(source.ckpt, source.hub, layout, keep, quant, dequantize and quant is not None)
+    return sum(tensor_bytes(s.dtype, s.shape) for slots in out.shards.values() for s in slots)
 
 
 def pruned_map(model, layout: Layout, changes: dict[str, int], out: OutputLayout) -> HubMap:
@@ -81,7 +111,7 @@ def pruned_map(model, layout: Layout, changes: dict[str, int], out: OutputLayout
         setattr(config, attr, value)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    names = {s.name: s.shape for slots in out.shards.values() for s in slots}
+    names = out.plain if out.plain is not None else {s.name: s.shape for slots in out.shards.values() for s in slots}
     hub = HubMap.for_model(skeleton, file_names=names)
     missing = sorted(out.touched - set(hub.all_file_names()))
     wrong = missing or sorted(n for n in out.touched if hub.file_shape(n) != tuple(names[n]))
@@ -160,15 +190,33 @@ class CheckpointWriter:
     Layer i's routed experts and router rows come from the pruned module, split into the hub's files by the
     pruned model's key map and cast to each file tensor's own dtype; every other tensor is copied from the
     input shards as raw bytes (byte-identical).
+
+    A quantized input (FP8 block scales, MXFP4; `source.quant`) is written in its own scheme: config.json keeps
+    its quantization_config and every tensor its dtype. A pruned expert tensor that is still, bit for bit, an
+    input expert's (a kept, unmerged expert) is the input's stored bytes and scales; any other (a merged expert)
+    is quantized again with fresh scales, and its relative Frobenius error against its unquantized value is kept
+    in `quantization_errors` (per pruned expert, "layers.<i>.experts.<j>") and `tensor_quantization_errors` (per
+    file tensor; "name[j]" for an expert of a fused one); the layer is left holding the stored value (its
+    dequantization), so a step after the write sees what the file holds. `dequantize=True` writes the quantized
+    tensors in bfloat16 under their plain names instead, and config.json without its quantization_config.
     """
 
-    def __init__(self, folder: Path, source, layout: Layout, keep: int, changes: dict[str, int]):
+    def __init__(self, folder: Path, source, layout: Layout, keep: int, changes: dict[str, int],
+                 dequantize: bool = False):
         self.folder, self.ckpt, self.prefixes = Path(folder), source.ckpt, _pruned_prefixes(layout)
-        self.out = output_layout(source.ckpt, source.hub, layout, keep)
+        self.source, self.quant = source, getattr(source, "quant", None)
+        self.dequantize = dequantize and self.quant is not None
+        self.out = output_layout(source.ckpt, source.hub, layout, keep, self.quant, self.dequantize)
         self.hub = pruned_map(source.model, layout, changes, self.out)
         self.dtypes = {s.name: s.dtype for ss in self.out.shards.values() for s in ss}
         self.shards = ShardWriter(self.folder, self.out.shards, source.ckpt.metadata,
                                   index=source.ckpt.index is not None)
+        self.quantization_errors: dict[str, float] = {}
+        self.tensor_quantization_errors: dict[str, float] = {}
+        self._sums: dict[tuple[int, int], list[float]] = {}        # (layer, expert) -> [error^2, norm^2]
+        self.copied_experts = 0                                      # expert tensors written as the input's bytes
+        if self.quant is not None and not self.dequantize:
+            source.experts.enabled = True                            # the reads index the experts' values
 
     def write_layer(self, i: int, layer: torch.nn.Module) -> None:
         prefix = f"model.layers.{i}."
@@ -176,17 +224,96 @@ class CheckpointWriter:
             pruned = {name: t for name, t in layer.state_dict(prefix=prefix).items()
                       if name.startswith(self.prefixes[i])}
             for file_name, t in self.hub.files_from(pruned):
-                self.shards.write(file_name, t.to(DTYPES[self.dtypes[file_name]]))
+                q = self.quant.tensors.get(file_name) if self.quant is not None else None
+                if q is None:
+                    self.shards.write(file_name, t.to(DTYPES[self.dtypes[file_name]]))
+                elif self.dequantize:
+                    self.shards.write(file_name, t.to(torch.bfloat16))
+                else:
+                    self._write_quantized(i, file_name, t)
         for name in self.dtypes:
             if name.startswith(prefix) and name not in self.shards.written:
-                self.shards.write(name, self.ckpt.raw(name))
+                self._copy(name)
+
+    def _copy(self, name: str) -> None:
+        """An untouched tensor: the input's bytes (dequantized to bfloat16 when the output is)."""
+        if self.dequantize and name in self.quant.tensors:
+            self.shards.write(name, self.quant.read(name, torch.bfloat16))
+        else:
+            self.shards.write(name, self.ckpt.raw(name))
+
+    # ------------------------------------------------------------ quantized output
+
+    def _write_quantized(self, i: int, name: str, t: torch.Tensor) -> None:
+        q, experts = self.quant.tensors[name], self.source.experts
+        expert = self.hub.expert_of(name)
+        if expert is not None:                                       # one expert's tensor: copied, or quantized
+            j, r = expert[1], role(name, expert[1])
+            match = self._match(r, t, lambda e: [self.ckpt.get(p)
+                                                 for p in self.quant.tensors[experts.units[r][e]].parts])
+            parts = match if match is not None else self._quantize(name, t, (i, j), name)
+            for part, value in zip(q.parts, parts):
+                self.shards.write(part, value)
+            return
+        if name in experts.fused:                                    # all experts in one tensor: expert by expert
+            stored = None
+
+            def input_parts(e: int) -> list[torch.Tensor]:
+                nonlocal stored
+                if stored is None:
+                    stored = [self.ckpt.get(p) for p in q.parts]
+                return [p[e] for p in stored]
+            rows = []
+            for j in range(t.shape[0]):
+                match = self._match(experts.fused[name], t[j], input_parts)
+                rows.append(match if match is not None else self._quantize(name, t[j], (i, j), f"{name}[{j}]"))
+            for k, part in enumerate(q.parts):
+                dtype = DTYPES[self.dtypes[part]]
+                self.shards.write(part, torch.stack([r[k].view(torch.uint8) for r in rows]).view(dtype))
+            return
+        parts = self._quantize(name, t, None, name)                  # a router-like tensor cut along its experts
+        for part, value in zip(q.parts, parts):
+            self.shards.write(part, value)
+
+    def _match(self, r: str, t: torch.Tensor, input_parts) -> list[torch.Tensor] | None:
+        """The stored parts of the input expert whose dequantized value is exactly `t`, else None."""
+        experts = self.source.experts
+
+        def read(plain: str, e: int) -> torch.Tensor:
+            return self.quant.dequantize(plain, input_parts(e), self.source.dtype)
+        for e in experts.candidates(r, t, read):
+            parts = input_parts(e)
+            if torch.equal(self.quant.dequantize(experts.units[r][e], parts, t.dtype), t):
+                self.copied_experts += 1
+                return parts
+        return None
+
+    def _quantize(self, name: str, t: torch.Tensor, expert: tuple[int, int] | None, label: str) -> list[torch.Tensor]:
+        """`t` quantized afresh in the input's scheme; its relative error recorded."""
+        parts = self.quant.quantize(name, t)
+        back = self.quant.dequantize(name, parts, torch.float64).to(torch.float64)
+        ref = t.to(torch.float64)
+        err, norm = float((back - ref).square().sum()), float(ref.square().sum())
+        t.copy_(back)        # a view of the layer's tensor (every expert layout): the layer holds what the file stores
+        self.tensor_quantization_errors[label] = math.sqrt(err / norm) if norm > 0 else 0.0
+        if expert is not None:
+            acc = self._sums.setdefault(expert, [0.0, 0.0])
+            acc[0] += err
+            acc[1] += norm
+            self.quantization_errors[f"layers.{expert[0]}.experts.{expert[1]}"] = \
+                math.sqrt(acc[0] / acc[1]) if acc[1] > 0 else 0.0
+        return parts
 
     def finish(self, source: Path, config, changes: dict[str, int]) -> list[str]:
-        """Copy the tensors outside the decoder layers, close the shards, write config.json (edited in place)
-        and every non-weight file; returns the files copied."""
+        """Copy the tensors outside the decoder layers, close the shards, write config.json (edited in place;
+        without quantization_config for a dequantized output) and every non-weight file; returns the files
+        copied."""
         for name in self.dtypes:
             if name not in self.shards.written:
-                self.shards.write(name, self.ckpt.raw(name))
+                self._copy(name)
         self.shards.finish()
         write_config(source, self.folder, config, changes)
+        if self.dequantize:
+            path = self.folder / "config.json"
+            path.write_text(config_text_without_quantization(path.read_text(encoding="utf-8")), encoding="utf-8")
         return copy_folder_files(source, self.folder)

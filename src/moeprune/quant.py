@@ -55,17 +55,25 @@ def quantization_config(config) -> dict | None:
     q = getattr(config, "quantization_config", None)
     if q is None:
         return None
+    if not isinstance(q, dict) and callable(getattr(q, "to_dict", None)):
+        q = q.to_dict()
     if not isinstance(q, dict):
-        q = q.to_dict() if hasattr(q, "to_dict") else dict(vars(q))
+        raise MoePruneError(f"config.json: quantization_config is {str(q)[:80]!r}, not an object naming its "
+                            "quant_method; restore the file")
     return q
 
 
 def quant_method(config) -> str | None:
+    """quantization_config.quant_method (None: the config has no quantization_config)."""
     q = quantization_config(config)
     if q is None:
         return None
     method = q.get("quant_method")
-    return str(method.value if hasattr(method, "value") else method) if method is not None else "unknown"
+    method = getattr(method, "value", method)
+    if not isinstance(method, str) or not method:
+        raise MoePruneError(f"config.json: quantization_config names no quant_method ({str(method)[:80]!r}); restore "
+                            "the file")
+    return method
 
 
 def plain_config(config):
@@ -258,13 +266,13 @@ class FP8Scheme(Scheme):
         block = qconfig.get("weight_block_size")
         if not (isinstance(block, (list, tuple)) and len(block) == 2
                 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-            raise MoePruneError(f"{ckpt.folder}: quantization_config.weight_block_size is {block!r}; moeprune reads FP8 "
-                                "checkpoints with block scales (weight_block_size [128, 128], as DeepSeek-V3 and "
+            raise MoePruneError(f"{ckpt.folder}: quantization_config.weight_block_size is {block!r}; moeprune reads "
+                                "FP8 checkpoints with block scales (weight_block_size [128, 128], as DeepSeek-V3 and "
                                 "Qwen3-FP8 publish them), not per-tensor or per-channel FP8")
         scheme = str(qconfig.get("activation_scheme", "dynamic")).lower()
         if scheme != "dynamic":
-            raise MoePruneError(f"{ckpt.folder}: FP8 with activation_scheme {scheme!r} (static activation scales) is not "
-                                "supported; moeprune reads dynamic-activation FP8 checkpoints")
+            raise MoePruneError(f"{ckpt.folder}: FP8 with activation_scheme {scheme!r} (static activation scales) is "
+                                "not supported; moeprune reads dynamic-activation FP8 checkpoints")
         fmt = qconfig.get("fmt", "e4m3")
         if fmt not in (None, "e4m3"):
             raise MoePruneError(f"{ckpt.folder}: FP8 format {fmt!r} is not supported (moeprune reads e4m3)")
@@ -334,7 +342,8 @@ class MXFP4Scheme(Scheme):
             base = name[: -len("_blocks")]
             scales = ckpt.tensors.get(base + "_scales")
             if scales is None:
-                raise MoePruneError(f"{ckpt.folder}: {name} has no {base}_scales beside it; the checkpoint is incomplete")
+                raise MoePruneError(f"{ckpt.folder}: {name} has no {base}_scales beside it; the checkpoint is "
+                                    "incomplete")
             if t.dtype != "U8" or scales.dtype != "U8" or len(t.shape) < 3 or t.shape[-1] != MX_GROUP // 2 \
                     or t.shape[:-1] != scales.shape:
                 raise MoePruneError(f"{ckpt.folder}: {name} {t.dtype}{list(t.shape)} with {base}_scales "
@@ -367,18 +376,21 @@ def scheme_of(config, ckpt: Checkpoint) -> Scheme | None:
     folder = ckpt.folder
     if method is None:
         odd = next((t for t in ckpt.tensors.values() if t.dtype.startswith("F8") or t.name.endswith("_scale_inv")
-                    or t.name.endswith("_blocks")), None)
+                    or (t.name.endswith("_blocks") and t.dtype == "U8")), None)
         if odd is not None:
-            raise MoePruneError(f"{folder} stores quantized tensors ({odd.name} {odd.dtype}) but its config.json has no "
-                                "quantization_config saying how; restore config.json, or dequantize it to bf16 first")
+            raise MoePruneError(f"{folder} is a quantized checkpoint ({odd.name} is {odd.dtype}) whose config.json "
+                                "has no quantization_config saying how: restore config.json, or dequantize it to bf16 "
+                                "first")
         return None
     if method not in SCHEMES:
-        raise MoePruneError(f"{folder} is quantized with {method!r} (quantization_config.quant_method); moeprune reads "
-                            f"{' and '.join(SUPPORTED)} checkpoints and plain bf16/fp16/fp32 ones: dequantize it to bf16 "
-                            "first (e.g. with transformers: from_pretrained, then save_pretrained)")
+        raise MoePruneError(f"{folder} is a quantized checkpoint of method {method!r} (quantization_config."
+                            f"quant_method); moeprune reads {' and '.join(SUPPORTED)} checkpoints and plain "
+                            "bf16/fp16/fp32 ones: dequantize it to bf16 first (e.g. with transformers: "
+                            "from_pretrained, then save_pretrained)")
     scheme = SCHEMES[method](quantization_config(config), ckpt)
     if not scheme.tensors:
-        raise MoePruneError(f"{folder}: its quantization_config says {method!r} but no tensor is stored quantized")
+        raise MoePruneError(f"{folder} is a quantized checkpoint by its config.json (quantization_config says "
+                            f"{method!r}), but no tensor is stored quantized: config.json does not match the weights")
     return scheme
 
 

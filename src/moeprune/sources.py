@@ -26,6 +26,7 @@ from .layer_inputs import LayerInputs, capture
 from .hub import check_shapes
 from .hubmap import HubMap
 from .preflight import check_finite
+from .quant import ExpertIndex, plain_config, scheme_of
 from .shards import Checkpoint
 
 
@@ -95,12 +96,11 @@ class CheckpointSource(ModelSource):
     def __init__(self, folder: Path, device: str | torch.device, dtype: torch.dtype, config=None):
         self.ckpt = Checkpoint(folder)
         config = config if config is not None else load_config(folder)
-        quantized = next((t.name for t in self.ckpt.tensors.values()
-                          if t.dtype.startswith("F8") or t.name.endswith("_scale_inv")), None)
-        if quantized or getattr(config, "quantization_config", None):
-            what = f"tensor {quantized}" if quantized else "its config has a quantization_config"
-            raise MoePruneError(f"{folder} is a quantized checkpoint ({what}); moeprune reads bf16/fp16/fp32 weights: "
-                                "dequantize it to bf16 first (e.g. DeepSeek's fp8_cast_bf16.py for FP8 checkpoints)")
+        # FP8 / MXFP4 checkpoints are read as the plain model they quantize: the skeleton is built without the
+        # quantization_config and every quantized tensor is dequantized as it is read (moeprune.quant)
+        self.quant = scheme_of(config, self.ckpt)
+        if self.quant is not None:
+            config = plain_config(config)
         model = build_skeleton(config, dtype)                  # parameters on meta; rotary buffers are real
         self.model, self.layout = model.eval(), moe_layout(model)
         self.device, self.dtype = torch.device(device), dtype
@@ -108,7 +108,9 @@ class CheckpointSource(ModelSource):
             for name, buf in module.named_buffers(recurse=False):
                 if not buf.is_meta:
                     setattr(module, name, buf.to(self.device))
-        self.hub = HubMap.for_model(self.model, file_names=self.ckpt.tensors)   # files <-> modules
+        names = self.quant.names() if self.quant is not None else self.ckpt.tensors
+        self.hub = HubMap.for_model(self.model, file_names=names)   # files <-> modules
+        self.experts = ExpertIndex(self.quant, self.hub) if self.quant is not None else None
 
     def prefix(self, module: nn.Module) -> str:
         """The state-dict prefix of one of the model's modules ("model.embed_tokens.", "lm_head.", ...)."""
@@ -117,9 +119,15 @@ class CheckpointSource(ModelSource):
         return self._prefixes[id(module)]
 
     def _read(self, name: str) -> torch.Tensor:
-        t = self.ckpt.get(name)
-        check_finite(name, t, f"the checkpoint {self.ckpt.folder} is damaged (re-download it) or was saved after a "
+        if self.quant is not None and name in self.quant.tensors:
+            t = self.quant.read(name, self.dtype)               # dequantized into the compute dtype
+            what = f"{name} dequantized from {', '.join(self.quant.tensors[name].parts)}"
+        else:
+            t, what = self.ckpt.get(name), name
+        check_finite(what, t, f"the checkpoint {self.ckpt.folder} is damaged (re-download it) or was saved after a "
                               "diverged training step")
+        if self.experts is not None:
+            self.experts.record(name, t, self.hub)
         return t
 
     def materialise(self, module: nn.Module, prefix: str) -> None:

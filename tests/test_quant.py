@@ -1,0 +1,341 @@
+"""Quantized checkpoints pruned in the precision they ship: FP8 with 128x128 block scales (DeepSeek-V3, Kimi-K2,
+Qwen3-FP8) and MXFP4 (gpt-oss).
+
+Each checkpoint is a tiny model written here in its hub's exact layout (names, dtypes, scale shapes, a
+quantization_config as published): a tiny bf16 model saved by transformers, its weights quantized into the
+published scheme and written with safetensors. The prune keeps a kept expert's stored bytes, drops a dropped
+expert's with its scales, quantizes a merged expert afresh, and transformers 5 loads the output (dequantizing
+on the CPU) with the logits of the dequantized input pruned in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from moeprune import quant as Q
+from moeprune.arch import MoePruneError, moe_layout
+from moeprune.cli import main
+from moeprune.plan import Plan
+from moeprune.shards import Checkpoint
+from moeprune.sources import CheckpointSource
+from moeprune.surgery import apply_plan
+from moeprune.tiny import tiny_model
+
+
+BLOCK = [128, 128]
+# widths > 128 are multiples of 128, as in every published FP8 model (transformers' CPU dequantization derives
+# the block from the scale grid, which is only right then)
+WIDTHS = {"deepseek_v3": dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=256),
+          "qwen3_moe": dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=256),
+          "gpt_oss": dict(hidden_size=128, intermediate_size=64)}
+# DeepSeek-V3 / Kimi-K2: every linear weight of the decoder FP8 (attention, dense and shared MLPs, experts); the
+# embeddings, norms, router and lm_head bf16, the router's correction bias float32; no modules_to_not_convert
+DEEPSEEK_QCONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": BLOCK}
+GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def _tokenizer_files(path: Path) -> None:
+    from conftest import CHARS
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    (path / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}, indent=1))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "bos_token": "<bos>", "model_max_length": 256}, indent=2))
+
+
+def _fp8_quantized(name: str, t: torch.Tensor, family: str) -> bool:
+    """Which weights the published FP8 checkpoints store in FP8: every linear weight of the decoder layers but
+    the router (embeddings, norms and lm_head stay bf16)."""
+    return (t.dim() == 2 and name.startswith("model.layers.") and name.endswith(".weight") and "norm" not in name
+            and not name.endswith(("mlp.gate.weight", "mlp.router.weight")))
+
+
+def write_quantized(path: Path, family: str, scheme: str, scale_dtype: str = "F32", seed: int = 0,
+                    shards: int = 2) -> Path:
+    """A tiny `family` checkpoint in `scheme`'s published layout ("fp8" or "mxfp4"), in `shards` shards."""
+    model = tiny_model(family, seed=seed, **WIDTHS[family]).to(torch.bfloat16)
+    plain = path.parent / (path.name + "-bf16")
+    model.save_pretrained(plain)
+    ckpt = Checkpoint(plain)
+    stored: dict[str, torch.Tensor] = {}
+    for name in ckpt.tensors:
+        t = ckpt.get(name).clone()
+        if scheme == "fp8" and _fp8_quantized(name, t, family):
+            q, s = Q.fp8_quantize(t, tuple(BLOCK), scale_dtype)
+            stored[name], stored[name + "_scale_inv"] = q, s
+        elif scheme == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = Q.mxfp4_quantize(t)
+            stored[name + "_blocks"], stored[name + "_scales"] = blocks, scales
+        elif name.endswith("e_score_correction_bias"):
+            stored[name] = t.float()                       # float32 in DeepSeek-V3's files
+        else:
+            stored[name] = t
+    path.mkdir(parents=True)
+    names = sorted(stored)
+    weight_map = {}
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: stored[n].contiguous() for n in names[k::shards]}
+        save_file(part, path / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    total = sum(t.numel() * t.element_size() for t in stored.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=2))
+    config = json.loads((plain / "config.json").read_text())
+    if scheme == "fp8" and family == "qwen3_moe":       # Qwen3-FP8 names what it keeps in bf16
+        n = config["num_hidden_layers"]
+        skip = ["lm_head"] + [f"model.layers.{i}.{m}" for i in range(n)
+                              for m in ("input_layernorm", "mlp.gate", "post_attention_layernorm")]
+        config["quantization_config"] = {"activation_scheme": "dynamic", "modules_to_not_convert": skip,
+                                         "quant_method": "fp8", "weight_block_size": BLOCK}
+    elif scheme == "fp8":
+        config["quantization_config"] = dict(DEEPSEEK_QCONFIG)
+    else:
+        config["quantization_config"] = {"modules_to_not_convert": GPT_OSS_NOT_CONVERTED, "quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "generation_config.json").write_text((plain / "generation_config.json").read_text())
+    _tokenizer_files(path)
+    return path
+
+
+# ---------------------------------------------------------------- the schemes' arithmetic
+
+def test_fp8_blocks_match_transformers_and_partial_blocks():
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    torch.manual_seed(0)
+    w = torch.randn(2, 256, 384)
+    for scale_dtype in Q.SCALE_DTYPES:
+        q, s = Q.fp8_quantize(w, (128, 128), scale_dtype)
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 2, 3) and Q.DTYPES[scale_dtype] == s.dtype
+        got = Q.fp8_dequantize(q, s, (128, 128))
+        assert torch.equal(got, Fp8Dequantize(None)._dequantize_one(q, s, torch.float32))
+        assert (got - w).norm() / w.norm() < 0.04
+        blocks = w.unflatten(-1, (3, 128)).unflatten(-3, (2, 128)).abs().amax(dim=(-3, -1))
+        assert torch.all(Q._scale_values(s) * 448 >= blocks * (1 - 1e-2))      # no block clipped (bf16 rounding)
+    w = torch.randn(200, 130)                # partial last blocks: each block its own scale, by hand
+    q, s = Q.fp8_quantize(w, (128, 128))
+    assert s.shape == (2, 2)
+    expect = torch.empty_like(w)
+    for i in range(2):
+        for j in range(2):
+            rows, cols = slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1))
+            expect[rows, cols] = q[rows, cols].float() * s[i, j]
+            assert math.isclose(float(s[i, j]), float(w[rows, cols].abs().max()) / 448, rel_tol=1e-6)
+    assert torch.equal(Q.fp8_dequantize(q, s, (128, 128)), expect)
+
+
+def test_mxfp4_matches_transformers_code_table_and_nibble_order():
+    from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
+    assert tuple(FP4_VALUES) == Q.FP4_VALUES
+    torch.manual_seed(0)
+    w = torch.randn(3, 64, 48)                                   # the model's [E, K, R]
+    blocks, scales = Q.mxfp4_quantize(w)
+    assert blocks.shape == (3, 48, 2, 16) and scales.shape == (3, 48, 2) and blocks.dtype == scales.dtype == torch.uint8
+    got = Q.mxfp4_dequantize(blocks, scales)
+    assert torch.equal(got, convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    assert (got - w).norm() / w.norm() < 0.15
+    # byte 0x21 holds element 0 = code 1 (0.5) in the low nibble and element 1 = code 2 (1.0) in the high one
+    b = torch.zeros(1, 1, 1, 16, dtype=torch.uint8)
+    b[..., 0] = 0x21
+    s = torch.full((1, 1, 1), 128, dtype=torch.uint8)          # 2^(128 - 127) = 2
+    out = Q.mxfp4_dequantize(b, s)
+    assert out.shape == (1, 32, 1) and out[0, :3, 0].tolist() == [1.0, 2.0, 0.0]
+    exact = torch.tensor(Q.FP4_VALUES)[torch.randint(0, 16, (2, 64, 8))] * 4.0   # representable: kept exactly
+    assert torch.equal(Q.mxfp4_dequantize(*Q.mxfp4_quantize(exact)), exact)
+
+
+# ---------------------------------------------------------------- prune in the precision the input ships
+
+CASES = [("deepseek_v3", "fp8"), ("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4")]
+PRUNE = ["--calib", "random", "--samples", "2", "--seq-len", "16", "--no-eval", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("quant")
+    return {f"{family}-{scheme}": write_quantized(base / f"{family}-{scheme}", family, scheme)
+            for family, scheme in CASES}
+
+
+def _ids(vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _load(folder: Path, dtype=torch.float32):
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def _expert_parts(ckpt: Checkpoint, layer: int, e: int) -> dict[str, bytes]:
+    """The stored bytes of expert e of a layer, per part (per-expert tensors, or expert e of fused ones)."""
+    out = {}
+    for name, t in ckpt.tensors.items():
+        if not name.startswith(f"model.layers.{layer}.mlp.experts."):
+            continue
+        rest = name[len(f"model.layers.{layer}.mlp.experts."):]
+        if rest.startswith(f"{e}."):
+            out[rest[len(f"{e}."):]] = bytes(ckpt.raw(name))
+        elif not rest[0].isdigit() and not rest.endswith("_bias"):
+            out[rest] = ckpt.get(name)[e].contiguous().view(torch.uint8).numpy().tobytes()
+    return out
+
+
+@pytest.mark.parametrize("case", [f"{f}-{s}" for f, s in CASES])
+def test_selection_keeps_the_kept_experts_bytes_and_loads_with_the_same_logits(case, folders, tmp_path):
+    src, out = folders[case], tmp_path / "out"
+    assert main(["prune", str(src), "--method", "frequency", "--keep", "5", *PRUNE, "--out", str(out)]) == 0
+    inp, got = Checkpoint(src), Checkpoint(out)
+    plan = Plan.load(out / "plan.json")
+    # config.json keeps the quantization_config; every tensor keeps its dtype
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((src / "config.json").read_text())["quantization_config"]
+    assert all(got.info(n).dtype == inp.info(n).dtype for n in got.tensors)
+    quantized = {"F8_E4M3"} if case.endswith("fp8") else {"U8"}
+    assert quantized <= {t.dtype for t in got.tensors.values()}
+    for i, lp in plan.layers.items():
+        assert all(len(g) == 1 for g in lp.groups)
+        for j, (e,) in enumerate(lp.groups):
+            kept = _expert_parts(got, i, j)
+            assert kept and kept == _expert_parts(inp, i, e), (i, j, e)       # weights and scales, byte for byte
+        # the dropped experts are gone with their scales
+        assert not [n for n in got.tensors if any(n.startswith(f"model.layers.{i}.mlp.experts.{k}.")
+                                                  for k in range(5, 8))]
+        head = f"model.layers.{i}.mlp.experts."
+        fused = [n for n in got.tensors if n.startswith(head) and not n[len(head)].isdigit()]
+        assert all(got.info(n).shape[0] == 5 for n in fused)
+    # every tensor outside the routed experts and routers: the input's bytes (attention weights with their scales)
+    for name in got.tensors:
+        if ".mlp.experts." not in name and ".mlp.gate." not in name and ".mlp.router." not in name:
+            assert got.raw(name) == inp.raw(name), name
+    # transformers 5 loads it (dequantizing on the CPU): the logits of the dequantized input, pruned in memory
+    reference = _load(src)
+    apply_plan(reference, moe_layout(reference), plan)
+    pruned = _load(out)
+    with torch.no_grad():
+        assert torch.equal(pruned(_ids()).logits, reference(_ids()).logits)
+
+
+@pytest.mark.parametrize("case", [f"{f}-{s}" for f, s in CASES])
+def test_merged_experts_are_quantized_again_with_their_errors_recorded(case, folders, tmp_path, monkeypatch):
+    from moeprune import api, hub
+    writers = []
+
+    class Recording(hub.CheckpointWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+    monkeypatch.setattr(api, "CheckpointWriter", Recording)
+    src, out = folders[case], tmp_path / "out"
+    api.prune(api.PruneConfig(model=str(src), method="diverse", keep=5, out=str(out), calib="random", samples=2,
+                              seq_len=16, quiet=True, no_eval=True))
+    writer, plan = writers[0], Plan.load(out / "plan.json")
+    merged = {(i, j) for i, lp in plan.layers.items() for j, g in enumerate(lp.groups) if len(g) > 1}
+    single = {(i, j) for i, lp in plan.layers.items() for j, g in enumerate(lp.groups) if len(g) == 1}
+    assert merged and set(writer.quantization_errors) == {f"layers.{i}.experts.{j}" for i, j in merged}
+    bound = 0.05 if case.endswith("fp8") else 0.2
+    assert writer.copied_experts == len(single) * (3 if case.endswith("fp8") else 2)    # gate, up, down / gate_up, down
+    assert all(0 < err < bound for err in writer.quantization_errors.values()), writer.quantization_errors
+    inp, got = Checkpoint(src), Checkpoint(out)
+    for i, j in single:                                        # an expert of one: still the input's bytes
+        assert _expert_parts(got, i, j) == _expert_parts(inp, i, plan.layers[i].groups[j][0])
+    # the recorded error is that of the stored tensor against the unquantized merge
+    reference = _load(src)
+    apply_plan(reference, moe_layout(reference), plan)
+    source = CheckpointSource(out, "cpu", torch.float32)
+    state = reference.state_dict()
+    with source.whole() as model:
+        for name, t in model.state_dict().items():          # routers: the merged rows in the file's dtype
+            if ".mlp.experts." not in name:
+                assert torch.equal(t, state[name]) or torch.equal(t, state[name].to(torch.bfloat16).to(t.dtype)), name
+    label, err = next(iter(writer.tensor_quantization_errors.items()))
+    name, _, j = label.partition("[")
+    stored = source.quant.read(name, torch.float32)
+    exact = _merged_value(reference, source, name)
+    if j:
+        stored, exact = stored[int(j[:-1])], exact[int(j[:-1])]
+    assert math.isclose(float((stored - exact).norm() / exact.norm()), err, rel_tol=1e-4)
+    pruned = _load(out)                                         # transformers loads it
+    with torch.no_grad():
+        a, b = pruned(_ids()).logits, reference(_ids()).logits
+    assert (a - b).norm() / b.norm() < 2 * bound
+
+
+def _merged_value(reference, source: CheckpointSource, file_name: str) -> torch.Tensor:
+    """The value file tensor `file_name` of the pruned layout has in the model pruned in memory."""
+    module = source.hub.module_names(file_name)[0]
+    full = reference.state_dict()[module]
+    return dict(source.hub.to_files(module, full))[file_name]
+
+
+@pytest.mark.parametrize("case", [f"{f}-{s}" for f, s in CASES])
+def test_dequantize_writes_bf16_without_quantization_config(case, folders, tmp_path, monkeypatch):
+    import functools
+    from moeprune import api, hub
+    monkeypatch.setattr(api, "CheckpointWriter", functools.partial(hub.CheckpointWriter, dequantize=True))
+    src, out = folders[case], tmp_path / "out"
+    result = api.prune(api.PruneConfig(model=str(src), method="frequency", keep=5, out=str(out), calib="random",
+                                       samples=2, seq_len=16, quiet=True, no_eval=True))
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    got = Checkpoint(out)
+    assert {t.dtype for t in got.tensors.values()} <= {"BF16", "F32"}
+    assert not [n for n in got.tensors if n.endswith(("_scale_inv", "_blocks", "_scales"))]
+    source = CheckpointSource(src, "cpu", torch.float32)          # the output's size, known from the headers
+    assert hub.output_bytes(source, source.layout, 5, dequantize=True) == sum(t.nbytes for t in got.tensors.values())
+    assert hub.output_bytes(source, source.layout, 5) < Checkpoint(src).total_bytes()
+    reference = _load(src, torch.bfloat16)
+    apply_plan(reference, moe_layout(reference), result.plan)
+    pruned, state = _load(out, torch.bfloat16), reference.state_dict()
+    for name, t in pruned.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
+# ---------------------------------------------------------------- info, eval, refusals
+
+def test_info_and_eval_read_quantized_folders(folders, capsys):
+    for case, dtype in (("deepseek_v3-fp8", "F8_E4M3"), ("gpt_oss-mxfp4", "U8")):
+        assert main(["info", str(folders[case]), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["experts_per_layer"] == [8] and dtype in info["dtype"]
+    assert main(["eval", str(folders["qwen3_moe-fp8"]), "--domains", "literature", "--tasks", "none",
+                 "--max-tokens", "64", "--seq-len", "32", "--quiet"]) == 0
+    assert "literature" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors", "nvfp4"])
+def test_other_quantization_methods_are_refused_by_name(method, folders, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(folders["deepseek_v3-fp8"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"quantized checkpoint of method {method!r}" in err and "fp8 and mxfp4" in err
+
+
+def test_inconsistent_quantized_checkpoints_are_refused(folders, tmp_path):
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(folders["deepseek_v3-fp8"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoePruneError, match="no quantization_config"):
+        CheckpointSource(folder, "cpu", torch.float32)
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": None}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoePruneError, match="weight_block_size"):
+        CheckpointSource(folder, "cpu", torch.float32)
