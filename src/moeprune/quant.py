@@ -116,7 +116,13 @@ def _expand(scale: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q [..., rows, cols] float8_e4m3fn times its block scales [..., ceil(rows/b0), ceil(cols/b1)] (the last
-    blocks of a dimension that is not a multiple of the block size are partial), computed in float32."""
+    blocks of a dimension that is not a multiple of the block size are partial), computed in float32; a tensor of
+    several matrices (fused experts) one matrix at a time."""
+    if q.dim() > 2:
+        out = torch.empty(q.shape, dtype=dtype)
+        for k in range(q.shape[0]):
+            out[k] = fp8_dequantize(q[k], scale[k], block, dtype)
+        return out
     rows, cols = q.shape[-2:]
     out = q.to(torch.float32) * _expand(_scale_values(scale), block, rows, cols)
     return out if dtype == torch.float32 else out.to(dtype)
@@ -155,11 +161,17 @@ _FP4_MIDPOINTS = (_FP4_MAGNITUDES[1:] + _FP4_MAGNITUDES[:-1]) / 2
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """blocks uint8 [..., R, G, 16] (code of element 2k in the low nibble of byte k, 2k+1 in the high nibble)
     with scales uint8 [..., R, G] -> [..., G*32, R]: the model's layout, rows and columns swapped as transformers'
-    mxfp4 loader swaps them."""
+    mxfp4 loader swaps them. Fused experts are dequantized one expert at a time."""
     if blocks.shape[:-1] != scales.shape:
         raise MoePruneError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not match")
+    if blocks.dim() > 3:
+        *lead, rows, groups, _ = blocks.shape
+        out = torch.empty(*lead, groups * MX_GROUP, rows, dtype=dtype)
+        for k in range(blocks.shape[0]):
+            out[k] = mxfp4_dequantize(blocks[k], scales[k], dtype)
+        return out
     b = blocks.to(torch.int64)
-    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2)                  # [..., R, G, 32]
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2)                  # [R, G, 32]
     values = torch.ldexp(_FP4[codes], (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
     out = values.flatten(-2).transpose(-1, -2).contiguous()
     return out if dtype == torch.float32 else out.to(dtype)
