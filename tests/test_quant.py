@@ -115,7 +115,7 @@ def test_fp8_blocks_match_transformers_and_partial_blocks():
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
     torch.manual_seed(0)
     w = torch.randn(2, 256, 384)
-    for scale_dtype in Q.SCALE_DTYPES:
+    for scale_dtype in ("F32", "BF16", "U8"):
         q, s = Q.fp8_quantize(w, (128, 128), scale_dtype)
         assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 2, 3) and Q.DTYPES[scale_dtype] == s.dtype
         got = Q.fp8_dequantize(q, s, (128, 128))
@@ -123,6 +123,9 @@ def test_fp8_blocks_match_transformers_and_partial_blocks():
         assert (got - w).norm() / w.norm() < 0.04
         blocks = w.unflatten(-1, (3, 128)).unflatten(-3, (2, 128)).abs().amax(dim=(-3, -1))
         assert torch.all(Q._scale_values(s) * 448 >= blocks * (1 - 1e-2))      # no block clipped (bf16 rounding)
+    e8m0 = Q.fp8_quantize(w, (128, 128), "F8_E8M0")            # torch's e8m0 dtype: the same bytes as U8
+    assert e8m0[1].dtype == torch.float8_e8m0fnu and torch.equal(e8m0[1].view(torch.uint8), s)
+    assert torch.equal(Q.fp8_dequantize(*e8m0, (128, 128)), got)
     w = torch.randn(200, 130)                # partial last blocks: each block its own scale, by hand
     q, s = Q.fp8_quantize(w, (128, 128))
     assert s.shape == (2, 2)

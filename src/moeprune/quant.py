@@ -44,7 +44,8 @@ FP8_MAX = 448.0                                  # the largest float8_e4m3fn val
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MX_GROUP = 32                                    # values sharing one e8m0 scale
 E8M0_BIAS = 127
-SCALE_DTYPES = ("F32", "BF16", "U8")             # FP8 block scales: float, or e8m0 exponent bytes
+SCALE_DTYPES = ("F32", "BF16", "U8", "F8_E8M0")  # FP8 block scales: float, or e8m0 exponents (bytes or torch's)
+_E8M0 = getattr(torch, "float8_e8m0fnu", None)
 _CHUNK = 1 << 22                                 # elements per step of a fingerprint
 
 
@@ -102,6 +103,8 @@ def config_text_without_quantization(text: str) -> str:
 
 def _scale_values(scale: torch.Tensor) -> torch.Tensor:
     """Block scales as float32: e8m0 bytes are 2^(byte - 127)."""
+    if scale.dtype == _E8M0:
+        scale = scale.view(torch.uint8)
     if scale.dtype == torch.uint8:
         return torch.ldexp(torch.ones(scale.shape, dtype=torch.float32), scale.to(torch.int32) - E8M0_BIAS)
     return scale.to(torch.float32)
@@ -141,10 +144,12 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int], scale_dtype: str = "F3
     padded[..., :rows, :cols] = w32
     amax = padded.unflatten(-1, (nc, b1)).unflatten(-3, (nr, b0)).abs().amax(dim=(-3, -1))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    if pow2 or scale_dtype == "U8":
+    e8m0 = scale_dtype in ("U8", "F8_E8M0")
+    if pow2 or e8m0:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    if scale_dtype == "U8":
+    if e8m0:
         stored = (torch.log2(scale).round().to(torch.int32) + E8M0_BIAS).clamp(0, 254).to(torch.uint8)
+        stored = stored.view(_E8M0) if scale_dtype == "F8_E8M0" else stored
     else:
         stored = scale.to(DTYPES[scale_dtype])
     q = (w32 / _expand(_scale_values(stored), block, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
