@@ -28,6 +28,7 @@ Every other quantization method is refused, naming it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -46,7 +47,7 @@ MX_GROUP = 32                                    # values sharing one e8m0 scale
 E8M0_BIAS = 127
 SCALE_DTYPES = ("F32", "BF16", "U8", "F8_E8M0")  # FP8 block scales: float, or e8m0 exponents (bytes or torch's)
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
-_CHUNK = 1 << 22                                 # elements per step of a fingerprint
+_SAMPLE = 1 << 14                                # values a fingerprint samples
 
 
 # ---------------------------------------------------------------- the config
@@ -127,7 +128,12 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
             out[k] = fp8_dequantize(q[k], scale[k], block, dtype)
         return out
     rows, cols = q.shape[-2:]
-    out = q.to(torch.float32) * _expand(_scale_values(scale), block, rows, cols)
+    values = _scale_values(scale)
+    if rows % block[0] == 0 and cols % block[1] == 0:           # whole blocks: a broadcast, no expanded scales
+        nr, nc = values.shape
+        out = (q.to(torch.float32).view(nr, block[0], nc, block[1]) * values.view(nr, 1, nc, 1)).view(rows, cols)
+    else:
+        out = q.to(torch.float32) * _expand(values, block, rows, cols)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -413,17 +419,14 @@ def scheme_of(config, ckpt: Checkpoint) -> Scheme | None:
 
 # ---------------------------------------------------------------- which input expert a pruned tensor still is
 
-def fingerprint(t: torch.Tensor) -> int:
-    """A cheap hash of a tensor's exact values (its bits, position-weighted): equal tensors have equal ones."""
-    flat = t.detach().reshape(-1)
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    flat = flat.contiguous().view(bits)
-    h = 0
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start:start + _CHUNK].to(torch.int64)
-        pos = torch.arange(start, start + chunk.numel(), dtype=torch.int64)
-        h = (h * 1_000_003 + int(((chunk + 0x9E3779B9) * (pos % 65_521 + 1)).sum())) % (1 << 61)
-    return h * 31 + flat.numel()
+def fingerprint(t: torch.Tensor) -> bytes:
+    """A cheap key of a tensor's values: the bits of up to 16384 of them at fixed, evenly spread positions, and its
+    shape. Equal tensors have equal keys; unequal ones almost never do, and a match is always checked in full."""
+    n = t.numel()
+    idx = torch.linspace(0, max(n - 1, 0), min(n, _SAMPLE)).round().to(torch.int64)
+    sample = torch.take(t.detach(), idx).contiguous()
+    raw = sample.view(torch.uint8).numpy().tobytes() if n else b""
+    return hashlib.blake2b(raw + repr((tuple(t.shape), str(t.dtype))).encode(), digest_size=16).digest()
 
 
 def role(name: str, expert: int) -> str:
@@ -454,7 +457,7 @@ class ExpertIndex:
                 self.fused[name] = name + "[*]"
                 for e in range(q.shape[0]):
                     self.units[name + "[*]"][e] = name
-        self.seen: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))   # role -> fp -> experts
+        self.seen: dict[str, dict[bytes, list[int]]] = defaultdict(lambda: defaultdict(list))   # role -> fp -> experts
         self.done: dict[str, set[int]] = defaultdict(set)
         self.enabled = False                                          # set by a writer: only a prune needs it
 
