@@ -342,3 +342,24 @@ def test_inconsistent_quantized_checkpoints_are_refused(folders, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoePruneError, match="weight_block_size"):
         CheckpointSource(folder, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe-fp8", "gpt_oss-mxfp4"])
+def test_layers_read_before_the_writer_existed_are_still_matched_to_their_bytes(case, folders, tmp_path):
+    """Nothing indexed while reading: the writer reads the input experts it must match; unpruned, the output is
+    the input byte for byte."""
+    from moeprune.arch import decoder_layers
+    from moeprune.hub import CheckpointWriter
+    from moeprune.surgery import config_changes
+    src, out = folders[case], tmp_path / "out"
+    out.mkdir()
+    source = CheckpointSource(src, "cpu", torch.float32)
+    layers = [source.layer(i) for i in range(len(decoder_layers(source.model)))]
+    changes = config_changes(source.layout, 8)
+    writer = CheckpointWriter(out, source, source.layout, 8, changes)
+    for i, layer in enumerate(layers):
+        writer.write_layer(i, layer)
+    writer.finish(src, source.layout.config, changes)
+    a, b = Checkpoint(src), Checkpoint(out)
+    assert sorted(a.tensors) == sorted(b.tensors) and all(a.raw(n) == b.raw(n) for n in a.tensors)
+    assert writer.copied_experts == 2 * 8 * (3 if case.endswith("fp8") else 2) and not writer.quantization_errors
