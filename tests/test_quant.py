@@ -250,6 +250,10 @@ def test_merged_experts_are_quantized_again_with_their_errors_recorded(case, fol
     bound = 0.05 if case.endswith("fp8") else 0.2
     assert writer.copied_experts == len(single) * (3 if case.endswith("fp8") else 2)    # gate, up, down / gate_up, down
     assert all(0 < err < bound for err in writer.quantization_errors.values()), writer.quantization_errors
+    report = json.loads((out / "report.json").read_text())["quantization"]          # the report states them
+    assert report["output"] == case.rpartition("-")[2] and report["merged_expert_errors"] == pytest.approx(
+        writer.quantization_errors) and report["copied_expert_tensors"] == writer.copied_experts
+    assert "## Quantization" in (out / "report.md").read_text()
     inp, got = Checkpoint(src), Checkpoint(out)
     for i, j in single:                                        # an expert of one: still the input's bytes
         assert _expert_parts(got, i, j) == _expert_parts(inp, i, plan.layers[i].groups[j][0])
@@ -284,12 +288,10 @@ def _merged_value(reference, source: CheckpointSource, file_name: str) -> torch.
 
 @pytest.mark.parametrize("case", [f"{f}-{s}" for f, s in CASES])
 def test_dequantize_writes_bf16_without_quantization_config(case, folders, tmp_path, monkeypatch):
-    import functools
     from moeprune import api, hub
-    monkeypatch.setattr(api, "CheckpointWriter", functools.partial(hub.CheckpointWriter, dequantize=True))
     src, out = folders[case], tmp_path / "out"
     result = api.prune(api.PruneConfig(model=str(src), method="frequency", keep=5, out=str(out), calib="random",
-                                       samples=2, seq_len=16, quiet=True, no_eval=True))
+                                       samples=2, seq_len=16, quiet=True, no_eval=True, dequantize=True))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     got = Checkpoint(out)
     assert {t.dtype for t in got.tensors.values()} <= {"BF16", "F32"}

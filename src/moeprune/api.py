@@ -25,9 +25,8 @@ import torch
 
 from . import engine
 from .atomic import AtomicFolder
-from .checkpoint import folder_bytes
 from .config import PruneConfig
-from .hub import CheckpointWriter
+from .hub import CheckpointWriter, output_bytes
 from .info import model_info, parameter_counts
 from .pipeline import calibration_windows, finish, layer_steps, prepare, resolve_keep
 from .plan import Plan
@@ -53,11 +52,11 @@ def prune(cfg: PruneConfig, **method_options) -> PruneResult:
     layer, then complete the checkpoint, score it and write the report. The output appears only when complete."""
     with prepare(cfg, method_options) as run:
         tokens = calibration_windows(run)
-        # the output is at most the input's size: enough free space for that is checked before the first layer
-        needs = folder_bytes(run.folder) or sum(p.numel() * p.element_size() for p in run.source.model.parameters())
-        with AtomicFolder(run.out, cfg.overwrite, needs_bytes=needs) if run.out is not None else nullcontext() as tmp:
-            writer = CheckpointWriter(tmp, run.source, run.layout, run.keep,
-                                      config_changes(run.layout, run.keep)) if tmp is not None else None
+        # enough free space for the output's tensors (known from the input's headers) is checked before layer 0
+        with AtomicFolder(run.out, cfg.overwrite, needs_bytes=output_bytes(run.source, run.layout, run.keep,
+                          cfg.dequantize)) if run.out is not None else nullcontext() as tmp:
+            writer = CheckpointWriter(tmp, run.source, run.layout, run.keep, config_changes(run.layout, run.keep),
+                                      dequantize=cfg.dequantize) if tmp is not None else None
             steps = layer_steps(run, tokens, writer)
             seconds = run.stages.run("prune", engine.run, run.source, steps, not cfg.quiet)
             report, plan, stats = finish(run, steps, writer, tmp, seconds)

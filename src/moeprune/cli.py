@@ -113,6 +113,8 @@ def cmd_info(args) -> int:
     info = {"model": name, **model_info(source.model, source.layout)}
     if isinstance(source, CheckpointSource):
         info["dtype"] = sorted({t.dtype for t in source.ckpt.tensors.values()})
+        if source.quant is not None:
+            info["quantization"] = source.quant.describe()
     plan_file = folder / "plan.json" if folder is not None else None
     if plan_file is not None and plan_file.is_file():
         plan = Plan.load(plan_file)
@@ -130,6 +132,8 @@ def cmd_info(args) -> int:
     print(f"parameters         {p['total']:,} total, {p['routed_experts']:,} in routed experts, "
           f"{p['active_per_token']:,} active per token")
     print(f"dtype              {info['dtype']}")
+    if "quantization" in info:
+        print(f"quantization       {', '.join(f'{k} {v}' for k, v in info['quantization'].items())}")
     if "pruned_by" in info:
         print(f"pruned by          {info['pruned_by']['method']} (plan.json); each kept expert merged from "
               "the original experts:")

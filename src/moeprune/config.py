@@ -48,4 +48,7 @@ class PruneConfig:
                 "calibration text per domain and print the trade-off (the --method plan is written; the others are "
                 "saved under tradeoff/ for --plan)"})
     tradeoff_tokens: int = field(default=4096, metadata={"help": "held-out tokens per domain for --report-tradeoff"})
+    dequantize: bool = field(default=False, metadata={
+        "help": "write a quantized (FP8 / MXFP4) input's output in bf16 without its quantization_config (default: "
+                "the input's precision: kept experts' bytes copied, merged experts quantized again)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})

@@ -275,9 +275,10 @@ def layer_steps(run: Run, tokens: torch.Tensor | None, writer: CheckpointWriter 
     steps += [evaluate] if evaluate is not None else []
     steps += [run.tradeoff] if run.tradeoff is not None else []
     steps += [Decide(decide), Apply(lambda m, lp, ls: apply_layer(m, lp, plan, layout, ls))]
+    # written before "after" is evaluated: a merged expert of a quantized checkpoint is scored as the file holds it
+    steps += [Write(writer.write_layer)] if writer is not None else []
     steps += [EvaluatePruned(evaluate)] if evaluate is not None else []
     steps += [KeepStats(keep_stats)]
-    steps += [Write(writer.write_layer)] if writer is not None else []
     return steps
 
 
@@ -306,9 +307,22 @@ def finish(run: Run, steps: list[Step], writer: CheckpointWriter | None, tmp: Pa
                     after=model_info(run.source.model, layout),
                     calibration=stats.calibration if stats is not None else None, calibration_note=run.calibration_note,
                     bytes_on_disk={"before": folder_bytes(run.folder), "after": folder_bytes(tmp)},
-                    stages={"seconds": stages.times, "peak_rss_mb": stages.peak_mb})
+                    stages={"seconds": stages.times, "peak_rss_mb": stages.peak_mb},
+                    quantization=_quantization(run, writer))
     _score(run, steps, report, tmp)
     return report, plan, stats
+
+
+def _quantization(run: Run, writer: CheckpointWriter | None) -> dict | None:
+    """A quantized input: its scheme, how the output holds it, and each merged expert's quantization error."""
+    quant = getattr(run.source, "quant", None)
+    if quant is None:
+        return None
+    out = {"input": quant.describe(), "output": "bf16 (--dequantize)" if run.cfg.dequantize else quant.method}
+    if writer is not None and not run.cfg.dequantize:
+        out.update(copied_expert_tensors=writer.copied_experts,
+                   merged_expert_errors=dict(sorted(writer.quantization_errors.items())))
+    return out
 
 
 def _score(run: Run, steps: list[Step], report: Report, tmp: Path | None) -> None:

@@ -50,6 +50,7 @@ class Report:
     tradeoff: dict | None = None
     evaluation_error: str | None = None       # the evaluation failed after the checkpoint was written
     evaluation_note: str | None = None        # why there is no evaluation
+    quantization: dict | None = None          # a quantized input: scheme, output, merged experts' errors
 
     def to_json(self) -> dict:
         """The report as report.json holds it (unset parts left out)."""
@@ -402,6 +403,17 @@ def render_markdown(report: Report | dict, images: dict[str, str] | None = None)
             if not timed and (ev.get(side) or {}).get("seconds") is not None:
                 table.append([f"evaluate ({'full' if side == 'before' else 'pruned'})", _fmt(ev[side]["seconds"]), ""])
         out += ["## Cost", "", _md_table(["stage", "seconds", "peak RSS (MB)"], table), ""]
+    quant = report.get("quantization")
+    if quant:
+        errors = quant.get("merged_expert_errors") or {}
+        out += ["## Quantization", "", f"Input: {quant['input']['method']}; output: {quant['output']}."
+                + (f" {quant['copied_expert_tensors']} kept expert tensors copied as the input's bytes." if
+                   "copied_expert_tensors" in quant else "")]
+        if errors:
+            worst = max(errors, key=errors.get)
+            out += [f"{len(errors)} merged experts quantized again with fresh scales: relative error against "
+                    f"the unquantized merge {min(errors.values()):.4f}-{errors[worst]:.4f} (worst {worst})."]
+        out.append("")
     calib = report.get("calibration")
     if calib:
         keys = ("spec", "samples", "self_calib", "seq_len", "sample_tokens", "seed")
