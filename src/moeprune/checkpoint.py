@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers import dynamic_module_utils
@@ -80,7 +83,24 @@ def resolve(spec: str | None) -> tuple[str, Path | None]:
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise MoePruneError(f"model path {spec!r} not found")
-    return spec, None
+    return spec, hub_snapshot(spec)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a Hugging Face hub id, from huggingface_hub's cache, never the network: a
+    hub id is then read and written like any folder (one input path, one writer, layer by layer). Not cached:
+    one message, at once, with the command that downloads it."""
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except HFValidationError:
+        raise MoePruneError(f"model path {repo_id!r} not found, and it is not a valid hub id") from None
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise MoePruneError(f"{repo_id!r} is not a local folder and not in the Hugging Face cache "
+                            f"({hf_constants.HF_HUB_CACHE}); "
+                            f"download it first (hf download {repo_id}, or huggingface-cli download {repo_id}), "
+                            "then pass the hub id or the folder") from None
+    read_config_json(folder)
+    return folder
 
 
 def resolve_device(device: str | None) -> str:
