@@ -61,6 +61,12 @@ def left_over(out: Path) -> tuple[bool, list[str]]:
     return out.exists(), beside
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C acts as in a terminal even when this benchmark runs in the background (where
+    SIGINT is ignored, and an ignored signal stays ignored in every process started from it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_case(name: str, argv: list[str], model: Path | None, out: Path, expect_ok: bool = False,
              interrupt: tuple[int, float] | None = None, during=None, stdin: str | None = None, expect: int | None = None,
              check=None) -> dict:
@@ -70,7 +76,8 @@ def run_case(name: str, argv: list[str], model: Path | None, out: Path, expect_o
     expect = expect if expect is not None else (0 if expect_ok else 2)
     start = time.monotonic()
     proc = subprocess.Popen([MOEPRUNE, *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            preexec_fn=_default_sigint)
     stopped_after = None
     if interrupt is not None:
         signum, delay = interrupt
@@ -227,7 +234,10 @@ def cases(work: Path) -> list[dict]:
     # a killed run's stray folder, removed by the next run
     fresh()
     proc = subprocess.Popen([MOEPRUNE, *slow], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    time.sleep(8)
+    start = time.monotonic()
+    while not left_over(out)[1] and proc.poll() is None and time.monotonic() - start < 300:
+        time.sleep(0.02)
+    time.sleep(2)
     proc.kill()
     proc.wait()
     stray = left_over(out)[1]

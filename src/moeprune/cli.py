@@ -186,14 +186,15 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _log_file(args) -> Path:
-    """Where the traceback of an internal error goes: --log, else beside --out (never inside the input model
-    folder), else a new file in the system temp folder."""
-    if getattr(args, "log", None):
-        return Path(args.log)
+    """Where the traceback of an internal error goes: --log, else beside --out, else a new file in the system
+    temp folder; never inside the input model folder."""
     out, model = getattr(args, "out", None), getattr(args, "model", None)
+    input_folder = Path(model) if isinstance(model, str) and model and Path(model).is_dir() else None
+    if getattr(args, "log", None) and (input_folder is None or not _inside(Path(args.log), input_folder)):
+        return Path(args.log)
     if isinstance(out, str) and out.strip() and Path(out).name:
         log = Path(out).parent / f"{Path(out).name}.moeprune-error.log"
-        unsafe = isinstance(model, str) and model and Path(model).is_dir() and _inside(log, Path(model))
+        unsafe = input_folder is not None and _inside(log, input_folder)
         if not unsafe and log.parent.is_dir() and os.access(log.parent, os.W_OK):
             return log
     fd, name = tempfile.mkstemp(prefix="moeprune-error-", suffix=".log")

@@ -184,8 +184,8 @@ def input_fingerprint(calibration: dict) -> dict:
             if path.is_file():
                 files, base = [path], path.parent
             elif path.is_dir():
-                files = sorted(q for q in path.rglob("*") if q.suffix in (".txt", ".jsonl", ".safetensors", ".json")
-                               and q.is_file())
+                kinds = (".safetensors", ".json") if key == "model" else (".txt", ".jsonl")      # what is read
+                files = sorted(q for q in path.rglob("*") if q.suffix in kinds and q.is_file())
                 base = path
             else:
                 continue
