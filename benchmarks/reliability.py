@@ -1,7 +1,7 @@
 """Bad input and faults, tried the way a user meets them: the message, the exit status, and what was left.
 
-    python -m benchmarks.reliability [--md docs/data/reliability.md] [--json docs/data/reliability.json]
-                                     [--big-text-mb 2048]
+    python -m benchmarks.reliability [--md FILE] [--json docs/data/reliability.json] [--big-text-mb 2048]
+    python -m benchmarks.reliability --only-big-text --big-text-mb 2048        (the 2 GB calibration text alone)
 
 Each case builds its input in a temporary folder (copies of the embedded demo-mixtral, tiny models of the
 transformers families, damaged files), runs `moeprune prune ...` in a subprocess, and records the last

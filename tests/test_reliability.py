@@ -86,6 +86,9 @@ def test_a_log_beside_out_never_goes_inside_the_input(model_dir, tmp_path, monke
     code, err = run_main("prune", folder, "--keep", "4", "--out", folder / "out", *SMALL)
     assert code == 3 and sorted(os.listdir(folder)) == before
     Path(err.strip().rsplit("the log at ", 1)[1]).unlink()
+    code, err = run_main("--log", folder / "error.log", "prune", folder, "--keep", "4", "--out", tmp_path / "o", *SMALL)
+    assert code == 3 and sorted(os.listdir(folder)) == before         # not even where --log says
+    Path(err.strip().rsplit("the log at ", 1)[1]).unlink()
 
 
 def test_argparse_errors_are_one_moeprune_error_line():
