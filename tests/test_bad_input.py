@@ -353,7 +353,7 @@ def children(tmp_path_factory):
             process.wait()
 
 
-def wait_until_ready(parent: Path, process: subprocess.Popen, timeout: float = 90) -> Path:
+def wait_until_ready(parent: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready = list(parent.glob(".out.tmp-*/ready"))
@@ -368,7 +368,7 @@ def test_sigterm_to_a_process_removes_its_temporary_folder(children):
     parent, process = children["SIGTERM"]
     tmp = wait_until_ready(parent, process)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 128 + signal.SIGTERM, process.stderr.read().decode()
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM, process.stderr.read().decode()
     assert not tmp.exists() and not (parent / "out").exists() and not temporaries(parent)
 
 
@@ -376,7 +376,7 @@ def test_sigkill_leaves_a_stray_that_the_next_run_removes(children):
     parent, process = children["SIGKILL"]
     tmp = wait_until_ready(parent, process)
     process.kill()
-    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert process.wait(timeout=60) == -signal.SIGKILL
     assert tmp.exists() and json.loads((tmp / MARKER).read_text())["pid"] == process.pid
     with pytest.warns(UserWarning, match="unfinished output of a killed run"), AtomicFolder(parent / "out") as new:
         (new / "weights.bin").write_bytes(b"new")

@@ -222,6 +222,18 @@ def test_a_stats_cache_of_other_settings_is_recollected_with_a_warning(tmp_path)
     assert json.loads((tmp_path / "stats" / "stats.json").read_text())["calibration"]["seed"] == 1
 
 
+def test_a_stats_cache_without_weight_similarity_is_recollected_for_it(tmp_path):
+    """A streamed run collects no weight similarity unless asked; reusing its cache for --representation weight
+    must recollect (it once ended in an internal error)."""
+    src = write_hub_folder(tmp_path / "src", "mixtral")
+    prune(src, tmp_path / "a", method="diverse", stats_cache=str(tmp_path / "stats"))
+    with pytest.warns(UserWarning, match="recollected"):
+        result = api.prune(api.PruneConfig(model=str(src), method="diverse", keep=6, out=str(tmp_path / "b"),
+                                           calib="random", samples=4, seq_len=16, quiet=True, no_eval=True,
+                                           stats_cache=str(tmp_path / "stats")), representation="weight")
+    assert result.plan.options["representation"] == "weight" and (tmp_path / "b" / "plan.json").exists()
+
+
 def test_a_full_disk_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
     import errno
 

@@ -205,7 +205,9 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
             "model": name, "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
     tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
-    cache = cached_stats(cfg.stats_cache, meta, [layer.index for layer in layout.layers]) if needs_stats else {}
+    weight_similarity = getattr(options, "representation", None) == "weight"      # a cache must hold it then
+    cache = cached_stats(cfg.stats_cache, meta, [layer.index for layer in layout.layers],
+                         weight_similarity) if needs_stats else {}
     evaluation = None
     if not cfg.no_eval and tokenizer is not None:
         evaluation = Evaluation(tokenizer, source.model.config, _names(cfg.eval_domains), _names(cfg.eval_tasks),
