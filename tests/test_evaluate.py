@@ -331,3 +331,18 @@ def test_evaluate_model_and_compare(tmp_path):
     assert c["worst"] == {"domain": max(ratios, key=ratios.get), "ratio": max(ratios.values())}
     # the uniform model ties every choice and so picks the first, which is wrong here
     assert c["tasks"]["mc"]["acc_before"] == 1.0 and c["tasks"]["mc"]["acc_after"] == 0.0
+
+
+def test_evaluation_text_is_read_only_as_far_as_max_tokens(tmp_path):
+    """A large evaluation file is read as it is tokenised: bytes past what --eval-max-tokens needs are never read
+    (here, bytes that are not UTF-8 after 8 MB of text would stop a whole-file read with an error)."""
+    from moeprune.evaluate.perplexity import read_documents, token_stream
+    path = tmp_path / "big.txt"
+    with open(path, "wb") as f:
+        for _ in range(80_000):
+            f.write(b"the cat sat on the mat " * 4 + b"\n\n")
+        f.write(b"\xff\xfe not utf-8 \n")
+    stream = token_stream(word_tokenizer(), read_documents(path), max_tokens=500)
+    assert stream.numel() == 500
+    with pytest.raises(MoePruneError, match="not UTF-8"):
+        token_stream(word_tokenizer(), read_documents(path))

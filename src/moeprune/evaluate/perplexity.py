@@ -17,7 +17,9 @@ Nothing is random: the same model and text give the same number.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,31 +28,32 @@ from tqdm.auto import tqdm
 
 from .. import demo
 from ..arch import MoePruneError
-from ..text import load_texts
+from ..text import iter_texts
 from .sources import named_files
 
 # ---------------------------------------------------------------- text -> token stream
 
-def read_documents(path: str | Path) -> list[str]:
-    """The documents of a .txt file (blank-line separated), a .jsonl file ("text" field) or a folder of them."""
+def read_documents(path: str | Path) -> Iterator[str]:
+    """The documents of a .txt file (blank-line separated), a .jsonl file ("text" field) or a folder of them, read
+    as they are taken: evaluation stops reading at --eval-max-tokens, whatever the file's size."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MoePruneError(f"evaluation text {str(path)!r} not found")
     if path.is_file() and path.suffix not in (".txt", ".jsonl"):
         raise MoePruneError(f"evaluation file {path} must be .txt or .jsonl")
-    return load_texts(str(path), what="evaluation")
+    return iter_texts(str(path), what="evaluation")
 
 
-def token_stream(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
+def token_stream(tokenizer, docs: Iterable[str], max_tokens: int | None = None) -> torch.Tensor:
     """1-D LongTensor: each document's tokens (no special tokens) followed by EOS, cut at max_tokens."""
     if tokenizer is None:
         raise MoePruneError("perplexity on text needs a tokenizer, and the model has none; add tokenizer files "
                             "to the model folder")
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
-    chunk = 64
-    for i in range(0, len(docs), chunk):             # tokenise in chunks so that max_tokens can stop early
-        for ids in tokenizer(docs[i:i + chunk], add_special_tokens=False, verbose=False)["input_ids"]:
+    docs = iter(docs)
+    while chunk := list(itertools.islice(docs, 64)):  # tokenise in chunks so that max_tokens can stop early
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids + sep)
         if max_tokens is not None and len(stream) >= max_tokens:
             break
