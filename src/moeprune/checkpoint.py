@@ -315,11 +315,6 @@ def check_weights(folder: Path) -> None:
     raise MoePruneError(f"{folder} holds no weights: no model.safetensors and no model.safetensors.index.json")
 
 
-def own_dtype(source: str | Path) -> torch.dtype | None:
-    """The checkpoint's own dtype as its config.json states it (None when it states none)."""
-    return torch_dtype(load_config(source).dtype)
-
-
 def torch_dtype(own) -> torch.dtype | None:
     own = getattr(torch, own, None) if isinstance(own, str) else own
     return own if isinstance(own, torch.dtype) else None
