@@ -1,7 +1,7 @@
 """The per-layer engine: one loop for a model in memory and for a checkpoint larger than memory.
 
     source = CheckpointSource(folder) | ModelSource(model)       # moeprune.sources
-    steps  = [Observe, Evaluate, Tradeoff, Decide, Apply, EvaluatePruned, KeepStats, Write]   # moeprune.steps
+    steps  = [Observe, Evaluate, Tradeoff, Decide, Apply, Write, EvaluatePruned, KeepStats]   # moeprune.steps
     for each decoder layer i:
         work = LayerWork(i, source.layer(i), ...)   # a checkpoint: materialised from its own tensors only
         for step in steps: step.layer(work)         # in order: statistics, evaluation, plan, surgery, output

@@ -5,9 +5,9 @@
     Tradeoff        alternative plans on copies of the MoE block, held-out text (moeprune.tradeoff)
     Decide          a layer's plan: a method's, or a saved plan's
     Apply           the plan's surgery on the layer
+    Write           the layer into the output checkpoint (a quantized one: as the file will hold it)
     EvaluatePruned  the evaluation batches through the layer as the plan left it ("after")
     KeepStats       what is kept of a layer's statistics (and the --stats-cache file)
-    Write           the layer into the output checkpoint
 
 Their order is the engine's list: what a step reads, an earlier step has set on the LayerWork.
 """
