@@ -14,6 +14,8 @@ from moeprune.sources import CheckpointSource, ModelSource
 from moeprune.steps import Evaluate
 from moeprune.tiny import tiny_model
 
+import test_layer_inputs                 # tiny configs that keep every layer type of a hybrid family
+
 WINDOW, T = 8, 40
 
 
@@ -68,3 +70,26 @@ def test_full_attention_layers_see_past_the_window():
         a = model(input_ids=ids, use_cache=False).logits[0, -1]
         b = model(input_ids=changed, use_cache=False).logits[0, -1]
     assert not torch.allclose(a, b, atol=1e-6) and math.isfinite(float(a.sum()))
+
+
+@pytest.mark.parametrize("model_type,extra", [("qwen3_next", {}), ("jamba", {}), ("minimax", {}),
+                                              ("granitemoehybrid", {"logits_scaling": 4.0}), ("cohere2_moe", {})])
+def test_streamed_hybrid_families_equal_their_own_forward(model_type, extra, tmp_path):
+    """Families found by structure with more than one layer type (linear attention, mamba, sliding windows),
+    streamed from a folder under eager attention at a sequence longer than their window or block; the logits
+    as the model's forward scales them (Cohere's logit_scale, Granite's logits_scaling)."""
+    model = test_layer_inputs.build(model_type, attn="eager", **extra)
+    ids = test_layer_inputs.tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    model.save_pretrained(tmp_path / "m")
+    source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
+    source.model.config._attn_implementation = "eager"
+    ev = Evaluate([ids])
+    record = Record(ev)
+    run(source, [ev, record], progress=False)
+    for i, h in enumerate(record.hidden[:-1]):
+        assert torch.allclose(h, want.hidden_states[i + 1], atol=1e-5), f"layer {i}"
+    got = []
+    score(source, [(ev.before, lambda k, logits: got.append(logits))])
+    assert torch.allclose(got[0], want.logits, atol=1e-4)

@@ -54,6 +54,22 @@ def head_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return norm, model.get_output_embeddings()
 
 
+def finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What a causal LM's forward does to lm_head's output before it returns it: Cohere's `logit_scale` (times),
+    Granite's `logits_scaling` (divided by), Gemma-style `final_logit_softcapping` (tanh cap); else nothing."""
+    config = model.config
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and cap > 0:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class ModelSource:
     """A model that is already in memory: tiny models, hub ids, the in-memory API."""
 
@@ -74,7 +90,7 @@ class ModelSource:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         norm, head = head_modules(self.model)
-        return head(norm(hidden))
+        return finish_logits(self.model, head(norm(hidden)))
 
     def release_head(self) -> None:
         pass
