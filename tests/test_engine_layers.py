@@ -30,6 +30,19 @@ class Record(Step):
         self.hidden.append(torch.cat([h for h, _ in self.ev.before]))
 
 
+def assert_engine_matches(source, ids: torch.Tensor, want) -> None:
+    """The engine's stream after each decoder layer equals the model's own output_hidden_states, and its logits
+    the model's. hidden_states[i + 1] is layer i's output for every layer but the last (after the final norm)."""
+    ev = Evaluate([ids])
+    record = Record(ev)
+    run(source, [ev, record], progress=False)
+    for i, h in enumerate(record.hidden[:-1]):
+        assert torch.allclose(h, want.hidden_states[i + 1], atol=1e-5), f"layer {i}"
+    got = []
+    score(source, [(ev.before, lambda k, logits: got.append(logits))])
+    assert torch.allclose(got[0], want.logits, atol=1e-4)
+
+
 def gpt_oss():
     model = tiny_model("gpt_oss", num_hidden_layers=4, sliding_window=WINDOW,
                        layer_types=["sliding_attention", "full_attention"] * 2)
@@ -49,15 +62,7 @@ def test_engine_hidden_states_equal_the_models_own_forward(tmp_path, streamed):
         source.model.config._attn_implementation = "eager"
     else:
         source = ModelSource(model)
-    ev = Evaluate([ids])
-    record = Record(ev)
-    run(source, [ev, record], progress=False)
-    # hidden_states[i + 1] is layer i's output for every layer but the last, whose entry is after the final norm
-    for i, h in enumerate(record.hidden[:-1]):
-        assert torch.allclose(h, want.hidden_states[i + 1], atol=1e-5), f"layer {i}"
-    got = []
-    score(source, [(ev.before, lambda k, logits: got.append(logits))])
-    assert torch.allclose(got[0], want.logits, atol=1e-4)
+    assert_engine_matches(source, ids, want)
 
 
 def test_full_attention_layers_see_past_the_window():
@@ -85,11 +90,4 @@ def test_streamed_hybrid_families_equal_their_own_forward(model_type, extra, tmp
     model.save_pretrained(tmp_path / "m")
     source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
     source.model.config._attn_implementation = "eager"
-    ev = Evaluate([ids])
-    record = Record(ev)
-    run(source, [ev, record], progress=False)
-    for i, h in enumerate(record.hidden[:-1]):
-        assert torch.allclose(h, want.hidden_states[i + 1], atol=1e-5), f"layer {i}"
-    got = []
-    score(source, [(ev.before, lambda k, logits: got.append(logits))])
-    assert torch.allclose(got[0], want.logits, atol=1e-4)
+    assert_engine_matches(source, ids, want)
