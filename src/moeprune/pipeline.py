@@ -71,6 +71,7 @@ class Run:
     keep: int
     experts_before: int
     expert_outputs: bool                # whether the statistics run every expert on the sample
+    weight_similarity: bool             # whether the method reads the experts' weight similarity
     share: float                        # share of the calibration windows the model writes
     calibration_note: str | None        # why it writes none, when it does not by default
     meta: dict                          # the calibration settings: the --stats-cache key
@@ -205,7 +206,7 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
             "model": name, "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
     tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
-    weight_similarity = getattr(options, "representation", None) == "weight"      # a cache must hold it then
+    weight_similarity = getattr(options, "representation", None) == "weight"      # a cache must hold it then too
     cache = cached_stats(cfg.stats_cache, meta, [layer.index for layer in layout.layers],
                          weight_similarity) if needs_stats else {}
     evaluation = None
@@ -214,7 +215,8 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
                                 batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
                                 task_limit=cfg.eval_limit or None)
     return Run(cfg, name, source, tokenizer, folder, out, method, options, saved_plan, keep, E, expert_outputs,
-               share, note, meta, cache, evaluation, tradeoff, model_info(source.model, layout), stages, scratch)
+               weight_similarity, share, note, meta, cache, evaluation, tradeoff, model_info(source.model, layout),
+               stages, scratch)
 
 
 def _as_checkpoint(source: ModelSource, tokenizer) -> tuple[tempfile.TemporaryDirectory, CheckpointSource, Path]:
@@ -270,7 +272,7 @@ def layer_steps(run: Run, tokens: torch.Tensor | None, writer: CheckpointWriter 
         return ls.light(similarity=i in plot_layers and ls.outputs.numel() > 0) if streamed else ls
 
     plan = _plan_of(run, {}, 0.0)          # the plan-wide options (router rule, alignment, merge) of the surgery
-    weight_similarity = getattr(run.options, "representation", None) == "weight" or not streamed
+    weight_similarity = run.weight_similarity or not streamed        # a model in memory: cheap, always kept
     steps: list[Step] = [Observe(layout, tokens, lambda i: LayerStats.load(run.cache[i]) if i in run.cache else None,
                                  cfg.sample_tokens, cfg.seed, cfg.batch_size, weight_similarity, run.expert_outputs)]
     evaluate = Evaluate(run.evaluation.batches) if run.evaluation is not None else None

@@ -126,12 +126,11 @@ class CheckpointSource(ModelSource):
                     setattr(module, name, buf.to(self.device))
         names = self.quant.names() if self.quant is not None else self.ckpt.tensors
         self.hub = HubMap.for_model(self.model, file_names=names)   # files <-> modules
+        self._prefixes = {id(m): name + "." for name, m in self.model.named_modules()}
         self.experts = ExpertIndex(self.quant, self.hub) if self.quant is not None else None
 
     def prefix(self, module: nn.Module) -> str:
         """The state-dict prefix of one of the model's modules ("model.embed_tokens.", "lm_head.", ...)."""
-        if not hasattr(self, "_prefixes"):
-            self._prefixes = {id(m): name + "." for name, m in self.model.named_modules()}
         return self._prefixes[id(module)]
 
     def _read(self, name: str) -> torch.Tensor:
