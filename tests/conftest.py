@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -115,3 +116,17 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<bos>")
+
+
+def char_tokenizer_files(path: Path) -> None:
+    """char_tokenizer's files as the hub ships them (tokenizer.json, tokenizer_config.json), written by hand so
+    that no transformers version re-spells them."""
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    (path / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}, indent=1))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "bos_token": "<bos>", "model_max_length": 256}, indent=2))

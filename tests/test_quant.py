@@ -28,6 +28,7 @@ from moeprune.sources import CheckpointSource
 from moeprune.surgery import apply_plan
 from moeprune.tiny import tiny_model
 
+from conftest import char_tokenizer_files
 
 BLOCK = [128, 128]
 # widths > 128 are multiples of 128, as in every published FP8 model (transformers' CPU dequantization derives
@@ -39,19 +40,6 @@ WIDTHS = {"deepseek_v3": dict(hidden_size=256, moe_intermediate_size=128, interm
 # embeddings, norms, router and lm_head bf16, the router's correction bias float32; no modules_to_not_convert
 DEEPSEEK_QCONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": BLOCK}
 GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
-
-
-def _tokenizer_files(path: Path) -> None:
-    from conftest import CHARS
-    vocab = {c: i for i, c in enumerate(CHARS)}
-    (path / "tokenizer.json").write_text(json.dumps({
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
-        "post_processor": None, "decoder": {"type": "Fuse"},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}, indent=1))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "bos_token": "<bos>", "model_max_length": 256}, indent=2))
 
 
 def _fp8_quantized(name: str, t: torch.Tensor, family: str) -> bool:
@@ -105,7 +93,7 @@ def write_quantized(path: Path, family: str, scheme: str, scale_dtype: str = "F3
         config["quantization_config"] = {"modules_to_not_convert": GPT_OSS_NOT_CONVERTED, "quant_method": "mxfp4"}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (path / "generation_config.json").write_text((plain / "generation_config.json").read_text())
-    _tokenizer_files(path)
+    char_tokenizer_files(path)
     return path
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import CHARS, ALL_FAMILIES, make
+from conftest import ALL_FAMILIES, char_tokenizer_files, make
 from moeprune import api
 from moeprune.arch import FAMILIES, moe_layout
 from moeprune.checkpoint import load
@@ -48,15 +48,7 @@ def write_hub_folder(path: Path, family: str, dtype=torch.bfloat16, shard: str |
     model = make(family).to(dtype)
     model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
     (path / "config.json").write_text(hub_config_text(model))
-    vocab = {c: i for i, c in enumerate(CHARS)}
-    (path / "tokenizer.json").write_text(json.dumps({
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
-        "post_processor": None, "decoder": {"type": "Fuse"},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}, indent=1))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "bos_token": "<bos>", "model_max_length": 256}, indent=2))
+    char_tokenizer_files(path)
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a tiny model\n")
     (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     return path
