@@ -40,6 +40,10 @@ Usage::
     python scripts/train_demo_model.py --name demo-fine --finalize   # only save/plot from last.pt
 
 Prerequisites: ``scripts/build_corpus.py`` and ``scripts/train_tokenizer.py``.
+
+The training loop is driven by a :class:`Spec` (how to build the model, whether it is upcycled, the
+domain mix, where it is exported); ``scripts/train_validation_model.py`` reuses it for the validation
+models with specs of its own.
 """
 from __future__ import annotations
 
@@ -50,7 +54,9 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -102,9 +108,9 @@ def build_model(kind: str):
 
 
 @torch.no_grad()
-def upcycle(dense, noise: float, gen: torch.Generator):
-    """Mixtral-style sparse upcycling of a trained dense Mistral model."""
-    moe = build_model("mixtral")
+def upcycle(dense, noise: float, gen: torch.Generator, build: Callable | None = None):
+    """Mixtral-style sparse upcycling of a trained dense Mistral model into `build()` (default: demo-mixtral)."""
+    moe = build() if build is not None else build_model("mixtral")
     dsd = dense.state_dict()
     msd = moe.state_dict()
     for k, v in dsd.items():
@@ -124,6 +130,32 @@ def upcycle(dense, noise: float, gen: torch.Generator):
     return moe
 
 
+@dataclass
+class Spec:
+    """What the training loop needs to know about one model."""
+    name: str
+    build: Callable[[str], torch.nn.Module]     # "dense" (upcycled models only) or "moe" -> a fresh model
+    upcycled: bool = False                      # dense phase first, then upcycle()
+    weights: dict[str, float] | None = None     # domain sampling weights (None: equal)
+    out_root: Path = MODELS                     # the model goes to out_root/<name>
+    docs: Path = DOCS                           # img/loss_<name>.png and summary_file go here
+    summary_file: str = "demo_training.json"
+    tokenizer: Path | None = None               # folder with tokenizer.json/tokenizer_config.json (None: <work>/tokenizer)
+    token_cache: str = "tokens"                 # <work>/<token_cache>/{train,eval}_<domain>.npy
+    after_step: Callable | None = None          # after_step(model, output) after every optimizer step
+    step_schedule: bool = False                 # schedule by steps alone (--minutes then only caps the run):
+                                                # the same command gives the same model on any machine
+    defaults: dict = field(default_factory=dict)    # argparse defaults of this model
+    notes: dict = field(default_factory=dict)       # merged into the training summary
+
+
+DEMO_SPECS = {
+    "demo-mixtral": Spec("demo-mixtral", lambda kind: build_model("dense" if kind == "dense" else "mixtral"),
+                         upcycled=True),
+    "demo-fine": Spec("demo-fine", lambda kind: build_model("fine")),
+}
+
+
 def count_params(model) -> tuple[int, int]:
     """(total, active per token) parameter counts; tied embeddings counted once."""
     cfg = model.config
@@ -136,9 +168,9 @@ def count_params(model) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- data
-def load_tokens(work: Path, tok):
+def load_tokens(work: Path, tok, cache_name: str = "tokens"):
     """Token ids of the train split (per domain) and of the eval shards, cached as .npy."""
-    cache = work / "tokens"
+    cache = work / cache_name
     cache.mkdir(parents=True, exist_ok=True)
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     out = {}
@@ -160,10 +192,21 @@ def load_tokens(work: Path, tok):
     return out
 
 
-def sample_batch(tokens: dict, bs: int, seq: int, rng: np.random.Generator) -> torch.Tensor:
+def domain_probs(weights: dict[str, float] | None) -> np.ndarray | None:
+    """Sampling probabilities over DOMAINS from relative weights (None: equal weights)."""
+    if weights is None:
+        return None
+    w = np.asarray([float(weights.get(d, 0.0)) for d in DOMAINS])
+    return w / w.sum()
+
+
+def sample_batch(tokens: dict, bs: int, seq: int, rng: np.random.Generator,
+                 probs: np.ndarray | None = None) -> torch.Tensor:
     rows = []
     for _ in range(bs):
-        arr = tokens[DOMAINS[rng.integers(len(DOMAINS))]]
+        # equal weights keep the original draw, so the demo models' random stream is unchanged
+        d = rng.integers(len(DOMAINS)) if probs is None else rng.choice(len(DOMAINS), p=probs)
+        arr = tokens[DOMAINS[d]]
         s = rng.integers(0, len(arr) - seq - 1)
         rows.append(arr[s:s + seq + 1])
     return torch.from_numpy(np.stack(rows).astype(np.int64))
@@ -211,9 +254,10 @@ def make_optimizer(model, lr: float, wd: float):
 
 
 # --------------------------------------------------------------------------- main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--name", required=True, choices=["demo-mixtral", "demo-fine"])
+def main(specs: dict[str, Spec] | None = None, description: str | None = None) -> None:
+    specs = specs or DEMO_SPECS
+    ap = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    ap.add_argument("--name", required=True, choices=list(specs))
     ap.add_argument("--work", default="/work/corpus_build", type=Path)
     ap.add_argument("--minutes", type=float, default=75.0, help="wall-time budget of the whole run")
     ap.add_argument("--steps", type=int, default=100000, help="step budget (whichever ends first)")
@@ -233,25 +277,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trial", type=int, default=0, help="run N steps, print tokens/s, save nothing")
     ap.add_argument("--finalize", action="store_true", help="only export/plot from the last checkpoint")
+    known, _ = ap.parse_known_args()
+    ap.set_defaults(**specs[known.name].defaults)     # the model's own defaults; the command line still wins
     args = ap.parse_args()
+    spec = specs[args.name]
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(args.work / "tokenizer")
-    data = load_tokens(args.work, tok)
+    tok = AutoTokenizer.from_pretrained(spec.tokenizer or args.work / "tokenizer")
+    data = load_tokens(args.work, tok, spec.token_cache)
+    probs = domain_probs(spec.weights)
     ev = eval_batches(data["eval"], args.seq_len, args.eval_seqs)
 
     ckdir = args.work / "ckpt" / args.name
     ckdir.mkdir(parents=True, exist_ok=True)
     log_csv = args.work / "logs" / f"{args.name}.csv"
     log_csv.parent.mkdir(parents=True, exist_ok=True)
-    is_mixtral = args.name == "demo-mixtral"
+    is_mixtral = spec.upcycled
 
     # ---- state
     st = dict(phase="dense" if is_mixtral else "moe", step=0, phase_step=0, tokens=0, elapsed=0.0,
               phase_start_elapsed=0.0, phase_start_step=0, dense_tokens=0, dense_elapsed=0.0)
-    model = build_model("dense" if is_mixtral else "fine")
+    model = spec.build("dense" if is_mixtral else "moe")
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     base_lr = args.lr
@@ -261,7 +309,7 @@ def main() -> None:
         ck = torch.load(last, weights_only=False)
         st = ck["state"]
         if st["phase"] == "moe" and is_mixtral:
-            model = build_model("mixtral")
+            model = spec.build("moe")
         model.load_state_dict(ck["model"])
         base_lr = args.moe_lr if (is_mixtral and st["phase"] == "moe") else args.lr
         opt = make_optimizer(model, base_lr, args.weight_decay)
@@ -283,9 +331,16 @@ def main() -> None:
 
     def progress():
         if st["phase"] == "dense":
-            return max(st["step"] / max(dense_steps, 1), st["elapsed"] / dense_budget)
-        t0, s0 = st["phase_start_elapsed"], st["phase_start_step"]
-        return max((st["step"] - s0) / max(args.steps - s0, 1), (st["elapsed"] - t0) / max(budget - t0, 1))
+            by_steps, by_time = st["step"] / max(dense_steps, 1), st["elapsed"] / dense_budget
+        else:
+            t0, s0 = st["phase_start_elapsed"], st["phase_start_step"]
+            by_steps, by_time = (st["step"] - s0) / max(args.steps - s0, 1), (st["elapsed"] - t0) / max(budget - t0, 1)
+        if spec.step_schedule:
+            if st["elapsed"] >= budget:
+                print(f"--minutes {args.minutes} reached before --steps {args.steps}: stopping early", flush=True)
+                return 1.0
+            return by_steps
+        return max(by_steps, by_time)
 
     if not args.finalize:
         new_file = not log_csv.exists() or args.trial
@@ -315,7 +370,7 @@ def main() -> None:
                     shutil.copy(last, ckdir / "dense_final.pt")
                     h = heldout_loss(model, ev)
                     print(f"dense phase done at step {st['step']}: held-out {h['mean']:.3f}; upcycling", flush=True)
-                    model = upcycle(model, args.upcycle_noise, gen)
+                    model = upcycle(model, args.upcycle_noise, gen, lambda: spec.build("moe"))
                     model.train()
                     base_lr = args.moe_lr
                     opt = make_optimizer(model, base_lr, args.weight_decay)
@@ -332,7 +387,7 @@ def main() -> None:
             lr = lr_at(progress(), st["phase_step"], base_lr, args.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = sample_batch(data["train"], args.batch_size, args.seq_len, rng)
+            x = sample_batch(data["train"], args.batch_size, args.seq_len, rng, probs)
             out = model(input_ids=x, labels=x)  # the model shifts labels internally
             loss = out.loss
             aux = getattr(out, "aux_loss", None)
@@ -341,6 +396,8 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if spec.after_step is not None:
+                spec.after_step(model, out)
             now = time.time()
             st["elapsed"] += now - t_last
             t_last = now
@@ -382,12 +439,13 @@ def main() -> None:
     elif st["phase"] == "dense" and is_mixtral:
         raise SystemExit("last checkpoint is still dense; nothing to export")
 
-    export(args, model, tok, st, ev)
+    export(args, model, tok, st, ev, spec)
 
 
-def export(args, model, tok, st, ev) -> None:
+def export(args, model, tok, st, ev, spec: Spec | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = MODELS / args.name
+    spec = spec or DEMO_SPECS[args.name]
+    out = spec.out_root / args.name
     if out.exists():
         shutil.rmtree(out)
     model.config.use_cache = True
@@ -395,7 +453,11 @@ def export(args, model, tok, st, ev) -> None:
     model.generation_config.pad_token_id = 0
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
-    shutil.copy(args.work / "tokenizer" / "tokenizer_config.json", out / "tokenizer_config.json")
+    if spec.tokenizer is None:
+        shutil.copy(args.work / "tokenizer" / "tokenizer_config.json", out / "tokenizer_config.json")
+    else:       # the very files of the tokenizer it was trained with
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(spec.tokenizer / f, out / f)
 
     # reload check
     m2 = AutoModelForCausalLM.from_pretrained(out)
@@ -435,12 +497,12 @@ def export(args, model, tok, st, ev) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    (DOCS / "img").mkdir(parents=True, exist_ok=True)
-    fig.savefig(DOCS / "img" / f"loss_{args.name}.png", dpi=110)
+    (spec.docs / "img").mkdir(parents=True, exist_ok=True)
+    fig.savefig(spec.docs / "img" / f"loss_{args.name}.png", dpi=110)
 
     # summary
     cfg = m2.config
-    summary_path = DOCS / "demo_training.json"
+    summary_path = spec.docs / spec.summary_file
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     final_train = float(np.mean([l for _, l in tr[-20:]])) if tr else None
     summary[args.name] = {
@@ -454,7 +516,7 @@ def export(args, model, tok, st, ev) -> None:
         "num_experts_per_tok": cfg.num_experts_per_tok,
         "expert_intermediate_size": getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
         "vocab_size": cfg.vocab_size,
-        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "router_aux_loss_coef": getattr(cfg, "router_aux_loss_coef", None),
         "params_total": total,
         "params_active_per_token": active,
         "train_steps": st["step"],
@@ -469,7 +531,11 @@ def export(args, model, tok, st, ev) -> None:
         "weights_dtype": "bfloat16",
         "hardware": "1 CPU thread",
     }
-    if args.name == "demo-mixtral":
+    if spec.weights is not None:
+        probs = domain_probs(spec.weights)
+        summary[args.name]["training_mix"] = {d: round(float(p), 4) for d, p in zip(DOMAINS, probs)}
+    summary[args.name].update(spec.notes)
+    if spec.upcycled:
         summary[args.name]["dense_phase"] = {
             "architecture": "MistralForCausalLM", "tokens": st.get("dense_tokens"),
             "wall_time_s": round(st.get("dense_elapsed", 0.0), 1), "upcycle_noise_rel": args.upcycle_noise}
