@@ -511,7 +511,7 @@ def export(args, model, tok, st, ev, spec: Spec | None = None) -> None:
         "hidden_size": cfg.hidden_size,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         "num_experts": getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None),
         "num_experts_per_tok": cfg.num_experts_per_tok,
         "expert_intermediate_size": getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
