@@ -11,25 +11,41 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
 
+from moeprune.arch import layers_prefix
 from moeprune.cli import main
-from moeprune.tiny import tiny_model_any
+from moeprune.hubmap import HubMap
+from moeprune.tiny import model_class_for, tiny_model_any
 
 import test_layer_inputs                 # explicit tiny configs that keep every layer type of a hybrid family
 
 SURVEY = Path(__file__).resolve().parents[1] / "docs" / "data" / "families.json"
 WORKING = [r["model_type"] for r in json.loads(SURVEY.read_text()) if r["status"].startswith("works")]
-MULTIMODAL = "a multimodal wrapper (language_model / text_config): no causal-LM class; not pruned yet"
+PERMUTE = "its vision tower is saved with PermuteForRope, which hubmap cannot reverse (vision tensors are not read)"
 NOT_YET = {
-    **{t: MULTIMODAL for t in ("aria", "glm4v_moe", "glm5_next", "hy_v4_vl", "inkling2", "inkling2_loop",
-                               "minimax_m3_vl", "mistral4", "mistral_large4", "qwen3_omni_moe_thinker",
-                               "qwen3_vl_moe", "step3p7", "unlimited_ocr")},
+    "hy_v4_vl": "each layer takes the previous layer's top-k indices (prev_topk_indices; layer_inputs refuses)",
+    "glm5_next": "each layer takes the previous layer's top-k indices (layer_inputs refuses)",
+    "inkling2": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
+    "inkling2_loop": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
+    "mistral_large4": PERMUTE,
+    "step3p7": PERMUTE,
     "glm_moe_dsa": "each layer takes the previous layer's sparse-attention top-k indices (layer_inputs refuses)",
     "inkling2_text": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
     "inkling2_loop_text": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
     "hy_v4": "a module outside the decoder layers stays on the meta device in the streamed reader",
 }
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """config.json as {dotted key: value}, sub-configs ("text_config") flattened."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and k.endswith("_config"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _model(model_type: str):
@@ -49,21 +65,29 @@ def test_every_family_is_pruned_into_a_standard_checkpoint(model_type, tmp_path,
     model = _model(model_type)
     src = tmp_path / "in"
     model.save_pretrained(src)
-    raw = json.loads((src / "config.json").read_text())
+    raw = _flat(json.loads((src / "config.json").read_text()))
     E = next(p for n, p in model.named_parameters() if ".experts." in n).shape[0]
     keep = E // 2
     assert _prune(src, tmp_path / "half", keep) == 0, capsys.readouterr().err
-    pruned, info = AutoModelForCausalLM.from_pretrained(tmp_path / "half", output_loading_info=True)
+    auto = model_class_for(model.config)        # a multimodal wrapper loads as image-text-to-text
+    pruned, info = auto.from_pretrained(tmp_path / "half", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    new = json.loads((tmp_path / "half" / "config.json").read_text())
+    new = _flat(json.loads((tmp_path / "half" / "config.json").read_text()))
     changed = {k for k in raw if raw[k] != new.get(k)} | (set(new) - set(raw))
     assert changed and all(raw[k] == E and new[k] == keep for k in changed), changed
+    # every tensor outside the language model's decoder layers (embeddings, head, a vision tower and its
+    # projector) is the input's, bit for bit
+    inside = layers_prefix(model)
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "half" / "model.safetensors")
+    hub = HubMap.for_model(model, file_names={k: tuple(v.shape) for k, v in before.items()})
+    outside = [k for k in before if not any(m.startswith(inside) for m in hub.module_names(k))]
+    assert outside and all(torch.equal(before[k], after[k]) for k in outside)
     for f in src.iterdir():
         if f.name not in ("config.json",) and not f.name.endswith(".safetensors") and f.is_file():
             assert (tmp_path / "half" / f.name).read_bytes() == f.read_bytes(), f.name
     # a plan that keeps every expert: the input's model, logits and all
     assert _prune(src, tmp_path / "all", E) == 0, capsys.readouterr().err
-    same = AutoModelForCausalLM.from_pretrained(tmp_path / "all")
+    same = auto.from_pretrained(tmp_path / "all")
     ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(same(ids).logits, model(ids).logits, atol=1e-5)

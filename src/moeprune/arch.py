@@ -95,8 +95,11 @@ class MoeLayer:
 class Layout:
     """The MoE layers of one model and the family that describes them."""
     family: Family
-    config: object             # the model's PretrainedConfig (updated in place by surgery)
+    config: object             # the language model's PretrainedConfig (updated in place by surgery)
     layers: list[MoeLayer] = field(default_factory=list)
+    # where `config` sits in config.json: "" (the top level), "text_config" (a multimodal wrapper's language model)
+    config_key: str = ""
+    layers_prefix: str = "model.layers."   # decoder layer i's state-dict keys start with this and "i."
 
     @property
     def top_k(self) -> int:
@@ -116,12 +119,37 @@ def get_tensor(module: nn.Module, dotted: str) -> torch.Tensor | None:
     return getattr(module, name, None)
 
 
+def text_model(model: nn.Module) -> nn.Module:
+    """The language model's decoder (embeddings, decoder layers, final norm): `model.model` of a causal LM, the
+    `language_model` of a multimodal wrapper (Qwen3-VL-MoE, GLM-4.5V, ...), as transformers' get_decoder says."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    if not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        base = getattr(model, "model", model)
+    return base
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
+    layers = getattr(text_model(model), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise MoePruneError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
     return layers
+
+
+def layers_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the decoder layers: "model.layers." ("model.language_model.layers." in a
+    multimodal wrapper); decoder layer i's keys start with it followed by "i."."""
+    base = text_model(model)
+    name = next((n for n, m in model.named_modules() if m is base), "")
+    return f"{name}.layers." if name else "layers."
+
+
+def text_config_key(config) -> str:
+    """Where the language model's config sits in config.json: "" when the config is its own, else the key of
+    its sub-config ("text_config")."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is config:
+        return ""
+    return next((k for k, v in vars(config).items() if v is text), "text_config")
 
 
 def discovered_family(s: MoeStructure) -> Family:
@@ -163,11 +191,12 @@ def family_of(model: nn.Module) -> Family:
 def moe_layout(model: nn.Module) -> Layout:
     """Find every MoE layer of a transformers causal LM; raise NotMoE if there is none."""
     family = family_of(model)
-    layout = Layout(family, model.config)
+    config = model.config.get_text_config()
+    layout = Layout(family, config, config_key=text_config_key(model.config), layers_prefix=layers_prefix(model))
     for i, decoder_layer in enumerate(decoder_layers(model)):
         block = get_tensor(decoder_layer, family.block)
         experts = get_tensor(block, family.experts) if block is not None else None
-        if experts is None or next(experts.parameters(), None) is None or not family.is_moe_layer(model.config, i):
+        if experts is None or next(experts.parameters(), None) is None or not family.is_moe_layer(config, i):
             continue
         layout.layers.append(MoeLayer(i, block, get_tensor(block, family.router), experts))
     if not layout.layers:

@@ -24,10 +24,10 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers import dynamic_module_utils
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 try:                                            # transformers 5 configs are strict dataclasses
     from huggingface_hub.errors import StrictDataclassError
@@ -195,12 +195,15 @@ def _culprit(config_class: type, fields: dict) -> str | None:
 
 
 def check_config(config, where: str = "config.json") -> None:
-    """The fields that size the model: positive integers; top-k within the expert count; whole KV groups."""
+    """The fields that size the model: positive integers; top-k within the expert count; whole KV groups (of
+    the language model's sub-config in a multimodal wrapper)."""
+    top = config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     family = FAMILIES.get(getattr(config, "model_type", None))
     fields = SIZE_FIELDS + ((family.n_experts_field, family.top_k_field) if family is not None else ())
     for name in fields:
         value = getattr(config, name, None)
-        if value is None:
+        if value is None or (name == "head_dim" and value == 0):      # 0: unused (GLM-5-Next's MLA layers)
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
             shown = repr(value)[:60]
@@ -211,7 +214,7 @@ def check_config(config, where: str = "config.json") -> None:
         if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
             raise MoePruneError(f"{where}: field {family.top_k_field!r} ({top_k}) exceeds the expert count "
                                 f"{family.n_experts_field!r} ({experts}); restore the file")
-    auto_map, architectures = getattr(config, "auto_map", None), getattr(config, "architectures", None)
+    auto_map, architectures = getattr(top, "auto_map", None), getattr(top, "architectures", None)
     if auto_map is not None and not isinstance(auto_map, dict):
         raise MoePruneError(f"{where}: field 'auto_map' is {repr(auto_map)[:60]}, not an object; restore the file")
     if architectures is not None and not (isinstance(architectures, list)
@@ -270,13 +273,19 @@ def load_config(source: str | Path) -> PretrainedConfig:
 
 
 def causal_lm_class(config: PretrainedConfig) -> type:
-    """transformers' own causal-LM class for a config (never a folder's code): the one `architectures` names
-    when transformers maps several to the config's class."""
-    try:
-        classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
+    """transformers' own class for a config (never a folder's code): its causal LM, else, for a multimodal MoE
+    (Qwen3-VL-MoE, GLM-4.5V, ...), its image-text-to-text model, whose language model is what is pruned; the
+    one `architectures` names when transformers maps several to the config's class."""
+    classes = None
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING):
+        try:
+            classes = mapping[type(config)]
+            break
+        except KeyError:
+            continue
+    if classes is None:
         raise MoePruneError(f"transformers has no causal language model for model type "
-                            f"{getattr(config, 'model_type', '?')!r}") from None
+                            f"{getattr(config, 'model_type', '?')!r}")
     if not isinstance(classes, (list, tuple)):
         return classes
     named = {c.__name__: c for c in classes}
@@ -350,8 +359,8 @@ def load(spec: str | None, dtype: str = "auto", device: str = "auto") -> Loaded:
     config = load_config(source)
     own = torch_dtype(config.dtype)                             # the checkpoint's own dtype, before loading
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=compute, trust_remote_code=False,
-                                                     use_safetensors=True)
+        model = causal_lm_class(config).from_pretrained(source, config=config, dtype=compute,
+                                                        trust_remote_code=False, use_safetensors=True)
     except OSError as e:
         raise MoePruneError(f"could not load model {name!r}: {e}. Is it a local folder, or is the machine "
                             "online for a hub id?") from e

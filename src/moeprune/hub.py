@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM
 
 from .arch import Layout, MoePruneError
 from .hubmap import HubMap
@@ -42,8 +41,8 @@ SKIP = {INDEX, "pytorch_model.bin.index.json", "config.json", "plan.json", "repo
 
 def _pruned_prefixes(layout: Layout) -> dict[int, tuple[str, str]]:
     """MoE layer -> the module-name prefixes of its router and routed experts (what pruning rewrites)."""
-    f = layout.family
-    return {m.index: (f"model.layers.{m.index}.{f.block}.{f.router}.", f"model.layers.{m.index}.{f.block}.{f.experts}.")
+    f, p = layout.family, layout.layers_prefix
+    return {m.index: (f"{p}{m.index}.{f.block}.{f.router}.", f"{p}{m.index}.{f.block}.{f.experts}.")
             for m in layout.layers}
 
 
@@ -108,9 +107,9 @@ def pruned_map(model, layout: Layout, changes: dict[str, int], out: OutputLayout
     layout than it planned."""
     config = copy.deepcopy(model.config)
     for attr, value in changes.items():
-        setattr(config, attr, value)
+        setattr(config.get_text_config(), attr, value)
     with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        skeleton = type(model)._from_config(config)
     names = out.plain if out.plain is not None else {s.name: s.shape for slots in out.shards.values() for s in slots}
     hub = HubMap.for_model(skeleton, file_names=names)
     missing = sorted(out.touched - set(hub.all_file_names()))
@@ -131,23 +130,32 @@ def _raw_keys(config, raw: dict, attr: str) -> list[str]:
     return [k for k in raw if k in names] or [real]
 
 
-def edit_config(text: str, config, changes: dict[str, int]) -> str:
-    """config.json's text with only `changes` edited: same keys, spelling, order and formatting elsewhere."""
+def edit_config(text: str, config, changes: dict[str, int], key: str = "") -> str:
+    """config.json's text with only `changes` edited: same keys, spelling, order and formatting elsewhere.
+    `key` names the sub-config the changes belong to ("text_config" of a multimodal wrapper), "" the top level."""
     raw = json.loads(text)
-    want = dict(raw)
+    if key and not isinstance(raw.get(key), dict):
+        raise MoePruneError(f"config.json has no {key!r} object, although its model keeps the language model's "
+                            "config there; restore the file")
+    inner = raw[key] if key else raw
+    want = dict(inner)
     for attr, value in changes.items():
-        for key in _raw_keys(config, raw, attr):
-            want[key] = value
-    new = text
-    for key, value in want.items():
-        if key in raw and raw[key] != value:
-            pattern = re.compile(r'("%s"\s*:\s*)%s' % (re.escape(key), re.escape(json.dumps(raw[key]))))
-            new = pattern.sub(lambda m: m.group(1) + json.dumps(value), new, count=1)
-    if json.loads(new) != {**raw, **{k: want[k] for k in raw}}:          # nested duplicates: edit structurally
-        new = json.dumps({k: want[k] for k in raw}, indent=2) + "\n"
-    added = {k: v for k, v in want.items() if k not in raw}
+        for name in _raw_keys(config, inner, attr):
+            want[name] = value
+    new, start = text, (re.search(r'"%s"\s*:\s*\{' % re.escape(key), text).end() if key else 0)
+    for name, value in want.items():
+        if name in inner and inner[name] != value:
+            pattern = re.compile(r'("%s"\s*:\s*)%s' % (re.escape(name), re.escape(json.dumps(inner[name]))))
+            new = new[:start] + pattern.sub(lambda m: m.group(1) + json.dumps(value), new[start:], count=1)
+    edited = {k: want[k] for k in inner}
+    whole = {**raw, key: edited} if key else edited
+    if json.loads(new) != whole:                                           # duplicates: edit structurally
+        new = json.dumps(whole, indent=2) + "\n"
+    added = {k: v for k, v in want.items() if k not in inner}
     if added:                                                              # a default the file left out
-        new = json.dumps({**json.loads(new), **added}, indent=2) + "\n"
+        whole = json.loads(new)
+        (whole[key] if key else whole).update(added)
+        new = json.dumps(whole, indent=2) + "\n"
     return new
 
 
@@ -166,9 +174,9 @@ def copy_folder_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
-def write_config(source: Path, dest: Path, config, changes: dict[str, int]) -> None:
+def write_config(source: Path, dest: Path, config, changes: dict[str, int], key: str = "") -> None:
     text = (source / "config.json").read_text(encoding="utf-8")
-    (dest / "config.json").write_text(edit_config(text, config, changes), encoding="utf-8")
+    (dest / "config.json").write_text(edit_config(text, config, changes, key), encoding="utf-8")
 
 
 def check_shapes(expected: dict[str, tuple[int, ...]], got: dict[str, torch.Tensor], where: str) -> None:
@@ -204,6 +212,7 @@ class CheckpointWriter:
     def __init__(self, folder: Path, source, layout: Layout, keep: int, changes: dict[str, int],
                  dequantize: bool = False):
         self.folder, self.ckpt, self.prefixes = Path(folder), source.ckpt, _pruned_prefixes(layout)
+        self.layers_prefix, self.config_key = layout.layers_prefix, layout.config_key
         self.source, self.quant = source, getattr(source, "quant", None)
         self.dequantize = dequantize and self.quant is not None
         self.out = output_layout(source.ckpt, source.hub, layout, keep, self.quant, self.dequantize)
@@ -219,7 +228,7 @@ class CheckpointWriter:
             source.experts.enabled = True                            # the reads index the experts' values
 
     def write_layer(self, i: int, layer: torch.nn.Module) -> None:
-        prefix = f"model.layers.{i}."
+        prefix = f"{self.layers_prefix}{i}."
         if i in self.prefixes:
             pruned = {name: t for name, t in layer.state_dict(prefix=prefix).items()
                       if name.startswith(self.prefixes[i])}
@@ -312,7 +321,7 @@ class CheckpointWriter:
             if name not in self.shards.written:
                 self._copy(name)
         self.shards.finish()
-        write_config(source, self.folder, config, changes)
+        write_config(source, self.folder, config, changes, self.config_key)
         if self.dequantize:
             path = self.folder / "config.json"
             path.write_text(config_text_without_quantization(path.read_text(encoding="utf-8")), encoding="utf-8")

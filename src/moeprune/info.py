@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import Layout, moe_layout
+from .arch import Layout, decoder_layers, moe_layout
 
 
 def parameter_counts(model: torch.nn.Module, layout: Layout) -> dict:
@@ -20,7 +20,7 @@ def model_info(model: torch.nn.Module, layout: Layout | None = None) -> dict:
     shared = [name for name in layout.family.shared if getattr(layout.layers[0].block, name, None) is not None]
     return {
         "family": layout.family.model_type,
-        "decoder_layers": len(getattr(model, "model", model).layers),
+        "decoder_layers": len(decoder_layers(model)),
         "moe_layers": [layer.index for layer in layout.layers],
         "experts_per_layer": sorted({layer.num_experts for layer in layout.layers}),
         "top_k": layout.top_k,

@@ -186,7 +186,7 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
     if out is not None and not isinstance(source, CheckpointSource):
         scratch, source, folder = _as_checkpoint(source, tokenizer)
     layout = source.layout
-    positions = getattr(source.model.config, "max_position_embeddings", None)
+    positions = getattr(layout.config, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.seq_len > positions:
         raise MoePruneError(f"--seq-len {cfg.seq_len} is longer than the {positions} positions the model was built for; "
                             f"give at most {positions}")
@@ -199,19 +199,19 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
     expert_outputs = (method.needs_outputs if saved_plan is None else saved_plan.merge == "fit") or cfg.report_tradeoff
     if cfg.self_text is not None and tokenizer is None:
         raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
-    share, note = resolve_share(cfg.self_calib, source, start_token(source.model.config, tokenizer),
+    share, note = resolve_share(cfg.self_calib, source, start_token(layout.config, tokenizer),
                                 cfg.self_text is not None) if needs_stats else (0.0, None)
     meta = {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": share,
             "self_text": cfg.self_text, "seq_len": cfg.seq_len, "seed": cfg.seed, "sample_tokens": cfg.sample_tokens,
             "model": name, "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
-    tradeoff = Tradeoff(meta["spec"], tokenizer, source.model.config, layout, keep, cfg.seed, method.name,
+    tradeoff = Tradeoff(meta["spec"], tokenizer, layout.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
     weight_similarity = getattr(options, "representation", None) == "weight"      # a cache must hold it then too
     cache = cached_stats(cfg.stats_cache, meta, [layer.index for layer in layout.layers],
                          weight_similarity) if needs_stats else {}
     evaluation = None
     if not cfg.no_eval and tokenizer is not None:
-        evaluation = Evaluation(tokenizer, source.model.config, _names(cfg.eval_domains), _names(cfg.eval_tasks),
+        evaluation = Evaluation(tokenizer, layout.config, _names(cfg.eval_domains), _names(cfg.eval_tasks),
                                 batch_size=cfg.batch_size, max_tokens=cfg.eval_max_tokens or None,
                                 task_limit=cfg.eval_limit or None)
     return Run(cfg, name, source, tokenizer, folder, out, method, options, saved_plan, keep, E, expert_outputs,
@@ -240,11 +240,11 @@ def calibration_windows(run: Run) -> torch.Tensor | None:
 
     def windows(spec: str, docs: list[str] | None = None):
         return lambda n: calibration_tokens(spec, run.tokenizer, n, cfg.seq_len, cfg.seed,
-                                            vocab_size=run.source.model.config.vocab_size, docs=docs)
+                                            vocab_size=run.layout.config.vocab_size, docs=docs)
     sampling = run.share and cfg.self_text is None
     text = windows(run.meta["spec"], run.tradeoff.calibration if run.tradeoff is not None else None)
     return run.stages.run("self-calibration" if sampling else "calibration text", mixed_windows, text, run.source,
-                          start_token(run.source.model.config, run.tokenizer), run.share, cfg.samples, cfg.seq_len,
+                          start_token(run.layout.config, run.tokenizer), run.share, cfg.samples, cfg.seq_len,
                           cfg.seed, not cfg.quiet, windows(cfg.self_text) if cfg.self_text is not None else None)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import Layout, MoePruneError, decoder_layers, moe_layout
+from .arch import Layout, MoePruneError, decoder_layers, layers_prefix, moe_layout, text_model
 from .checkpoint import (CONFIG_ERRORS, torch_dtype, build_skeleton, check_weights, compute_dtype, load,
                          load_config, load_tokenizer, resolve, resolve_device)
 from .layer_inputs import LayerInputs, capture
@@ -47,7 +47,7 @@ FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "final_norm", "ln_f", "embed
 
 def head_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(final norm, lm_head) of a causal LM: what turns the last decoder layer's hidden states into logits."""
-    base = getattr(model, "model", model)
+    base = text_model(model)
     norm = next((getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
     if norm is None:
         raise MoePruneError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORMS)})")
@@ -57,7 +57,7 @@ def head_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     """What a causal LM's forward does to lm_head's output before it returns it: Cohere's `logit_scale` (times),
     Granite's `logits_scaling` (divided by), Gemma-style `final_logit_softcapping` (tanh cap); else nothing."""
-    config = model.config
+    config = model.config.get_text_config()
     scale = getattr(model, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
@@ -127,6 +127,7 @@ class CheckpointSource(ModelSource):
         names = self.quant.names() if self.quant is not None else self.ckpt.tensors
         self.hub = HubMap.for_model(self.model, file_names=names)   # files <-> modules
         self._prefixes = {id(m): name + "." for name, m in self.model.named_modules()}
+        self._layers = layers_prefix(self.model)
         self.experts = ExpertIndex(self.quant, self.hub) if self.quant is not None else None
 
     def prefix(self, module: nn.Module) -> str:
@@ -157,7 +158,7 @@ class CheckpointSource(ModelSource):
 
     def layer(self, i: int) -> nn.Module:
         layer = decoder_layers(self.model)[i]
-        self.materialise(layer, f"model.layers.{i}.")
+        self.materialise(layer, f"{self._layers}{i}.")
         return layer
 
     def release(self, i: int) -> None:
@@ -191,7 +192,7 @@ class CheckpointSource(ModelSource):
     def whole(self):
         """Every module materialised at once, for a model that fits in memory; back to meta after."""
         parts = [(m, self.prefix(m)) for m in (self.model.get_input_embeddings(), *head_modules(self.model))]
-        parts += [(layer, f"model.layers.{i}.") for i, layer in enumerate(decoder_layers(self.model))]
+        parts += [(layer, f"{self._layers}{i}.") for i, layer in enumerate(decoder_layers(self.model))]
         try:
             for module, prefix in parts:
                 self.materialise(module, prefix)
