@@ -21,6 +21,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def _pruned_prefixes(layout: Layout) -> dict[int, tuple[str, str]]:
             for m in layout.layers}
 
 
+def extra_layer_tensors(ckpt: Checkpoint, layout: Layout) -> list[str]:
+    """The file tensors of decoder layers past the model's num_hidden_layers: the multi-token-prediction (MTP)
+    layers DeepSeek-V3, Kimi-K2 and GLM-4.5 ship for speculative decoding, which transformers does not load.
+    Their routers were never calibrated and their experts would no longer match the pruned count, so the output
+    leaves them out and says num_nextn_predict_layers 0 (CheckpointWriter.finish)."""
+    n = getattr(layout.config, "num_hidden_layers", None)
+    pattern = re.compile(re.escape(layout.layers_prefix) + r"(\d+)\.")
+    if not isinstance(n, int):
+        return []
+    return [name for name in ckpt.tensors if (m := pattern.match(name)) and int(m.group(1)) >= n]
+
+
 @dataclass
 class OutputLayout:
     """The pruned checkpoint's tensors, known before the first layer is read."""
@@ -68,7 +81,10 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
     shards: dict[str, list[Slot]] = {f: [] for f in ckpt.files}
     touched = set()
     plain: dict[str, tuple[int, ...]] = {}
+    extra = set(extra_layer_tensors(ckpt, layout))
     for t in sorted(ckpt.tensors.values(), key=lambda t: (ckpt.files.index(t.file.name), t.start)):
+        if t.name in extra:
+            continue
         name = quant.parts.get(t.name, t.name) if quant is not None else t.name
         q = quant.tensors.get(name) if quant is not None else None
         shape, i = (q.shape if q is not None else t.shape), hub.layer_of(name)
@@ -216,6 +232,13 @@ class CheckpointWriter:
         self.source, self.quant = source, getattr(source, "quant", None)
         self.dequantize = dequantize and self.quant is not None
         self.out = output_layout(source.ckpt, source.hub, layout, keep, self.quant, self.dequantize)
+        extra = extra_layer_tensors(source.ckpt, layout)
+        self.extra_layers = bool(extra)
+        if extra:
+            warnings.warn(f"the checkpoint's {len(extra)} tensors of layers past num_hidden_layers "
+                          f"({layout.config.num_hidden_layers}; multi-token prediction, {extra[0]}, ...) are left out "
+                          "of the output: transformers does not load them and their experts were not pruned; the "
+                          "output says num_nextn_predict_layers 0")
         self.hub = pruned_map(source.model, layout, changes, self.out)
         self.dtypes = {s.name: s.dtype for ss in self.out.shards.values() for s in ss}
         self.shards = ShardWriter(self.folder, self.out.shards, source.ckpt.metadata,
@@ -321,6 +344,8 @@ class CheckpointWriter:
             if name not in self.shards.written:
                 self._copy(name)
         self.shards.finish()
+        if self.extra_layers and getattr(config, "num_nextn_predict_layers", 0):
+            changes = {**changes, "num_nextn_predict_layers": 0}
         write_config(source, self.folder, config, changes, self.config_key)
         if self.dequantize:
             path = self.folder / "config.json"
