@@ -67,6 +67,7 @@ class OutputLayout:
     # a quantized input: every output tensor under its plain name, with its plain shape (what the pruned model's
     # key map must name); None: the slots' own names and shapes
     plain: dict[str, tuple[int, ...]] | None = None
+    left_out: tuple[str, ...] = ()     # input tensors of layers past num_hidden_layers (extra_layer_tensors)
 
 
 def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quant=None,
@@ -81,7 +82,8 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
     shards: dict[str, list[Slot]] = {f: [] for f in ckpt.files}
     touched = set()
     plain: dict[str, tuple[int, ...]] = {}
-    extra = set(extra_layer_tensors(ckpt, layout))
+    left_out = extra_layer_tensors(ckpt, layout)
+    extra = set(left_out)
     for t in sorted(ckpt.tensors.values(), key=lambda t: (ckpt.files.index(t.file.name), t.start)):
         if t.name in extra:
             continue
@@ -106,7 +108,7 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
             k = q.parts.index(t.name)
             shards[t.file.name].append(Slot(t.name, t.dtype, quant.part_shapes(name, shape)[k]))
     return OutputLayout({f: slots for f, slots in shards.items() if slots}, touched,
-                        plain if quant is not None else None)
+                        plain if quant is not None else None, tuple(left_out))
 
 
 def output_bytes(source, layout: Layout, keep: int, dequantize: bool = False) -> int:
@@ -228,12 +230,11 @@ class CheckpointWriter:
     def __init__(self, folder: Path, source, layout: Layout, keep: int, changes: dict[str, int],
                  dequantize: bool = False):
         self.folder, self.ckpt, self.prefixes = Path(folder), source.ckpt, _pruned_prefixes(layout)
-        self.layers_prefix, self.config_key = layout.layers_prefix, layout.config_key
+        self.layout = layout
         self.source, self.quant = source, getattr(source, "quant", None)
         self.dequantize = dequantize and self.quant is not None
         self.out = output_layout(source.ckpt, source.hub, layout, keep, self.quant, self.dequantize)
-        extra = extra_layer_tensors(source.ckpt, layout)
-        self.extra_layers = bool(extra)
+        extra = self.out.left_out
         if extra:
             warnings.warn(f"the checkpoint's {len(extra)} tensors of layers past num_hidden_layers "
                           f"({layout.config.num_hidden_layers}; multi-token prediction, {extra[0]}, ...) are left out "
@@ -251,7 +252,7 @@ class CheckpointWriter:
             source.experts.enabled = True                            # the reads index the experts' values
 
     def write_layer(self, i: int, layer: torch.nn.Module) -> None:
-        prefix = f"{self.layers_prefix}{i}."
+        prefix = f"{self.layout.layers_prefix}{i}."
         if i in self.prefixes:
             pruned = {name: t for name, t in layer.state_dict(prefix=prefix).items()
                       if name.startswith(self.prefixes[i])}
@@ -344,9 +345,9 @@ class CheckpointWriter:
             if name not in self.shards.written:
                 self._copy(name)
         self.shards.finish()
-        if self.extra_layers and getattr(config, "num_nextn_predict_layers", 0):
+        if self.out.left_out and getattr(config, "num_nextn_predict_layers", 0):
             changes = {**changes, "num_nextn_predict_layers": 0}
-        write_config(source, self.folder, config, changes, self.config_key)
+        write_config(source, self.folder, config, changes, self.layout.config_key)
         if self.dequantize:
             path = self.folder / "config.json"
             path.write_text(config_text_without_quantization(path.read_text(encoding="utf-8")), encoding="utf-8")

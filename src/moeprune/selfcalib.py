@@ -152,9 +152,10 @@ def calibration_windows(spec: str, model, tokenizer, samples: int = 64, seq_len:
                         self_calib: float = DEFAULT_SHARE, progress: bool = False) -> torch.Tensor:
     """The in-memory API's calibration windows, as `moeprune prune` makes them: a `self_calib` share sampled
     from `model`, the rest cut from the text `spec` (moeprune.text.calibration_tokens)."""
-    start = start_token(model.config.get_text_config(), tokenizer)
+    text_config = model.config.get_text_config()
+    start = start_token(text_config, tokenizer)
     if self_calib and start is None:
         raise MoePruneError("the model names no BOS or end-of-text token to start sampling from; use self_calib=0")
     return mixed_windows(lambda n: calibration_tokens(spec, tokenizer, n, seq_len, seed,
-                                                      vocab_size=model.config.get_text_config().vocab_size),
+                                                      vocab_size=text_config.vocab_size),
                          ModelSource(model), start, self_calib, samples, seq_len, seed, progress)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import Layout, MoePruneError, decoder_layers, layers_prefix, moe_layout, text_model
+from .arch import Layout, MoePruneError, decoder_layers, moe_layout, text_model
 from .checkpoint import (CONFIG_ERRORS, torch_dtype, build_skeleton, check_weights, compute_dtype, load,
                          load_config, load_tokenizer, resolve, resolve_device)
 from .layer_inputs import LayerInputs, capture
@@ -127,7 +127,6 @@ class CheckpointSource(ModelSource):
         names = self.quant.names() if self.quant is not None else self.ckpt.tensors
         self.hub = HubMap.for_model(self.model, file_names=names)   # files <-> modules
         self._prefixes = {id(m): name + "." for name, m in self.model.named_modules()}
-        self._layers = layers_prefix(self.model)
         self.experts = ExpertIndex(self.quant, self.hub) if self.quant is not None else None
 
     def prefix(self, module: nn.Module) -> str:
@@ -158,7 +157,7 @@ class CheckpointSource(ModelSource):
 
     def layer(self, i: int) -> nn.Module:
         layer = decoder_layers(self.model)[i]
-        self.materialise(layer, f"{self._layers}{i}.")
+        self.materialise(layer, f"{self.layout.layers_prefix}{i}.")
         return layer
 
     def release(self, i: int) -> None:
@@ -192,7 +191,7 @@ class CheckpointSource(ModelSource):
     def whole(self):
         """Every module materialised at once, for a model that fits in memory; back to meta after."""
         parts = [(m, self.prefix(m)) for m in (self.model.get_input_embeddings(), *head_modules(self.model))]
-        parts += [(layer, f"{self._layers}{i}.") for i, layer in enumerate(decoder_layers(self.model))]
+        parts += [(layer, f"{self.layout.layers_prefix}{i}.") for i, layer in enumerate(decoder_layers(self.model))]
         try:
             for module, prefix in parts:
                 self.materialise(module, prefix)
