@@ -25,7 +25,6 @@ import torch
 from moeprune import demo
 from moeprune.info import model_info
 from moeprune.arch import moe_layout
-from moeprune.observer import route
 from moeprune.checkpoint import load
 from moeprune.evaluate.multiple_choice import task_accuracy
 from moeprune.evaluate.perplexity import perplexity, token_stream
@@ -52,7 +51,7 @@ def routing_counts(model, stream: torch.Tensor, seq_len: int) -> dict[int, torch
     for layer in layout.layers:
         def hook(module, args, kwargs, i=layer.index, lay=layer):
             x = (args[0] if args else kwargs["hidden_states"])
-            _, _, idx = route(lay.router, x.reshape(-1, x.shape[-1]))
+            _, _, idx = lay.route(x.reshape(-1, x.shape[-1]))
             counts[i] += torch.bincount(idx.flatten(), minlength=counts[i].numel()).double()
         hooks.append(layer.block.register_forward_pre_hook(hook, with_kwargs=True))
     n = stream.numel() // seq_len

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 from moeprune.arch import FAMILIES, moe_layout
 from moeprune.calibration import collect
-from moeprune.observer import route
 from moeprune.methods import METHODS
 from moeprune.methods.msmoe import frequency_weights
 from moeprune.plan import LayerPlan, Plan
@@ -63,7 +62,7 @@ def test_routing_rule_reproduces_the_router(family):
     model = model_with_live_biases(family)
     layout = moe_layout(model)
     for layer in layout.layers:
-        logits, w, i = route(layer.router, inputs())
+        logits, w, i = layer.route(inputs())
         rule = routing_rule(layer, layout.family)
         w2, i2 = restricted_routing(logits, range(8), rule, layout.top_k)
         (w, i), (w2, i2) = by_expert(w, i), by_expert(w2, i2)
@@ -80,14 +79,14 @@ def test_restricted_routing_is_the_pruned_routers(family, kept):
     model = model_with_live_biases(family)
     layout = moe_layout(model)
     x = inputs()
-    full = {layer.index: route(layer.router, x)[0] for layer in layout.layers}
+    full = {layer.index: layer.route(x)[0] for layer in layout.layers}
     rules = {layer.index: routing_rule(layer, layout.family) for layer in layout.layers}
     pruned = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         apply_plan(pruned, moe_layout(pruned), selection_plan(moe_layout(pruned), kept))
     for layer in moe_layout(pruned).layers:
-        _, w, local = route(layer.router, x)
+        _, w, local = layer.route(x)
         w, i = by_expert(w, torch.tensor(kept)[local])
         w2, i2 = by_expert(*restricted_routing(full[layer.index], kept, rules[layer.index], layout.top_k))
         assert torch.equal(i, i2)
@@ -183,7 +182,7 @@ def test_naee_exhaustive_is_the_brute_force_optimum(family, tmp_path):
         assert lp.info["search"] == "exhaustive" and lp.info["evaluated"] == 28
         assert tuple(lp.info["subset"]) == best and lp.groups == [[e] for e in best]
         layer, x = layout.by_index()[i], stats.layers[i].inputs
-        _, w, idx = route(layer.router, x)
+        _, w, idx = layer.route(x)
         routed = layer.experts(x, idx, w).double()                       # the routed part of the full output
         assert lp.info["error_abs"] == pytest.approx(brute[i][best], rel=1e-3)
         assert lp.info["error"] == pytest.approx(brute[i][best] / float(routed.square().sum()), rel=1e-3)

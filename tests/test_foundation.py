@@ -12,7 +12,7 @@ from safetensors import safe_open
 from conftest import hand_set_router, make, pin_routing
 from moeprune.arch import FAMILIES, moe_layout
 from moeprune.calibration import collect
-from moeprune.observer import expert_output, route
+from moeprune.observer import expert_output
 from moeprune.plan import LayerPlan, Plan
 from moeprune.stats import Stats
 from moeprune.surgery import apply_plan
@@ -165,7 +165,7 @@ def test_sampled_logits_are_the_routers(tokens):
     layout = moe_layout(model)
     stats = collect(model, layout, tokens, sample_tokens=16, progress=False)
     for ls in stats.layers.values():
-        logits, _, _ = route(layout.by_index()[ls.layer].router, ls.inputs)
+        logits, _, _ = layout.by_index()[ls.layer].route(ls.inputs)
         assert torch.allclose(ls.logits, logits.float(), atol=1e-5)
 
 

@@ -35,6 +35,9 @@ class Family:
     shared: tuple[str, ...] = ()         # shared experts (and their gates): never touched
     # router tensors that hold one entry per expert, with the axis of the expert index
     router_tensors: tuple[tuple[str, int], ...] = (("weight", 0),)
+    # per-expert tensors the MoE block holds itself (MiniMax-M2's e_score_correction_bias), cut like router rows
+    block_tensors: tuple[tuple[str, int], ...] = ()
+    router_args: tuple[str, ...] = ()    # block tensors the router's forward takes after the hidden states
     scoring: Literal["softmax", "sigmoid"] = "softmax"   # how router logits become probabilities
     # gate_up layout: "halves" = gate_up_proj [E, 2I, H], gate rows then up rows (down_proj [E, H, I]);
     # "interleaved_t" = gate_up_proj [E, H, 2I] with gate/up interleaved on the last axis, down_proj [E, I, H]
@@ -85,10 +88,33 @@ class MoeLayer:
     block: nn.Module           # the MoE block (router + experts + shared experts)
     router: nn.Module
     experts: nn.Module
+    router_args: tuple[str, ...] = ()    # block tensors passed to the router (Family.router_args)
+
+    @classmethod
+    def of(cls, index: int, block: nn.Module, family: Family) -> MoeLayer:
+        return cls(index, block, get_tensor(block, family.router), get_tensor(block, family.experts),
+                   family.router_args)
 
     @property
     def num_experts(self) -> int:
         return next(iter(self.experts.parameters())).shape[0]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's own routing of x [n, d]: (logits [n, E], top-k weights [n, k], top-k indices [n, k]).
+        Routers take [n, d] or, like AFMoE's, [1, n, d]; the statistics observer reads the router's decisions as
+        the block asks for them instead (moeprune.observer)."""
+        args = tuple(get_tensor(self.block, n) for n in self.router_args)
+        try:
+            out = self.router(x, *args)
+        except (ValueError, RuntimeError):
+            out = self.router(x[None], *args)
+        return tuple(t.reshape(x.shape[0], -1) for t in out[:3])
+
+    def per_expert_tensors(self, family: Family) -> list[tuple[nn.Module, str, int]]:
+        """(module, dotted name, expert axis) of every tensor outside the experts with one entry per expert: the
+        router's rows (and bias, correction bias) and the block's own per-expert tensors."""
+        return [(self.router, n, a) for n, a in family.router_tensors] + \
+            [(self.block, n, a) for n, a in family.block_tensors]
 
 
 @dataclass
@@ -162,6 +188,7 @@ def discovered_family(s: MoeStructure) -> Family:
     moe = set(s.moe_layers)
     return Family(s.model_type, s.n_experts_key.rpartition(".")[2], top_k_field=s.top_k_key.rpartition(".")[2],
                   block=s.block, router=s.router, experts=s.experts, shared=s.shared, router_tensors=s.router_tensors,
+                  block_tensors=s.block_tensors, router_args=s.router_args,
                   scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields,
                   is_moe_layer=lambda c, i: i in moe)
 
@@ -198,7 +225,7 @@ def moe_layout(model: nn.Module) -> Layout:
         experts = get_tensor(block, family.experts) if block is not None else None
         if experts is None or next(experts.parameters(), None) is None or not family.is_moe_layer(config, i):
             continue
-        layout.layers.append(MoeLayer(i, block, get_tensor(block, family.router), experts))
+        layout.layers.append(MoeLayer.of(i, block, family))
     if not layout.layers:
         raise NotMoE(f"no MoE layers found in this {family.model_type} model (it has no routed experts)")
     return layout

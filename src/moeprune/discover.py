@@ -67,6 +67,7 @@ class MoeLayerInfo:
     shared: tuple[str, ...]     # the block's other children with parameters (shared experts, shared gates)
     block_tensors: tuple[RouterTensor, ...] = ()   # expert-axis tensors held by the block itself
     top_k: int | None = None    # the router's (or block's) top-k attribute
+    router_args: tuple[str, ...] = ()   # block tensors the router's forward takes after the hidden states
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,14 @@ class MoeStructure:
     @property
     def router_tensors(self) -> tuple[tuple[str, int], ...]:
         return tuple((t.name, t.expert_axis) for t in self.layers[0].router_tensors)
+
+    @property
+    def block_tensors(self) -> tuple[tuple[str, int], ...]:
+        return tuple((t.name, t.expert_axis) for t in self.layers[0].block_tensors)
+
+    @property
+    def router_args(self) -> tuple[str, ...]:
+        return self.layers[0].router_args
 
     @property
     def axis0(self) -> bool:
@@ -259,7 +268,8 @@ def _find_router(block: nn.Module, experts_rel: str, E: int, H: int | None):
     path = min(found, key=lambda p: p.count("."))
     parent = path.rpartition(".")[0]
     if parent and parent != experts_rel and not isinstance(_get(block, parent), nn.ModuleList) \
-            and "forward" in type(_get(block, parent)).__dict__ and "Router" in type(_get(block, parent)).__name__:
+            and "forward" in type(_get(block, parent)).__dict__ \
+            and any(w in type(_get(block, parent)).__name__ for w in ("Router", "Gate")):
         path = parent
     return path, _get(block, path)
 
@@ -374,10 +384,10 @@ def _probe_gate_up(experts: nn.Module, tensors: tuple[ExpertTensor, ...], H: int
 
 
 @torch.no_grad()
-def _probe_scoring(router: nn.Module, H: int, E: int) -> str | None:
+def _probe_scoring(router: nn.Module, H: int, E: int, extra: tuple = ()) -> str | None:
     """"softmax" or "sigmoid" when the router's returned weights are proportional (per token, after an optional
     renormalisation) to softmax / sigmoid of its returned logits at the chosen experts; None otherwise."""
-    out = _call_router(router, torch.randn(16, H, dtype=next(router.parameters()).dtype) * 3)
+    out = _call_router(router, torch.randn(16, H, dtype=next(router.parameters()).dtype) * 3, extra=extra)
     if out is None:
         return None
     logits, weights, index = out
@@ -420,6 +430,18 @@ def _call_router(router: nn.Module, hidden: torch.Tensor, why: list | None = Non
     if why is not None:
         why.append(f"forward(hidden) fails: {errors[0]}")
     return None
+
+
+def _router_args(router: nn.Module, block_tensors: tuple[RouterTensor, ...]) -> tuple[str, ...]:
+    """The block's per-expert tensors that the router's forward takes after the hidden states, matched by name
+    (MiniMax-M2's `gate(hidden, e_score_correction_bias)`, AFMoE's `router(hidden, expert_bias)`)."""
+    held = {t.name.rpartition(".")[2]: t.name for t in block_tensors}
+    args = []
+    for p in list(inspect.signature(router.forward).parameters.values())[1:]:
+        if p.name not in held or p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        args.append(held[p.name])
+    return tuple(args)
 
 
 def _module_top_k(*modules) -> int | None:
@@ -507,7 +529,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
             index=index, block=_relative(block_path, layer_prefix), router=router_path, experts=experts_rel,
             router_class=type(router).__name__, experts_class=type(experts).__name__, num_experts=E,
             router_tensors=router_tensors, expert_tensors=_expert_tensors(experts, E, H), shared=shared,
-            block_tensors=block_tensors, top_k=_module_top_k(router, block, experts)))
+            block_tensors=block_tensors, top_k=_module_top_k(router, block, experts),
+            router_args=_router_args(router, block_tensors)))
     if not layers:
         raise MoePruneError(f"no MoE layer with a router found in {type(model).__name__}: " + "; ".join(notes))
     counts = {layer.num_experts for layer in layers}
@@ -530,7 +553,9 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     group_fields = next(((a, b) for a, b in _GROUP_FIELDS if hasattr(text, a) and hasattr(text, b)), None)
     first = layers[0]
     experts0 = _get(model, f"{stack_path}.{first.index}.{first.block}.{first.experts}".replace("..", "."))
-    router0 = _get(model, f"{stack_path}.{first.index}.{first.block}.{first.router}".replace("..", "."))
+    block0 = _get(model, f"{stack_path}.{first.index}.{first.block}".rstrip("."))
+    router0 = _get(block0, first.router)
+    extra0 = tuple(_get(block0, name) for name in first.router_args)
     gate_up, gate_up_evidence = _gate_up_shape(first.expert_tensors), "shape"
     scoring, scoring_evidence = None, "none"
     if probe:
@@ -542,11 +567,11 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
         if probed is not None:
             fused = next(t for t in first.expert_tensors if t.role == "gate_up")
             gate_up, gate_up_evidence = probed + ("_t" if fused.transposed else ""), "probe"
-        scoring = _probe_scoring(router0, H, E)
+        scoring = _probe_scoring(router0, H, E, extra0)
         scoring_evidence = "probe" if scoring else "none"
     if scoring is None:
         # a correction bias on the router goes with sigmoid scoring (DeepSeek-V3 style); else softmax
-        direct = {t.name for t in first.router_tensors}
+        direct = {t.name.rpartition(".")[2] for t in first.router_tensors + first.block_tensors}
         scoring, scoring_evidence = ("sigmoid" if "e_score_correction_bias" in direct else "softmax"), "guess"
     return MoeStructure(
         model_type=getattr(config, "model_type", type(config).__name__), layers_path=stack_path,
@@ -586,15 +611,8 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
         dtype = next(router.parameters()).dtype
         why: list[str] = []
         hidden = torch.randn(n, H, dtype=dtype)
-        out = _call_router(router, hidden, why)
         block = _get(model, prefix)
-        if out is None and first.block_tensors and "missing 1 required positional argument" in why[-1]:
-            extra = tuple(_get(block, t.name) for t in first.block_tensors)
-            out = _call_router(router, hidden, why, extra)
-            if out is not None:
-                names = ", ".join(t.name for t in first.block_tensors)
-                diffs.append(f"router {type(router).__name__}.forward takes the block's {names} as a second "
-                             "argument (the block holds that per-expert tensor: surgery must cut it too)")
+        out = _call_router(router, hidden, why, tuple(_get(block, name) for name in first.router_args))
         if out is None:
             returns = why[0] if why else "not a 3-tuple of tensors"
             diffs.append(f"router {type(router).__name__}.forward {returns}, not (logits, weights, indices)")

@@ -40,10 +40,12 @@ SKIP = {INDEX, "pytorch_model.bin.index.json", "config.json", "plan.json", "repo
 
 # ---------------------------------------------------------------- which file tensors pruning rewrites
 
-def _pruned_prefixes(layout: Layout) -> dict[int, tuple[str, str]]:
-    """MoE layer -> the module-name prefixes of its router and routed experts (what pruning rewrites)."""
+def _pruned_prefixes(layout: Layout) -> dict[int, tuple[str, ...]]:
+    """MoE layer -> the module-name prefixes of its router and routed experts, and the names of the block's own
+    per-expert tensors (what pruning rewrites)."""
     f, p = layout.family, layout.layers_prefix
-    return {m.index: (f"{p}{m.index}.{f.block}.{f.router}.", f"{p}{m.index}.{f.block}.{f.experts}.")
+    return {m.index: (f"{p}{m.index}.{f.block}.{f.router}.", f"{p}{m.index}.{f.block}.{f.experts}.",
+                      *(f"{p}{m.index}.{f.block}.{name}" for name, _ in f.block_tensors))
             for m in layout.layers}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import Layout, MoeLayer
+from .arch import Layout, MoeLayer, MoePruneError
 from .layer_inputs import advance
 from .routing import inferred_rule, routing_rule
 from .similarity import SIMILARITIES, weight_representation
@@ -23,12 +23,6 @@ def expert_output(layer: MoeLayer, x: torch.Tensor, expert: int) -> torch.Tensor
     index = torch.full((n, 1), expert, dtype=torch.long, device=x.device)
     weight = torch.ones((n, 1), dtype=x.dtype, device=x.device)
     return layer.experts(x, index, weight)
-
-
-def route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The model's own routing of x [n, d]: (logits [n, E], top-k weights [n, k], top-k indices [n, k])."""
-    logits, weights, indices = router(x)
-    return logits.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), indices.reshape(x.shape[0], -1)
 
 
 def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -51,11 +45,30 @@ class Observer:
         self.inputs, self.logits, self.outputs = [], [], []
         self.chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # the sample's (top-k weights, indices)
 
-    @torch.no_grad()
     def __call__(self, module, args, kwargs):
+        """The MoE block's forward pre-hook: its input, which the router and the experts are about to see."""
+        self._check_routed()
         hidden = args[0] if args else kwargs["hidden_states"]
-        x = hidden.reshape(-1, hidden.shape[-1])                          # (B*T, d)
-        logits, weights, indices = route(self.layer.router, x)
+        self._x = hidden.reshape(-1, hidden.shape[-1])                    # (B*T, d)
+
+    def _check_routed(self) -> None:
+        if getattr(self, "_x", None) is not None:
+            raise MoePruneError(f"layer {self.layer.index}: the MoE block ran without calling its router "
+                                f"({type(self.layer.router).__name__}); moeprune cannot observe its routing")
+
+    @torch.no_grad()
+    def routed(self, module, args, output) -> None:
+        """The router's forward hook: its decisions as the block itself asked for them (whatever arguments the
+        block passes: a correction bias, [1, n, d] hidden states), with the block's input."""
+        x, self._x = self._x, None
+        if x is None:
+            return                                        # the router called outside the block
+        n = x.shape[0]
+        logits, weights, indices = (t.reshape(n, -1) for t in output[:3])
+        self.observe(x, logits, weights, indices)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
         E = self.counts.numel()
         self.counts += torch.bincount(indices.flatten().cpu(), minlength=E).double()
         self.prob_sum += probabilities(logits, self.scoring).sum(0).cpu()
@@ -81,6 +94,7 @@ class Observer:
         self.tokens += x.shape[0]
 
     def result(self) -> LayerStats:
+        self._check_routed()
         def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
         return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
@@ -95,16 +109,18 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     returns (the layer's statistics, the layer's outputs for the next layer). Without `expert_outputs`
     the sample records inputs and router logits only (what selection methods and M-SMoE need)."""
     observer = Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
-    handle = moe.block.register_forward_pre_hook(observer, with_kwargs=True)
+    handles = [moe.block.register_forward_pre_hook(observer, with_kwargs=True),
+               moe.router.register_forward_hook(observer.routed)]
     try:
         outputs = advance(decoder_layer, moe.index, batches)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     ls = observer.result()
     ls.routing = routing_rule(moe, layout.family)
     if not ls.routing and observer.chosen:             # a family found by structure: read off its router
         w, i = (torch.cat(parts) for parts in zip(*observer.chosen))
-        ls.routing = inferred_rule(moe.router, ls.logits.double(), w, i, layout.top_k)
+        ls.routing = inferred_rule(moe, ls.logits.double(), w, i, layout.top_k)
     if weight_similarity:
         # model-centric similarity needs the weights, which a method never sees: derive it now
         reps = weight_representation(moe.experts, layout.family.gate_up)

@@ -73,14 +73,24 @@ def _base_rule(scoring: str) -> dict:
             "jitter_eps": 0.0}
 
 
-def inferred_rule(router, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, top_k: int) -> dict:
+def correction_bias(layer: MoeLayer) -> torch.Tensor | None:
+    """The per-expert bias added to the scores for the choice only: the router's own (DeepSeek-V3 style), or the
+    block's that the router is handed (MiniMax-M2's e_score_correction_bias, AFMoE's expert_bias)."""
+    bias = getattr(layer.router, "e_score_correction_bias", None)
+    if bias is None and layer.router_args:
+        bias = get_tensor(layer.block, layer.router_args[0])
+    return bias
+
+
+def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                  top_k: int) -> dict:
     """The routing rule of a family moeprune has no entry for, read off the router's own decisions on calibration
     tokens: the candidate (softmax or sigmoid scores, plus the router's correction bias if it has one; top-k of the
     scores or softmax over the top-k logits; renormalised or not; a constant scale) that reproduces every token's
     chosen experts and their weights. {} when none does (then NAEE, which replays routing, refuses the layer)."""
     if logits.numel() == 0:
         return {}
-    bias = getattr(router, "e_score_correction_bias", None)
+    bias = correction_bias(layer)
     bias = bias.detach().float().flatten().tolist() if torch.is_tensor(bias) and not bias.is_meta else None
     want = weights.double()
     chosen = indices.sort(dim=-1).values

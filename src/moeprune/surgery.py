@@ -97,8 +97,8 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
     for n in names:
         _set_tensor(layer.experts, n, out[n][:lp.keep])
 
-    for name, axis in family.router_tensors:
-        t = get_tensor(layer.router, name)
+    for module, name, axis in layer.per_expert_tensors(family):
+        t = get_tensor(module, name)
         if t is None:
             continue
         t = t.detach()
@@ -106,7 +106,7 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
             rows = [t.select(axis, r) for r in lp.representatives]
         else:
             rows = [_merge([t.select(axis, e) for e in g], w) for g, w in zip(lp.groups, lp.weights)]
-        _set_tensor(layer.router, name, torch.stack(rows, dim=axis).contiguous())
+        _set_tensor(module, name, torch.stack(rows, dim=axis).contiguous())
 
 
 def config_changes(layout: Layout, keep: int) -> dict[str, int]:

@@ -133,7 +133,7 @@ _TYPE_OVERRIDES: dict[str, dict] = {
     # DbrxAttentionConfig declares no rope_theta, yet DbrxAttention reads attn_config.rope_theta
     "dbrx": dict(attn_config=dict(kv_n_heads=1, rope_theta=10000.0)),
     # fields whose class default is None but that the modeling code reads
-    "hunyuan_v1_moe": dict(head_dim=64),
+    "hunyuan_v1_moe": dict(head_dim=64, num_experts=8, moe_topk=2),   # its class defaults are dense (1 expert)
     # the modeling code's default mrope_section [8, 12, 12] needs head_dim 128: 2+3+3 = half of 32 x 0.5
     "glm4v_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                                 mrope_section=[2, 3, 3])),

@@ -87,8 +87,7 @@ class Tradeoff(Step):
         """The decoder layer run on `batches` with a pruned copy of its MoE block in place of its own."""
         family, moe = self.layout.family, work.moe
         block = copy.deepcopy(moe.block)
-        apply_layer(MoeLayer(moe.index, block, getattr(block, family.router), getattr(block, family.experts)),
-                    lp, plan, self.layout, work.stats)
+        apply_layer(MoeLayer.of(moe.index, block, family), lp, plan, self.layout, work.stats)
         setattr(work.module, family.block, block)
         try:
             return advance(work.module, work.index, batches)
@@ -119,3 +118,127 @@ class Tradeoff(Step):
                 self._plan(method, options, self.plans[label]).save(path)
                 rows[label]["plan"] = path.relative_to(folder).as_posix()
         return {"chosen": self.chosen, "held_out_tokens": {d: v["tokens"] for d, v in base.items()}, "rows": rows}
+
+
+# ---------------------------------------------------------------- `auto`: the plan chosen per model on held-out windows
+
+# the strong plans auto chooses among, each from two sets of statistics of one pass: the text alone and the text
+# with the self-written windows (docs/ABLATION.md, step 6, fixed before its runs)
+AUTO_METHODS = [("diverse", {}), ("naee", {}), ("reap", {}), ("frequency", {})]
+AUTO_STATS = ("text", "text+self")
+SELF_GROUP = "self-written"          # the held-out self-written windows: one group beside each text domain
+WITHIN = 0.02                        # a plan is eligible when its held-out mean is within 2% of the lowest
+AUTO_HELD_TOKENS = 2048              # held-out tokens per text domain
+HELD_SELF = 0.5                      # held-out self-written windows, as a share of those calibrated on
+
+
+def auto_label(method: str, stats: str) -> str:
+    return f"{method} ({stats})"
+
+
+def summary(ratio: dict[str, float]) -> dict:
+    """Mean and worst group of held-out perplexity ratios (pruned / full)."""
+    worst = max(ratio, key=ratio.get)
+    return {"ratio": ratio, "mean": sum(ratio.values()) / len(ratio), "worst": {"domain": worst, "ratio": ratio[worst]}}
+
+
+def pick(rows: dict[str, dict], within: float = WITHIN, groups: list[str] | None = None) -> str:
+    """The plan auto keeps: among those whose held-out mean ratio is within `within` of the lowest, the one with
+    the lowest worst group (step 4's rule); ties go to the earlier row. `groups`: score on these groups only."""
+    if not rows:
+        raise ValueError("no plans to choose from")
+    scores = {label: summary({g: r for g, r in row["ratio"].items() if groups is None or g in groups})
+              for label, row in rows.items()}
+    best = min(s["mean"] for s in scores.values())
+    eligible = [label for label, s in scores.items() if s["mean"] <= (1 + within) * best]
+    return min(eligible, key=lambda label: scores[label]["worst"]["ratio"])
+
+
+def auto_windows(model, tokenizer, spec: str, samples: int, seq_len: int, seed: int, share: float):
+    """The windows of auto's one calibration pass, for a model in memory: (text windows cut from the calibration
+    documents, self-written windows, held-out text documents by domain, held-out self-written windows).
+    The text is split per domain as --report-tradeoff splits it; the self-written windows are sampled in one call,
+    the last HELD_SELF share held out."""
+    from .selfcalib import sample_windows, start_token, windows_for
+    from .text import calibration_tokens
+    text_config = model.config.get_text_config()
+    calibration, held = split_held_out(text_domains(spec), HELD_OUT, seed)
+    if not held:
+        raise MoePruneError(f"auto scores plans on held-out calibration text: {spec!r} has too few documents to hold "
+                            "some out; give it more documents")
+    own = windows_for(share, samples)
+    if not own:
+        raise MoePruneError("auto compares statistics with and without the self-written windows: --self-calib must "
+                            "be above 0")
+    start = start_token(text_config, tokenizer)
+    if start is None:
+        raise MoePruneError("auto samples windows from the model, and it names no BOS or end-of-text token to start "
+                            "from; choose another --method")
+    held_own = max(1, round(HELD_SELF * own))
+    written = sample_windows(model, start, own + held_own, seq_len, seed, progress=False)
+    text = calibration_tokens(spec, tokenizer, samples - own, seq_len, seed, vocab_size=text_config.vocab_size,
+                              docs=calibration)
+    return text, written[:own], held, written[own:]
+
+
+def auto_plans(text, mixed, keep: int, seed: int) -> dict[str, Plan]:
+    """auto's eight plans: each of AUTO_METHODS from the text-alone and from the text + self-written statistics."""
+    plans = {}
+    for which, stats in zip(AUTO_STATS, (text, mixed)):
+        for name, options in AUTO_METHODS:
+            plans[auto_label(name, which)] = get_method(name).plan(stats, keep, seed, **options)
+    return plans
+
+
+def held_out_evaluation(tokenizer, config, held: dict[str, list[str]], held_own, seq_len: int,
+                        max_tokens: int = AUTO_HELD_TOKENS, batch_size: int = 8) -> Evaluation:
+    """The held-out groups: each text domain's documents (up to max_tokens) and the self-written windows, scored
+    window by window as written (a flat stream cut at seq_len gives back the same windows)."""
+    texts = {d: docs for d, docs in held.items()}
+    evaluation = Evaluation(tokenizer, config, tasks=[], texts=texts, seq_len=seq_len, batch_size=batch_size,
+                            max_tokens=max_tokens)
+    own = Evaluation(tokenizer, config, tasks=[], texts={SELF_GROUP: held_own.flatten()}, seq_len=held_own.shape[1],
+                     batch_size=batch_size)
+    for ids, owner in zip(own.batches, own._owner):
+        evaluation._add(ids, owner)
+    evaluation.domains.append(SELF_GROUP)
+    return evaluation
+
+
+def auto_stats(model, tokenizer, spec: str, samples: int = 64, seq_len: int = 256, seed: int = 0,
+               sample_tokens: int = 512, share: float = 0.5) -> dict:
+    """auto's one calibration pass for a model in memory, the text and self-written sums kept apart:
+    {"text": Stats, "text+self": Stats, "held": held-out documents by domain, "held_own": held-out windows}."""
+    from .arch import moe_layout
+    from .calibration import collect
+    from .selfcalib import combine
+    layout = moe_layout(model)
+    text_windows, own_windows, held, held_own = auto_windows(model, tokenizer, spec, samples, seq_len, seed, share)
+    part = round(sample_tokens * text_windows.shape[0] / samples)
+    text = collect(model, layout, text_windows, sample_tokens=part, seed=seed, progress=False)
+    own = collect(model, layout, own_windows, sample_tokens=sample_tokens - part, seed=seed, progress=False)
+    return {"text": text, "text+self": combine(text, own), "held": held, "held_own": held_own}
+
+
+def auto_choose(model, tokenizer, measured: dict, keep: int, seed: int = 0, held_tokens: int = AUTO_HELD_TOKENS,
+                visit: Callable | None = None) -> dict:
+    """`auto` for a model in memory, from auto_stats' `measured`: eight plans, each scored on the held-out windows;
+    returns {"chosen", "rows": {label: held-out summary}, "plans"}. `visit(label, pruned model)` is called on
+    each pruned copy (a benchmark scores it on more text)."""
+    from .arch import moe_layout
+    from .surgery import apply_plan
+    text, mixed = measured["text"], measured["text+self"]
+    plans = auto_plans(text, mixed, keep, seed)
+    evaluation = held_out_evaluation(tokenizer, model.config, measured["held"], measured["held_own"],
+                                     measured["held_own"].shape[1], held_tokens)
+    base = evaluation.run(model, progress=False)["perplexity"]
+    rows = {}
+    for label, plan in plans.items():
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, moe_layout(pruned), plan, mixed if label.endswith(f"({AUTO_STATS[1]})") else text)
+        ppl = evaluation.run(pruned, progress=False)["perplexity"]
+        rows[label] = summary({d: math.exp(ppl[d]["nll"] - base[d]["nll"]) for d in base})
+        if visit is not None:
+            visit(label, pruned)
+        del pruned
+    return {"chosen": pick(rows), "rows": rows, "plans": plans}
