@@ -1,0 +1,65 @@
+"""Families found by structure route as their own routers do: the routing rule read off the router's decisions on
+calibration tokens (routing.inferred_rule) replays them, and replays the router of a model pruned to a subset, which
+is what NAEE's search scores. Routers handed the block's per-expert correction bias (MiniMax-M2, AFMoE, HY-V3,
+LFM2-MoE) and a router wrapped in a *Gate (Hunyuan-A13B) included, each with a live (non-zero) bias."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from moeprune.arch import moe_layout
+from moeprune.calibration import collect
+from moeprune.plan import LayerPlan, Plan
+from moeprune.routing import correction_bias, restricted_routing
+from moeprune.surgery import apply_plan
+from moeprune.tiny import tiny_model_any
+
+TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe"]
+KEPT = [0, 2, 3, 5, 6, 7]
+
+
+def live_model(model_type: str):
+    model = tiny_model_any(model_type)
+    with torch.no_grad():
+        for layer in moe_layout(model).layers:
+            bias = correction_bias(layer)
+            if bias is not None:              # zero at init: make the choice differ from the weights' order
+                bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(layer.index)) * 0.1)
+    return model
+
+
+def by_expert(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = indices.argsort(dim=-1)
+    return weights.gather(1, order).double(), indices.gather(1, order)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_inferred_routing_replays_the_router_and_the_pruned_router(model_type):
+    model = live_model(model_type)
+    layout = moe_layout(model)
+    assert model_type not in ("minimax_m2", "afmoe", "hy_v3", "lfm2_moe") or layout.family.router_args
+    ids = torch.randint(3, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, layout, ids, sample_tokens=96, progress=False, weight_similarity=False)
+    E, k = layout.layers[0].num_experts, layout.top_k
+    pruned = copy.deepcopy(model)
+    plan = Plan("test", {}, {m.index: LayerPlan.selection(E, KEPT) for m in layout.layers})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_plan(pruned, moe_layout(pruned), plan)
+    pruned_layers = moe_layout(pruned).by_index()
+    for layer in layout.layers:
+        ls = stats.layers[layer.index]
+        assert ls.routing, f"layer {layer.index}: no routing rule reproduces the router"
+        x = ls.inputs
+        logits, w, i = layer.route(x)
+        w2, i2 = restricted_routing(logits, range(E), ls.routing, k)
+        (w, i), (w2, i2) = by_expert(w, i), by_expert(w2, i2)
+        assert torch.equal(i, i2) and torch.allclose(w, w2, rtol=1e-3, atol=1e-5)
+        _, w, local = pruned_layers[layer.index].route(x)
+        w, i = by_expert(w, torch.tensor(KEPT)[local])
+        w2, i2 = by_expert(*restricted_routing(logits, KEPT, ls.routing, k))
+        assert torch.equal(i, i2) and torch.allclose(w, w2, rtol=1e-3, atol=1e-5)
