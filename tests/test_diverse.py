@@ -10,7 +10,7 @@ import torch
 
 from conftest import make
 from moeprune.align import align_to, match, neuron_activations, neuron_features, permute_expert
-from moeprune.arch import moe_layout
+from moeprune.arch import FAMILIES, moe_layout
 from moeprune.calibration import collect
 from moeprune.observer import expert_output
 from moeprune.grouping import agglomerative, anchored, anchors, coverage_anchors, group, spectral
@@ -18,6 +18,7 @@ from moeprune.methods import get_method
 from moeprune.methods.diverse import merge_weights
 from moeprune.similarity import cka_matrix, cosine_matrix, linear_cka
 from moeprune.surgery import apply_plan
+from moeprune.tiny import tiny_model_any
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -190,15 +191,15 @@ def test_representative_is_the_most_salient_member_and_router_rule_recorded(sali
         assert torch.allclose(got, expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "aria_text"])     # gate_up halves, interleaved_t, halves_t
 @pytest.mark.parametrize("mode", ["weights", "activations"])
 def test_alignment_recovers_a_permutation_and_merging_is_identity(family, mode):
-    model = make(family)
+    model = make(family) if family in FAMILIES else tiny_model_any(family)
     layout = moe_layout(model)
     layer = layout.layers[0]
     lay = layout.family.gate_up
     ref = {n: p[2].detach().clone() for n, p in layer.experts.named_parameters()}
-    inter = ref["down_proj"].shape[1] if lay == "halves" else ref["down_proj"].shape[0]
+    inter = ref["down_proj"].shape[0 if lay.endswith("_t") else 1]
     perm = torch.randperm(inter, generator=torch.Generator().manual_seed(3))
     shuffled = permute_expert(ref, perm, lay)
     x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(4))

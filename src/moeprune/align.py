@@ -15,53 +15,72 @@ from scipy.optimize import linear_sum_assignment
 from .arch import MoeLayer
 
 
-def _gate_up_index(perm: torch.Tensor, layout: str, inter: int) -> torch.Tensor:
-    """Index into the fused gate_up axis that applies `perm` to both gate and up neurons."""
-    if layout == "halves":                       # [gate_0..gate_I-1, up_0..up_I-1]
-        return torch.cat([perm, perm + inter])
-    return torch.stack([2 * perm, 2 * perm + 1], dim=1).flatten()   # interleaved [g0, u0, g1, u1, ...]
+def _split(t: torch.Tensor, layout: str, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) parts of a fused gate_up tensor (or its bias) along its neuron axis."""
+    if layout.startswith("interleaved"):
+        return t.unflatten(axis, (-1, 2)).unbind(axis + 1)
+    return t.chunk(2, dim=axis)
+
+
+def _join(gate: torch.Tensor, up: torch.Tensor, layout: str, axis: int) -> torch.Tensor:
+    if layout.startswith("interleaved"):
+        return torch.stack([gate, up], dim=axis + 1).flatten(axis, axis + 1)
+    return torch.cat([gate, up], dim=axis)
+
+
+def canonical(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """One expert's MLP whatever its storage: gate and up [I, H], down [H, I] (and the gate/up biases [I]).
+    Layouts: "halves" gate_up [2I, H] gate rows first, "interleaved" [2I, H] gate at even rows, and their "_t" forms
+    stored [H, 2I] (x @ W) with down [I, H]."""
+    t = layout.endswith("_t")
+    gate, up = _split(tensors["gate_up_proj"], layout, 1 if t else 0)
+    out = {"gate": gate.T if t else gate, "up": up.T if t else up,
+           "down": tensors["down_proj"].T if t else tensors["down_proj"]}
+    if "gate_up_proj_bias" in tensors:
+        out["gate_bias"], out["up_bias"] = _split(tensors["gate_up_proj_bias"], layout, 0)
+    return out
+
+
+def from_canonical(c: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """`tensors` with the gate, up and down of `c` stored back in `layout` (other tensors unchanged)."""
+    t = layout.endswith("_t")
+    out = dict(tensors)
+    out["gate_up_proj"] = _join(c["gate"].T, c["up"].T, layout, 1) if t else _join(c["gate"], c["up"], layout, 0)
+    out["down_proj"] = c["down"].T if t else c["down"]
+    if "gate_bias" in c:
+        out["gate_up_proj_bias"] = _join(c["gate_bias"], c["up_bias"], layout, 0)
+    return out
 
 
 def intermediate_size(layer: MoeLayer, layout: str) -> int:
     gu = layer.experts.gate_up_proj
-    return (gu.shape[1] if layout == "halves" else gu.shape[2]) // 2
+    return gu.shape[2 if layout.endswith("_t") else 1] // 2
 
 
 def permute_expert(tensors: dict[str, torch.Tensor], perm: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
     """One expert's tensors (expert axis removed) with intermediate neuron j taken from old neuron perm[j]."""
-    inter = perm.numel()
-    idx = _gate_up_index(perm, layout, inter)
-    out = dict(tensors)
-    if layout == "halves":
-        out["gate_up_proj"] = tensors["gate_up_proj"][idx]            # [2I, H]
-        out["down_proj"] = tensors["down_proj"][:, perm]              # [H, I]
-    else:
-        out["gate_up_proj"] = tensors["gate_up_proj"][:, idx]         # [H, 2I]
-        out["down_proj"] = tensors["down_proj"][perm]                 # [I, H]
-        if "gate_up_proj_bias" in tensors:
-            out["gate_up_proj_bias"] = tensors["gate_up_proj_bias"][idx]
-    return out
+    c = canonical(tensors, layout)
+    moved = {k: (v[:, perm] if k == "down" else v[perm]) for k, v in c.items()}
+    return from_canonical(moved, tensors, layout)
 
 
 def neuron_features(tensors: dict[str, torch.Tensor], layout: str) -> torch.Tensor:
     """[I, f] per intermediate neuron: its gate row, up row and down column, concatenated."""
-    gu, down = tensors["gate_up_proj"].double(), tensors["down_proj"].double()
-    if layout == "halves":
-        inter = down.shape[1]
-        return torch.cat([gu[:inter], gu[inter:], down.T], dim=1)
-    inter = down.shape[0]
-    return torch.cat([gu[:, 0::2].T, gu[:, 1::2].T, down], dim=1)
+    c = canonical(tensors, layout)
+    return torch.cat([c["gate"].double(), c["up"].double(), c["down"].double().T], dim=1)
 
 
 def neuron_activations(layer: MoeLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor, layout: str) -> torch.Tensor:
-    """[I, n]: each intermediate neuron's activation on the sample tokens x [n, d]."""
+    """[I, n]: each intermediate neuron's activation on the sample tokens x [n, d], through the experts' own
+    `_apply_gate` where they have one (transformers' fused experts: GPT-OSS's clamped gate, Step3p7's limits)."""
     experts = layer.experts
-    x = x.to(tensors["gate_up_proj"].dtype)
-    if layout == "halves":
-        gate, up = (x @ tensors["gate_up_proj"].T).chunk(2, dim=-1)
-        h = experts.act_fn(gate) * up
+    gu = tensors["gate_up_proj"]
+    x = x.to(gu.dtype)
+    if hasattr(experts, "_apply_gate"):
+        h = experts._apply_gate(x @ (gu if layout.endswith("_t") else gu.T) + tensors.get("gate_up_proj_bias", 0))
     else:
-        h = experts._apply_gate(x @ tensors["gate_up_proj"] + tensors.get("gate_up_proj_bias", 0))
+        c = canonical(tensors, layout)
+        h = experts.act_fn(x @ c["gate"].T + c.get("gate_bias", 0)) * (x @ c["up"].T + c.get("up_bias", 0))
     return h.double().T
 
 

@@ -63,7 +63,7 @@ def weight_representation(experts, gate_up_layout: str) -> torch.Tensor:
     their intermediate neurons correspond (CKA is invariant to permuting the neuron axis).
     """
     gu, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
-    if gate_up_layout == "halves":          # gate_up [E, 2I, H], down [E, H, I]
+    if not gate_up_layout.endswith("_t"):   # gate_up [E, 2I, H], down [E, H, I]
         return torch.cat([gu.transpose(1, 2), down], dim=2)
     return torch.cat([gu, down.transpose(1, 2)], dim=2)    # gate_up [E, H, 2I], down [E, I, H]
 

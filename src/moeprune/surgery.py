@@ -54,8 +54,8 @@ def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int],
     w = probs.sum(1)                                                              # [n]
     target = torch.einsum("tg,gtd->td", probs, ls.outputs[group].double()) / w.clamp_min(1e-12)[:, None]
     h = neuron_activations(layer, merged, ls.inputs, layout.family.gate_up).T    # [n, I]
-    halves = layout.family.gate_up == "halves"
-    d0 = merged["down_proj"].double() if halves else merged["down_proj"].double().T   # [d, I]
+    stored_t = layout.family.gate_up.endswith("_t")                              # down_proj stored [I, d]
+    d0 = merged["down_proj"].double().T if stored_t else merged["down_proj"].double()   # [d, I]
     if "down_proj_bias" in merged:
         target = target - merged["down_proj_bias"].double()
     hw = h * w[:, None]
@@ -64,7 +64,7 @@ def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int],
     rhs = target.T @ hw + lam * d0                                                # [d, I]
     d = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs.T).T
     d = d.to(merged["down_proj"].dtype)
-    return d if halves else d.T
+    return d.T if stored_t else d
 
 
 def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: LayerStats | None) -> None:
