@@ -15,6 +15,7 @@ import resource
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from . import demo
 from .arch import Layout, MoePruneError
 from .checkpoint import check_output, check_side_path, folder_bytes, resolve
 from .config import PruneConfig
-from .engine import Step, score
+from .engine import Step, run as run_engine, score
 from .evaluate import Evaluation, evaluation_section
 from .hub import CheckpointWriter
 from .methods import Method, get_method
@@ -38,7 +39,7 @@ from .stats import LayerStats, Stats, check_cache, layer_file
 from .steps import Apply, Decide, Evaluate, EvaluatePruned, KeepStats, Observe, Write
 from .surgery import apply_layer, check_plan, update_config
 from .text import calibration_tokens, check_spec
-from .tradeoff import HELD_OUT, Tradeoff
+from .tradeoff import AUTO, HELD_OUT, Auto, Tradeoff
 
 
 class Stages:
@@ -81,6 +82,7 @@ class Run:
     info_before: dict
     stages: Stages = field(default_factory=Stages)
     scratch: tempfile.TemporaryDirectory | None = None     # the input written out, for a model built in memory
+    auto: Auto | None = None            # --method auto: its plans, scored on held-out windows before one is written
 
     def __enter__(self) -> "Run":
         return self
@@ -146,7 +148,15 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
             raise MoePruneError(f"{flag} {value} must be an integer of at least {least}"
                                 + (" (0: all)" if least == 0 else ""))
     method = options = None
-    if cfg.plan is None:
+    if cfg.plan is None and cfg.method == AUTO:
+        for bad, why in ((method_options, "method options"), (cfg.report_tradeoff, "--report-tradeoff"),
+                         (cfg.stats_cache, "--stats-cache")):
+            if bad:
+                flags = why if why.startswith("--") else ", ".join("--" + k.replace("_", "-") for k in method_options)
+                raise MoePruneError(f"--method auto takes no {why}: it plans each of its candidates with their "
+                                    "defaults from statistics it keeps apart (text, self-written) and reports their "
+                                    f"held-out scores itself; leave out {flags}")
+    elif cfg.plan is None:
         method = get_method(cfg.method)
         options = method.make_options(**method_options)
     elif method_options:
@@ -196,16 +206,21 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
         resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
     needs_stats = saved_plan is None or saved_plan.needs_stats
     # the alternatives of the trade-off include diverse
-    expert_outputs = (method.needs_outputs if saved_plan is None else saved_plan.merge == "fit") or cfg.report_tradeoff
+    auto = cfg.plan is None and cfg.method == AUTO
+    expert_outputs = auto or cfg.report_tradeoff or (method.needs_outputs if saved_plan is None
+                                                     else saved_plan.merge == "fit")
     if cfg.self_text is not None and tokenizer is None:
         raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
     share, note = resolve_share(cfg.self_calib, source, start_token(layout.config, tokenizer),
                                 cfg.self_text is not None) if needs_stats else (0.0, None)
     meta = {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": share,
             "self_text": cfg.self_text, "seq_len": cfg.seq_len, "seed": cfg.seed, "sample_tokens": cfg.sample_tokens,
-            "model": name, "expert_outputs": expert_outputs, "held_out": HELD_OUT if cfg.report_tradeoff else 0.0}
+            "model": name, "expert_outputs": expert_outputs,
+            "held_out": HELD_OUT if cfg.report_tradeoff or auto else 0.0, **({"method": AUTO} if auto else {})}
     tradeoff = Tradeoff(meta["spec"], tokenizer, layout.config, layout, keep, cfg.seed, method.name,
                         method_options, cfg.batch_size, cfg.tradeoff_tokens) if cfg.report_tradeoff else None
+    chooser = Auto(meta["spec"], tokenizer, layout.config, layout, keep, cfg.seed, share, cfg.samples, cfg.seq_len,
+                   cfg.batch_size) if auto else None
     weight_similarity = getattr(options, "representation", None) == "weight"      # a cache must hold it then too
     cache = cached_stats(cfg.stats_cache, meta, [layer.index for layer in layout.layers],
                          weight_similarity) if needs_stats else {}
@@ -216,7 +231,7 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
                                 task_limit=cfg.eval_limit or None)
     return Run(cfg, name, source, tokenizer, folder, out, method, options, saved_plan, keep, E, expert_outputs,
                weight_similarity, share, note, meta, cache, evaluation, tradeoff, model_info(source.model, layout),
-               stages, scratch)
+               stages, scratch, chooser)
 
 
 def _as_checkpoint(source: ModelSource, tokenizer) -> tuple[tempfile.TemporaryDirectory, CheckpointSource, Path]:
@@ -242,16 +257,24 @@ def calibration_windows(run: Run) -> torch.Tensor | None:
         return lambda n: calibration_tokens(spec, run.tokenizer, n, cfg.seq_len, cfg.seed,
                                             vocab_size=run.layout.config.vocab_size, docs=docs)
     sampling = run.share and cfg.self_text is None
+    start = start_token(run.layout.config, run.tokenizer)
+    own = windows(cfg.self_text) if cfg.self_text is not None else None
+    if run.auto is not None:              # text windows, self-written ones, and the self-written held out
+        def written(n: int) -> torch.Tensor:
+            return mixed_windows(None, run.source, start, 1.0, n, cfg.seq_len, cfg.seed, not cfg.quiet, own)
+        return run.stages.run("self-calibration" if sampling else "calibration text", run.auto.windows,
+                              lambda n, docs: windows(run.meta["spec"], docs)(n), written if run.share else None)
     text = windows(run.meta["spec"], run.tradeoff.calibration if run.tradeoff is not None else None)
     return run.stages.run("self-calibration" if sampling else "calibration text", mixed_windows, text, run.source,
-                          start_token(run.layout.config, run.tokenizer), run.share, cfg.samples, cfg.seq_len,
-                          cfg.seed, not cfg.quiet, windows(cfg.self_text) if cfg.self_text is not None else None)
+                          start, run.share, cfg.samples, cfg.seq_len, cfg.seed, not cfg.quiet, own)
 
 
 def _plan_of(run: Run, layers: dict[int, LayerPlan], seconds: float) -> Plan:
     """The whole plan: the saved one, or the method's from its layers (no layer: its plan-wide options only)."""
     if run.saved_plan is not None:
         return run.saved_plan
+    if run.auto is not None:
+        return run.auto.chosen_plan(seconds)
     return run.method.assemble(layers, run.keep, run.options, run.cfg.seed, run.layout.family.model_type, seconds)
 
 
@@ -263,6 +286,8 @@ def layer_steps(run: Run, tokens: torch.Tensor | None, writer: CheckpointWriter 
     def decide(i: int, ls: LayerStats | None) -> LayerPlan:
         if run.saved_plan is not None:
             return run.saved_plan.layers[i]
+        if run.auto is not None:
+            return run.auto.plans[run.auto.chosen][i]
         return run.method.plan_layer(ls, run.keep, run.options, cfg.seed)
 
     def keep_stats(i: int, ls: LayerStats) -> LayerStats:
@@ -271,10 +296,15 @@ def layer_steps(run: Run, tokens: torch.Tensor | None, writer: CheckpointWriter 
         # a checkpoint larger than memory keeps only what the report shows of a layer; a model in memory, all
         return ls.light(similarity=i in plot_layers and ls.outputs.numel() > 0) if streamed else ls
 
-    plan = _plan_of(run, {}, 0.0)          # the plan-wide options (router rule, alignment, merge) of the surgery
     weight_similarity = run.weight_similarity or not streamed        # a model in memory: cheap, always kept
-    steps: list[Step] = [Observe(layout, tokens, lambda i: LayerStats.load(run.cache[i]) if i in run.cache else None,
-                                 cfg.sample_tokens, cfg.seed, cfg.batch_size, weight_similarity, run.expert_outputs)]
+    if run.auto is not None:
+        cached = _choose(run, tokens, weight_similarity, keep_stats)
+        tokens = None
+    else:
+        cached = lambda i: LayerStats.load(run.cache[i]) if i in run.cache else None    # noqa: E731
+    plan = _plan_of(run, {}, 0.0)          # the plan-wide options (router rule, alignment, merge) of the surgery
+    steps: list[Step] = [Observe(layout, tokens, cached, cfg.sample_tokens, cfg.seed, cfg.batch_size,
+                                 weight_similarity, run.expert_outputs)]
     evaluate = Evaluate(run.evaluation.batches) if run.evaluation is not None else None
     steps += [evaluate] if evaluate is not None else []
     steps += [run.tradeoff] if run.tradeoff is not None else []
@@ -284,6 +314,18 @@ def layer_steps(run: Run, tokens: torch.Tensor | None, writer: CheckpointWriter 
     steps += [EvaluatePruned(evaluate)] if evaluate is not None else []
     steps += [KeepStats(keep_stats)]
     return steps
+
+
+def _choose(run: Run, tokens: torch.Tensor, weight_similarity: bool, keep_stats) -> Callable:
+    """--method auto's first pass: the statistics (text and self-written apart), each candidate's plan run on the
+    held-out windows, the pick. Returns each layer's statistics of the chosen kind, for the pass that writes."""
+    auto, cfg = run.auto, run.cfg
+    auto.prepare(tokens, cfg.sample_tokens, weight_similarity, keep_stats)
+    run.stages.run("auto: plan and score", run_engine, run.source, [auto], not cfg.quiet)
+    chosen = run.stages.run("auto: choose", auto.choose, run.source)
+    run.method, run.options = auto.methods[chosen]
+    kept = auto.kept[auto.kind[chosen]]
+    return kept.get
 
 
 def _step(steps: list[Step], kind: type) -> Step | None:
@@ -313,6 +355,8 @@ def finish(run: Run, steps: list[Step], writer: CheckpointWriter | None, tmp: Pa
                     bytes_on_disk={"before": folder_bytes(run.folder), "after": folder_bytes(tmp)},
                     stages={"seconds": stages.times, "peak_rss_mb": stages.peak_mb},
                     quantization=_quantization(run, writer))
+    if run.auto is not None:
+        report.tradeoff = run.auto.result(tmp)
     _score(run, steps, report, tmp)
     return report, plan, stats
 

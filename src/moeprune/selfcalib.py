@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .arch import MoePruneError
 from .sources import ModelSource
+from .stats import LayerStats, Stats
 from .text import calibration_tokens
 
 # share of the calibration windows the model writes when --self-calib is not given and the model fits
@@ -159,3 +160,28 @@ def calibration_windows(spec: str, model, tokenizer, samples: int = 64, seq_len:
     return mixed_windows(lambda n: calibration_tokens(spec, tokenizer, n, seq_len, seed,
                                                       vocab_size=text_config.vocab_size),
                          ModelSource(model), start, self_calib, samples, seq_len, seed, progress)
+
+
+def combine_layer(text: LayerStats, own: LayerStats) -> LayerStats:
+    """One layer's statistics over the text windows and the self-written windows together, from the two kept apart:
+    the sums add (they are sums over tokens) and the token samples are joined. Weight similarity (a property of
+    the weights, the same in both) is kept; similarities of the outputs are derived again from the joined sample."""
+    if (text.layer, text.top_k, text.num_experts) != (own.layer, own.top_k, own.num_experts):
+        raise ValueError(f"statistics of layer {text.layer} and layer {own.layer} cannot be combined")
+    return LayerStats(layer=text.layer, top_k=text.top_k, tokens=text.tokens + own.tokens,
+                      counts=text.counts + own.counts, prob_sum=text.prob_sum + own.prob_sum,
+                      weight_sum=text.weight_sum + own.weight_sum, reap_sum=text.reap_sum + own.reap_sum,
+                      inputs=torch.cat([text.inputs, own.inputs]), logits=torch.cat([text.logits, own.logits]),
+                      outputs=torch.cat([text.outputs, own.outputs], dim=1),
+                      cache={k: v for k, v in text.cache.items() if k.endswith("/weight")},
+                      routing=text.routing or own.routing)
+
+
+def combine(text: Stats, own: Stats) -> Stats:
+    """The statistics of text + self-written windows from the two passes' (or one pass's two sums)."""
+    if sorted(text.layers) != sorted(own.layers):
+        raise ValueError("the two statistics cover different layers")
+    calibration = {**text.calibration, "self_written": own.calibration,
+                   "samples": text.calibration.get("samples", 0) + own.calibration.get("samples", 0)}
+    return Stats(text.model_type, text.model, calibration,
+                 {i: combine_layer(text.layers[i], own.layers[i]) for i in sorted(text.layers)})

@@ -19,6 +19,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .arch import Layout, MoeLayer, MoePruneError
 from .engine import LayerWork, Step
 from .evaluate import Evaluation
@@ -26,6 +28,7 @@ from .layer_inputs import LayerInputs, advance
 from .methods import get_method
 from .plan import LayerPlan, Plan
 from .sources import ModelSource
+from .stats import LayerStats
 from .surgery import apply_layer
 from .text import split_held_out, text_domains
 
@@ -80,8 +83,13 @@ class Tradeoff(Step):
                 self.alt[label] = self.held if self.alt[label] is held_in else advance(work.module, work.index,
                                                                                        self.alt[label])
                 continue
-            lp = self.plans[label][work.index] = method.plan_layer(work.stats, self.keep, options, self.seed)
+            lp = self.plans[label][work.index] = method.plan_layer(self.stats_of(label, work), self.keep, options,
+                                                                    self.seed)
             self.alt[label] = self._with_plan(work, lp, self.surgery[label], self.alt[label])
+
+    def stats_of(self, label: str, work: LayerWork):
+        """The statistics `label`'s plan is made from: the layer's."""
+        return work.stats
 
     def _with_plan(self, work: LayerWork, lp: LayerPlan, plan: Plan, batches: list[LayerInputs]) -> list[LayerInputs]:
         """The decoder layer run on `batches` with a pruned copy of its MoE block in place of its own."""
@@ -124,6 +132,7 @@ class Tradeoff(Step):
 
 # the strong plans auto chooses among, each from two sets of statistics of one pass: the text alone and the text
 # with the self-written windows (docs/ABLATION.md, step 6, fixed before its runs)
+AUTO = "auto"                        # --method auto (a whole-model rule, not a per-layer method of the registry)
 AUTO_METHODS = [("diverse", {}), ("naee", {}), ("reap", {}), ("frequency", {})]
 AUTO_STATS = ("text", "text+self")
 SELF_GROUP = "self-written"          # the held-out self-written windows: one group beside each text domain
@@ -242,3 +251,110 @@ def auto_choose(model, tokenizer, measured: dict, keep: int, seed: int = 0, held
             visit(label, pruned)
         del pruned
     return {"chosen": pick(rows), "rows": rows, "plans": plans}
+
+
+class Auto(Tradeoff):
+    """`--method auto` in the per-layer engine: its first pass. Two observers keep the statistics of the text windows
+    and of the self-written windows apart (each on its share of the sample tokens), and each layer's eight plans
+    are applied to copies of its MoE block and run on the held-out windows beside the original, as --report-tradeoff
+    runs its alternatives. `choose` then scores them and picks; the second pass writes the chosen plan.
+    Without self-written windows (--self-calib 0, or a model that cannot write here) it chooses among the four
+    text plans, on the held-out text alone."""
+    name = "auto"
+
+    def __init__(self, spec: str, tokenizer, config, layout: Layout, keep: int, seed: int, share: float, samples: int,
+                 seq_len: int, batch_size: int, max_tokens: int = AUTO_HELD_TOKENS):
+        from .selfcalib import windows_for
+        if spec == "random" or tokenizer is None:
+            raise MoePruneError("--method auto scores its plans on held-out calibration text: give text with --calib "
+                                "(and a model with a tokenizer), not random tokens")
+        self.calibration, self.held_text = split_held_out(text_domains(spec), HELD_OUT, seed)
+        if not self.held_text:
+            raise MoePruneError(f"--method auto: the calibration text {spec!r} has too few documents to hold some out; "
+                                "give it more documents")
+        self.tokenizer, self.config, self.layout, self.keep, self.seed = tokenizer, config, layout, keep, seed
+        self.samples, self.seq_len, self.batch_size, self.max_tokens = samples, seq_len, batch_size, max_tokens
+        self.own = windows_for(share, samples)
+        self.held_own = max(1, round(HELD_SELF * self.own)) if self.own else 0
+        self.kinds = AUTO_STATS if self.own else AUTO_STATS[:1]
+        self.kind = {auto_label(name, kind): kind for kind in self.kinds for name, _ in AUTO_METHODS}
+        self.methods = {auto_label(name, kind): (get_method(name), get_method(name).make_options(**options))
+                        for kind in self.kinds for name, options in AUTO_METHODS}
+        self.surgery = {label: self._plan(method, options, {}) for label, (method, options) in self.methods.items()}
+        self.plans = {label: {} for label in self.methods}
+        self.kept: dict[str, dict] = {kind: {} for kind in self.kinds}
+        self.chosen: str | None = None
+        self.held, self.alt = None, {}
+
+    def windows(self, text: Callable[[int, list[str]], torch.Tensor],
+                written: Callable[[int], torch.Tensor] | None) -> torch.Tensor:
+        """The calibration windows, [text; self-written; held-out self-written]: `text(n, documents)` cuts n
+        windows from the calibration documents, `written(n)` gives n self-written windows (sampled in one call)."""
+        own = written(self.own + self.held_own) if self.own else None
+        parts = [text(self.samples - self.own, self.calibration)] + ([own] if own is not None else [])
+        self.held_windows = own[self.own:] if own is not None else None
+        return torch.cat(parts)
+
+    def prepare(self, tokens: torch.Tensor, sample_tokens: int, weight_similarity: bool,
+                keep_stats: Callable[[int, LayerStats], LayerStats] = lambda i, ls: ls) -> None:
+        """The observers and the held-out evaluation, from the windows `windows` returned."""
+        from .steps import Observe
+        text = tokens[:self.samples - self.own]
+        part = round(sample_tokens * text.shape[0] / self.samples)
+        self.observers = {AUTO_STATS[0]: Observe(self.layout, text, lambda i: None, part, self.seed, self.batch_size,
+                                                 weight_similarity, True)}
+        if self.own:
+            self.observers[AUTO_STATS[1]] = Observe(self.layout, tokens[text.shape[0]:self.samples], lambda i: None,
+                                                    sample_tokens - part, self.seed, self.batch_size, False, True)
+        self.keep_stats = keep_stats
+        if self.held_windows is not None:
+            self.evaluation = held_out_evaluation(self.tokenizer, self.config, self.held_text, self.held_windows,
+                                                  self.seq_len, self.max_tokens, self.batch_size)
+        else:
+            self.evaluation = Evaluation(self.tokenizer, self.config, tasks=[], texts=self.held_text,
+                                         seq_len=self.seq_len, batch_size=self.batch_size, max_tokens=self.max_tokens)
+        self.tally = self.evaluation.tally()
+        self.tallies = {label: self.evaluation.tally() for label in self.methods}
+
+    def begin(self, source: ModelSource) -> None:
+        for observer in self.observers.values():
+            observer.begin(source)
+        super().begin(source)
+
+    def layers(self, n: int) -> int:
+        return n
+
+    def layer(self, work: LayerWork) -> None:
+        got = {}
+        for kind, observer in self.observers.items():
+            work.stats = None
+            observer.layer(work)
+            got[kind] = work.stats
+        if work.moe is not None and AUTO_STATS[1] in got:
+            from .selfcalib import combine_layer
+            got[AUTO_STATS[1]] = combine_layer(got[AUTO_STATS[0]], got[AUTO_STATS[1]])
+        self.stats = got
+        super().layer(work)
+        if work.moe is not None:
+            for kind, ls in got.items():
+                self.kept[kind][work.index] = self.keep_stats(work.index, ls)
+        work.stats = None
+
+    def stats_of(self, label: str, work: LayerWork):
+        return self.stats[self.kind[label]]
+
+    def choose(self, source: ModelSource) -> str:
+        """Score every plan on the held-out windows (the original model's too) and pick (`pick`)."""
+        from .engine import score
+        score(source, self.streams())
+        self.chosen = pick(self.result(None)["rows"])
+        return self.chosen
+
+    def chosen_plan(self, seconds: float) -> Plan:
+        """The chosen plan as plan.json holds it: method "auto", the chosen candidate and its method's options."""
+        method, options = self.methods[self.chosen]
+        plan = method.assemble(self.plans[self.chosen], self.keep, options, self.seed, self.layout.family.model_type,
+                               seconds)
+        plan.method = "auto"
+        plan.options = {"chosen": self.chosen, **plan.options}
+        return plan
