@@ -93,6 +93,7 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise MoePruneError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)} (see `moeprune methods`)")
+        raise MoePruneError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)} (see `moeprune methods`), "
+                            "or auto (with moeprune prune)")
     return METHODS[name]
 
