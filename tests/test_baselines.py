@@ -158,10 +158,11 @@ def _block_out(model, index: int, x: torch.Tensor) -> torch.Tensor:
     return (out[0] if isinstance(out, tuple) else out)[0].double()
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if FAMILIES[f].expert_fn is None])
 def test_naee_exhaustive_is_the_brute_force_optimum(family, tmp_path):
     """Every 6-of-8 subset is applied to a copy of the real model; the MoE block's output error on the sampled
-    inputs is measured there. NAEE's subset is the argmin, its recorded error that subset's relative error."""
+    inputs is measured there. NAEE's subset is the argmin, its recorded error that subset's relative error.
+    (Not Llama 4: its routing score scales an expert's input, so NAEE's sum of weighted outputs approximates it.)"""
     model = model_with_live_biases(family)
     layout = moe_layout(model)
     stats = collect(model, layout, tokens(2, 32), sample_tokens=48, progress=False)

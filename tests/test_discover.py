@@ -42,7 +42,11 @@ def _set(config, dotted: str, value) -> None:
     setattr(config, leaf, value)
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+STANDARD = sorted(t for t, f in FAMILIES.items() if f.read_router is None and f.expert_fn is None)
+ADAPTED = sorted(set(FAMILIES) - set(STANDARD))      # entries that adapt another router / experts contract
+
+
+@pytest.mark.parametrize("model_type", STANDARD)
 def test_known_families_agree_with_arch(model_type):
     family = FAMILIES[model_type]
     model = tiny_model(model_type, **_MIXED.get(model_type, {}))
@@ -61,6 +65,35 @@ def test_known_families_agree_with_arch(model_type):
     assert s.gate_up_evidence == "probe"
     assert s.scoring_evidence == ("guess" if model_type == "phimoe" else "probe")   # sparsemixer: not a plain softmax
     assert check_contract(s, model).ok
+
+
+@pytest.mark.parametrize("model_type", ADAPTED)
+def test_adapted_families_are_found_and_adapted_exactly(model_type):
+    """Llama 4: structure finds the block, router, experts and shared expert, and the contract check names what
+    the entry adapts; the adapters give exactly what the model computes: the router's own top-k choice and weights,
+    and each expert as the experts module computes it (its forward runs every expert on every token)."""
+    family = FAMILIES[model_type]
+    model = tiny_model_any(model_type)
+    s = find_moe(model)
+    found = discovered_family(s)
+    for name in ("block", "router", "experts", "shared", "router_tensors", "gate_up", "top_k_field"):
+        assert getattr(found, name) == getattr(family, name), name
+    differences = " ".join(check_contract(s, model).differences)
+    assert "forward takes (hidden_states)" in differences and "returns" in differences
+    from moeprune.arch import moe_layout
+    layer = moe_layout(model).layers[0]
+    x = torch.randn(10, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
+    logits, weights, indices = layer.route(x)
+    scores, raw = layer.router(x)
+    assert torch.equal(logits, raw) and torch.equal(indices, raw.topk(layer.router.top_k, dim=-1).indices)
+    assert torch.allclose(weights, torch.sigmoid(raw.gather(-1, indices)))
+    E = layer.num_experts
+    for e in (0, E - 1):
+        routed = torch.zeros(E, *x.shape)
+        routed[e] = x
+        with torch.no_grad():
+            want = layer.experts(routed.reshape(-1, x.shape[1])).reshape(E, *x.shape)[e]
+            assert torch.allclose(layer.expert(x, e), want, atol=1e-6)
 
 
 def test_meta_device_needs_no_weights():

@@ -191,7 +191,7 @@ def test_representative_is_the_most_salient_member_and_router_rule_recorded(sali
         assert torch.allclose(got, expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "aria_text"])     # gate_up halves, interleaved_t, halves_t
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "aria_text", "nemotron_h", "ergo"])  # halves, interleaved_t, halves_t, plain, plain_t
 @pytest.mark.parametrize("mode", ["weights", "activations"])
 def test_alignment_recovers_a_permutation_and_merging_is_identity(family, mode):
     model = make(family) if family in FAMILIES else tiny_model_any(family)

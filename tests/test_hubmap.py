@@ -207,10 +207,13 @@ HUB_NAMES = {
                                                              "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": 1}),
     "gpt_oss": (None, (), {"model.layers.{i}.mlp.router.weight": 0, "model.layers.{i}.mlp.router.bias": 0,
                            "model.layers.{i}.mlp.experts.gate_up_proj": 0, "model.layers.{i}.mlp.experts.down_proj": 0}),
+    **{t: (None, (), {f"{p}layers.{{i}}.feed_forward.{n}": 0 for n in ("router.weight", "experts.gate_up_proj",
+                                                                         "experts.down_proj")})
+       for t, p in (("llama4_text", "model."), ("llama4", "language_model.model."))},
 }
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(HUB_NAMES))
 def test_hubmap_names_the_published_layout(model_type, saved):
     config, files, _, _ = saved(model_type)
     hub = HubMap.for_model(_build(config, "meta"))

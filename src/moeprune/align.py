@@ -30,9 +30,13 @@ def _join(gate: torch.Tensor, up: torch.Tensor, layout: str, axis: int) -> torch
 
 def canonical(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """One expert's MLP whatever its storage: gate and up [I, H], down [H, I] (and the gate/up biases [I]).
-    Layouts: "halves" gate_up [2I, H] gate rows first, "interleaved" [2I, H] gate at even rows, and their "_t" forms
-    stored [H, 2I] (x @ W) with down [I, H]."""
+    Layouts: "halves" gate_up [2I, H] gate rows first, "interleaved" [2I, H] gate at even rows, "plain" an ungated
+    up_proj [I, H] (Nemotron-H, Ergo: no "gate"), and their "_t" forms stored [H, 2I] / [H, I] (x @ W) with down
+    [I, H]."""
     t = layout.endswith("_t")
+    if layout.startswith("plain"):
+        return {"up": tensors["up_proj"].T if t else tensors["up_proj"],
+                "down": tensors["down_proj"].T if t else tensors["down_proj"]}
     gate, up = _split(tensors["gate_up_proj"], layout, 1 if t else 0)
     out = {"gate": gate.T if t else gate, "up": up.T if t else up,
            "down": tensors["down_proj"].T if t else tensors["down_proj"]}
@@ -45,16 +49,14 @@ def from_canonical(c: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
     """`tensors` with the gate, up and down of `c` stored back in `layout` (other tensors unchanged)."""
     t = layout.endswith("_t")
     out = dict(tensors)
+    if layout.startswith("plain"):
+        out["up_proj"], out["down_proj"] = (c["up"].T, c["down"].T) if t else (c["up"], c["down"])
+        return out
     out["gate_up_proj"] = _join(c["gate"].T, c["up"].T, layout, 1) if t else _join(c["gate"], c["up"], layout, 0)
     out["down_proj"] = c["down"].T if t else c["down"]
     if "gate_bias" in c:
         out["gate_up_proj_bias"] = _join(c["gate_bias"], c["up_bias"], layout, 0)
     return out
-
-
-def intermediate_size(layer: MoeLayer, layout: str) -> int:
-    gu = layer.experts.gate_up_proj
-    return gu.shape[2 if layout.endswith("_t") else 1] // 2
 
 
 def permute_expert(tensors: dict[str, torch.Tensor], perm: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
@@ -67,19 +69,21 @@ def permute_expert(tensors: dict[str, torch.Tensor], perm: torch.Tensor, layout:
 def neuron_features(tensors: dict[str, torch.Tensor], layout: str) -> torch.Tensor:
     """[I, f] per intermediate neuron: its gate row, up row and down column, concatenated."""
     c = canonical(tensors, layout)
-    return torch.cat([c["gate"].double(), c["up"].double(), c["down"].double().T], dim=1)
+    return torch.cat([*(c[k].double() for k in ("gate", "up") if k in c), c["down"].double().T], dim=1)
 
 
 def neuron_activations(layer: MoeLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor, layout: str) -> torch.Tensor:
     """[I, n]: each intermediate neuron's activation on the sample tokens x [n, d], through the experts' own
     `_apply_gate` where they have one (transformers' fused experts: GPT-OSS's clamped gate, Step3p7's limits)."""
     experts = layer.experts
-    gu = tensors["gate_up_proj"]
-    x = x.to(gu.dtype)
-    if hasattr(experts, "_apply_gate"):
+    c = canonical(tensors, layout)
+    x = x.to(c["up"].dtype)
+    if "gate" not in c:                                   # ungated: act(up x)
+        h = experts.act_fn(x @ c["up"].T)
+    elif hasattr(experts, "_apply_gate"):
+        gu = tensors["gate_up_proj"]
         h = experts._apply_gate(x @ (gu if layout.endswith("_t") else gu.T) + tensors.get("gate_up_proj_bias", 0))
     else:
-        c = canonical(tensors, layout)
         h = experts.act_fn(x @ c["gate"].T + c.get("gate_bias", 0)) * (x @ c["up"].T + c.get("up_bias", 0))
     return h.double().T
 

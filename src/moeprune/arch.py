@@ -38,10 +38,15 @@ class Family:
     # per-expert tensors the MoE block holds itself (MiniMax-M2's e_score_correction_bias), cut like router rows
     block_tensors: tuple[tuple[str, int], ...] = ()
     router_args: tuple[str, ...] = ()    # block tensors the router's forward takes after the hidden states
+    # a router of another contract: (router module, its output) -> (logits [n, E], weights [n, k], indices [n, k])
+    read_router: Callable[[nn.Module, tuple], tuple] | None = None
+    # experts of another call than (hidden, top_k_index, top_k_weights): (experts module, x [n, d], e) -> E_e(x)
+    expert_fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
     scoring: Literal["softmax", "sigmoid"] = "softmax"   # how router logits become probabilities
     # gate_up layout: "halves" = gate_up_proj [E, 2I, H], gate rows then up rows (down_proj [E, H, I]);
-    # "interleaved_t" = gate_up_proj [E, H, 2I] with gate/up interleaved on the last axis, down_proj [E, I, H]
-    gate_up: Literal["halves", "interleaved_t"] = "halves"
+    # "interleaved" = gate and up rows alternating; "plain" = no gate, up_proj [E, I, H]; each with a "_t" form
+    # stored [E, H, ...] (x @ W; down_proj [E, I, H]): GPT-OSS is "interleaved_t", Llama 4 "halves_t"
+    gate_up: str = "halves"
     group_fields: tuple[str, str] | None = None          # (n_group, topk_group) config fields
     # which decoder layers are MoE, from the config alone (used by `info` and checked against the model)
     is_moe_layer: Callable[[object, int], bool] = lambda c, i: True
@@ -55,9 +60,27 @@ def _after_dense(c, i: int) -> bool:  # DeepSeek / GLM
     return i >= (c.first_k_dense_replace or 0)
 
 
+def _listed(c, i: int) -> bool:  # Llama 4: moe_layers, derived from interleave_moe_layer_step
+    return i in (c.moe_layers or [])
+
+
 def _ernie(c, i: int) -> bool:
     end = c.moe_layer_end_index if c.moe_layer_end_index >= 0 else c.num_hidden_layers - 1
     return (i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= end
+
+
+def _llama4_router(router: nn.Module, output: tuple) -> tuple:
+    """Llama 4's router returns (scores [n, E]: sigmoid of the top-k logits, 0 elsewhere; logits [n, E])."""
+    scores, logits = output
+    indices = logits.topk(router.top_k, dim=-1).indices
+    return logits, scores.gather(-1, indices), indices
+
+
+def _llama4_expert(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """One of Llama4TextExperts (gate_up [E, H, 2I], gate first; down [E, I, H]) on x, unscaled. Its forward runs
+    every expert on every token, the input scaled by the routing score: not a per-expert call."""
+    gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return (up * experts.act_fn(gate)) @ experts.down_proj[e]
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
@@ -78,6 +101,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("phimoe", "num_local_experts", router="router"),
     Family("gpt_oss", "num_local_experts", router="router", router_tensors=(("weight", 0), ("bias", 0)),
            gate_up="interleaved_t"),
+    *(Family(t, "num_local_experts", block="feed_forward", router="router", shared=("shared_expert",),
+             scoring="sigmoid", gate_up="halves_t", is_moe_layer=_listed, read_router=_llama4_router,
+             expert_fn=_llama4_expert) for t in ("llama4_text", "llama4")),
 ]}
 
 
@@ -88,12 +114,11 @@ class MoeLayer:
     block: nn.Module           # the MoE block (router + experts + shared experts)
     router: nn.Module
     experts: nn.Module
-    router_args: tuple[str, ...] = ()    # block tensors passed to the router (Family.router_args)
+    family: Family | None = None         # how to call the router and the experts (None: the common contract)
 
     @classmethod
     def of(cls, index: int, block: nn.Module, family: Family) -> MoeLayer:
-        return cls(index, block, get_tensor(block, family.router), get_tensor(block, family.experts),
-                   family.router_args)
+        return cls(index, block, get_tensor(block, family.router), get_tensor(block, family.experts), family)
 
     @property
     def num_experts(self) -> int:
@@ -103,12 +128,26 @@ class MoeLayer:
         """The model's own routing of x [n, d]: (logits [n, E], top-k weights [n, k], top-k indices [n, k]).
         Routers take [n, d] or, like AFMoE's, [1, n, d]; the statistics observer reads the router's decisions as
         the block asks for them instead (moeprune.observer)."""
-        args = tuple(get_tensor(self.block, n) for n in self.router_args)
+        args = tuple(get_tensor(self.block, n) for n in (self.family.router_args if self.family else ()))
         try:
             out = self.router(x, *args)
         except (ValueError, RuntimeError):
             out = self.router(x[None], *args)
-        return tuple(t.reshape(x.shape[0], -1) for t in out[:3])
+        return self.decisions(out)
+
+    def decisions(self, output: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [n, E], top-k weights [n, k], top-k indices [n, k]) from what the router returned."""
+        read = self.family.read_router if self.family else None
+        out = read(self.router, output) if read is not None else output[:3]
+        return tuple(t.reshape(-1, t.shape[-1]) for t in out)
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """E_e(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""
+        if self.family is not None and self.family.expert_fn is not None:
+            return self.family.expert_fn(self.experts, x, e)
+        n = x.shape[0]
+        index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
+        return self.experts(x, index, torch.ones((n, 1), dtype=x.dtype, device=x.device))
 
     def per_expert_tensors(self, family: Family) -> list[tuple[nn.Module, str, int]]:
         """(module, dotted name, expert axis) of every tensor outside the experts with one entry per expert: the
@@ -149,9 +188,11 @@ def text_model(model: nn.Module) -> nn.Module:
     """The language model's decoder (embeddings, decoder layers, final norm): `model.model` of a causal LM, the
     `language_model` of a multimodal wrapper (Qwen3-VL-MoE, GLM-4.5V, ...), as transformers' get_decoder says."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    if not isinstance(getattr(base, "layers", None), nn.ModuleList):
-        base = getattr(model, "model", model)
-    return base
+    for _ in range(3):                  # Llama 4's wrapper: get_decoder() is a causal LM, its .model the decoder
+        if isinstance(getattr(base, "layers", None), nn.ModuleList):
+            return base
+        base = getattr(base, "model", None)
+    return getattr(model, "model", model)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

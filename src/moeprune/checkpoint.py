@@ -276,18 +276,17 @@ def causal_lm_class(config: PretrainedConfig) -> type:
     """transformers' own class for a config (never a folder's code): its causal LM, else, for a multimodal MoE
     (Qwen3-VL-MoE, GLM-4.5V, ...), its image-text-to-text model, whose language model is what is pruned; the
     one `architectures` names when transformers maps several to the config's class."""
-    classes = None
+    classes = []
     for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING):
         try:
-            classes = mapping[type(config)]
-            break
+            found = mapping[type(config)]
         except KeyError:
             continue
-    if classes is None:
+        classes += list(found) if isinstance(found, (list, tuple)) else [found]
+    if not classes:
         raise MoePruneError(f"transformers has no causal language model for model type "
                             f"{getattr(config, 'model_type', '?')!r}")
-    if not isinstance(classes, (list, tuple)):
-        return classes
+    # Llama 4's checkpoints are the image-text-to-text wrapper, though transformers also maps a causal LM to its config
     named = {c.__name__: c for c in classes}
     return next((named[a] for a in (getattr(config, "architectures", None) or []) if a in named), classes[0])
 

@@ -327,8 +327,8 @@ def _gate_up_shape(tensors: tuple[ExpertTensor, ...]) -> str | None:
         return "halves_t" if fused[0].transposed else "halves"
     if {"gate", "up"} <= roles:
         return "split"
-    if "up" in roles:
-        return "plain"                      # an ungated expert MLP: up_proj, activation, down_proj
+    if "up" in roles:                       # an ungated expert MLP: up_proj, activation, down_proj
+        return "plain_t" if next(t for t in tensors if t.role == "up").transposed else "plain"
     return None
 
 

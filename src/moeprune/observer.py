@@ -19,10 +19,7 @@ from .stats import LayerStats
 
 def expert_output(layer: MoeLayer, x: torch.Tensor, expert: int) -> torch.Tensor:
     """E_i(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""
-    n = x.shape[0]
-    index = torch.full((n, 1), expert, dtype=torch.long, device=x.device)
-    weight = torch.ones((n, 1), dtype=x.dtype, device=x.device)
-    return layer.experts(x, index, weight)
+    return layer.expert(x, expert)
 
 
 def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -63,9 +60,7 @@ class Observer:
         x, self._x = self._x, None
         if x is None:
             return                                        # the router called outside the block
-        n = x.shape[0]
-        logits, weights, indices = (t.reshape(n, -1) for t in output[:3])
-        self.observe(x, logits, weights, indices)
+        self.observe(x, *self.layer.decisions(output))
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ The rule, per family (transformers 5.x router code):
     phimoe                  sparsemixer: top-1, then top-1 of the rest, each weighted by a softmax over the
                             experts within 2 x jitter_eps (relative) of it
     gpt_oss                 top-k of the logits, softmax over those k
+    llama4                  top-k of the logits, weights = sigmoid (scaling the experts' input, not output)
 
 Group-limited routing of a subset follows what surgery does to the pruned model: the kept experts, in
 id order, form n_group consecutive groups when n_group divides their number; otherwise routing falls
@@ -62,6 +63,8 @@ def routing_rule(layer: MoeLayer, family: Family) -> dict:
         rule.update(select="sparsemixer", jitter_eps=float(r.router_jitter_noise))
     elif mt == "gpt_oss":
         rule["topk_softmax"] = True
+    elif mt in ("llama4", "llama4_text"):
+        pass                          # sigmoid of the top-k logits, not renormalised
     else:
         return {}                     # a family found by structure: inferred from the router's own choices
     return rule
@@ -77,8 +80,9 @@ def correction_bias(layer: MoeLayer) -> torch.Tensor | None:
     """The per-expert bias added to the scores for the choice only: the router's own (DeepSeek-V3 style), or the
     block's that the router is handed (MiniMax-M2's e_score_correction_bias, AFMoE's expert_bias)."""
     bias = getattr(layer.router, "e_score_correction_bias", None)
-    if bias is None and layer.router_args:
-        bias = get_tensor(layer.block, layer.router_args[0])
+    args = layer.family.router_args if layer.family else ()
+    if bias is None and args:
+        bias = get_tensor(layer.block, args[0])
     return bias
 
 

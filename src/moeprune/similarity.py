@@ -57,12 +57,14 @@ def cosine_matrix(reps: torch.Tensor) -> torch.Tensor:
 
 
 def weight_representation(experts, gate_up_layout: str) -> torch.Tensor:
-    """[E, H, 3I]: per expert, its gate, up and down weights as H x neuron matrices (model-centric).
+    """[E, H, 3I]: per expert, its gate, up and down weights as H x neuron matrices (model-centric; [E, H, 2I] for
+    ungated experts).
 
     The hidden axis is shared by all experts, so CKA over it compares experts without assuming that
     their intermediate neurons correspond (CKA is invariant to permuting the neuron axis).
     """
-    gu, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+    gu = (experts.up_proj if gate_up_layout.startswith("plain") else experts.gate_up_proj).detach().double()
+    down = experts.down_proj.detach().double()
     if not gate_up_layout.endswith("_t"):   # gate_up [E, 2I, H], down [E, H, I]
         return torch.cat([gu.transpose(1, 2), down], dim=2)
     return torch.cat([gu, down.transpose(1, 2)], dim=2)    # gate_up [E, H, 2I], down [E, I, H]

@@ -78,8 +78,9 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
     if lp.num_experts != layer.num_experts:
         raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
                             f"{layer.num_experts}: the plan was made for another model")
-    names = [n for n, _ in layer.experts.named_parameters(recurse=False)]
-    original = {n: getattr(layer.experts, n).detach() for n in names}
+    # every experts parameter, nested ones too (Ergo's per-expert post_expert_norm.weight [E, H])
+    original = {n: p.detach() for n, p in layer.experts.named_parameters()}
+    names = list(original)
     in_place = all(min(a) < min(b) for a, b in zip(lp.groups, lp.groups[1:]))
     out = original if in_place else {n: t.new_empty((lp.keep, *t.shape[1:])) for n, t in original.items()}
     expert = lambda e: {n: original[n][e] for n in names}   # noqa: E731  one expert's tensors

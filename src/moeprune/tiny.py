@@ -45,7 +45,12 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrid
     if model_type not in _EXTRA:
         from transformers import CONFIG_MAPPING
         if model_type in CONFIG_MAPPING:
-            return tiny_config_any(model_type, **overrides)
+            config = tiny_config_any(model_type, **overrides)
+            if model_type in FAMILIES:          # an entry without hand-set fields (Llama 4): E and top-k as asked
+                family, text = FAMILIES[model_type], config.get_text_config()
+                setattr(text, family.n_experts_field, num_experts)
+                setattr(text, family.top_k_field, top_k)
+            return config
         raise MoePruneError(f"no tiny model for {model_type!r}; choose one of {', '.join(sorted(_EXTRA))} "
                             "or any transformers model type")
     family = FAMILIES[model_type]
@@ -138,6 +143,11 @@ _TYPE_OVERRIDES: dict[str, dict] = {
     "glm4v_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                                 mrope_section=[2, 3, 3])),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    # two indexed-attention layers, the second reusing the first's keys, values and index (as layers 9 and 4 of
+    # the 50-layer default)
+    "kolibri1_1": dict(layer_types=["sliding_attention", "indexed_attention", "sliding_attention", "indexed_attention"],
+                       index_layers=[1], kv_source_layers=[0, 1, 2, 1], index_num_heads=2, index_topk=16,
+                       index_pool_size=64, index_compression=4, index_num_local_tokens=8, index_num_sink_tokens=2),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=64, indexer_budget=16,
                            indexer_compress_ratio=4),
 }
@@ -279,11 +289,11 @@ def model_class_for(config):
     model (multimodal MoE), else None."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto import modeling_auto as ma
-    if config.model_type in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return AutoModelForCausalLM
-    if config.model_type in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        return AutoModelForImageTextToText
-    return None
+    causal = config.model_type in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    wrapper = config.model_type in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    if wrapper and (not causal or hasattr(config, "vision_config")):
+        return AutoModelForImageTextToText       # Llama 4 maps both: its published checkpoints are the wrapper
+    return AutoModelForCausalLM if causal else None
 
 
 def tiny_model_any(model_type: str, seed: int = 0, device: str | None = None, config=None, **overrides):
