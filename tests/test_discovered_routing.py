@@ -18,7 +18,7 @@ from moeprune.routing import correction_bias, restricted_routing
 from moeprune.surgery import apply_plan
 from moeprune.tiny import tiny_model_any
 
-TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe"]
+TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe", "muse_spark", "llama4_text", "ergo"]
 KEPT = [0, 2, 3, 5, 6, 7]
 
 

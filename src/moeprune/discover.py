@@ -143,8 +143,11 @@ class MoeStructure:
 
     @property
     def axis0(self) -> bool:
-        """Every experts parameter carries the expert index on axis 0 (what moeprune's surgery relies on)."""
-        return all(t.expert_axis == 0 for layer in self.layers for t in layer.expert_tensors)
+        """Every experts projection carries the expert index on axis 0 (what moeprune's surgery relies on); other
+        parameters either do too (Ergo's per-expert norms) or have no expert axis: shared by the experts (Muse
+        Spark's post-expert norm), left as they are."""
+        return all(t.expert_axis == 0 or (t.expert_axis is None and t.role in ("other", "bias"))
+                   for layer in self.layers for t in layer.expert_tensors)
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,15 @@ def _gate_up_shape(tensors: tuple[ExpertTensor, ...]) -> str | None:
     return None
 
 
+def experts_width(tensors: tuple[ExpertTensor, ...], H: int | None) -> int | None:
+    """The width of the experts' input: the hidden size, or what the block projects it to first (Muse Spark's
+    moe_hidden_size), read off the input side of the first [E, out, in] (or transposed [E, in, out]) projection."""
+    for t in tensors:
+        if t.role in ("gate_up", "gate", "up") and t.expert_axis == 0 and len(t.shape) == 3:
+            return t.shape[1] if t.transposed else t.shape[2]
+    return H
+
+
 @torch.no_grad()
 def _probe_gate_up(experts: nn.Module, tensors: tuple[ExpertTensor, ...], H: int, k: int) -> str | None:
     """Which part of the fused gate_up projection is the gate, measured on expert 0: "halves" (gate rows
@@ -345,7 +357,7 @@ def _probe_gate_up(experts: nn.Module, tensors: tuple[ExpertTensor, ...], H: int
     bias_name = t.name + "_bias" if hasattr(experts, t.name.rpartition(".")[2] + "_bias") else None
     bias = _get(experts, bias_name) if bias_name else None
     n = 4
-    hidden = torch.randn(n, H, dtype=param.dtype)
+    hidden = torch.randn(n, experts_width(tensors, H), dtype=param.dtype)
     index = torch.zeros(n, k, dtype=torch.long)
     index[:, 1:] = torch.arange(1, k) if k > 1 else index[:, 1:]
     weights = torch.zeros(n, k, dtype=param.dtype)
@@ -627,9 +639,11 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
                              f"{index.dtype}, not [{n}, {k}] / [{n}, {k}] int64")
             if not diffs or len(params) >= 3:
                 try:
-                    y = experts(torch.randn(n, H, dtype=dtype), index.reshape(n, -1).long(), weights.reshape(n, -1))
-                    if y.numel() != n * H:
-                        diffs.append(f"experts return shape {list(y.shape)}, not [{n}, {H}]")
+                    width = experts_width(first.expert_tensors, H)
+                    y = experts(torch.randn(n, width, dtype=dtype), index.reshape(n, -1).long(),
+                                weights.reshape(n, -1))
+                    if y.numel() != n * width:
+                        diffs.append(f"experts return shape {list(y.shape)}, not [{n}, {width}]")
                 except Exception as e:                  # noqa: BLE001
                     diffs.append(f"experts forward failed: {type(e).__name__}: {str(e)[:120]}")
     return Contract(returns, signature, tuple(diffs))

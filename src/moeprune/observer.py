@@ -28,7 +28,8 @@ def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 
 
 class Observer:
-    """Accumulates one MoE layer's statistics from the inputs of its MoE block, batch after batch."""
+    """Accumulates one MoE layer's statistics, batch after batch, from its router's decisions and its experts'
+    input (hooks on both, so the block's own forward decides what they see)."""
 
     def __init__(self, layer: MoeLayer, scoring: str, top_k: int, sample_positions: torch.Tensor,
                  expert_outputs: bool = True):
@@ -42,25 +43,33 @@ class Observer:
         self.inputs, self.logits, self.outputs = [], [], []
         self.chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # the sample's (top-k weights, indices)
 
-    def __call__(self, module, args, kwargs):
-        """The MoE block's forward pre-hook: its input, which the router and the experts are about to see."""
-        self._check_routed()
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._x = hidden.reshape(-1, hidden.shape[-1])                    # (B*T, d)
-
-    def _check_routed(self) -> None:
-        if getattr(self, "_x", None) is not None:
-            raise MoePruneError(f"layer {self.layer.index}: the MoE block ran without calling its router "
-                                f"({type(self.layer.router).__name__}); moeprune cannot observe its routing")
+    @torch.no_grad()
+    def routed(self, module, args, kwargs, output) -> None:
+        """The router's forward hook: its decisions as the block itself asked for them (whatever arguments the
+        block passes: a correction bias, [1, n, d] hidden states). They are observed with the input the experts
+        then receive (Muse Spark projects and normalises it first); experts that run on every token (Llama 4) are
+        observed on the router's input."""
+        decisions = self.layer.decisions(output)
+        if self.layer.family is not None and self.layer.family.expert_fn is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.observe(hidden.reshape(-1, hidden.shape[-1]), *decisions)
+            return
+        self._check_consumed()
+        self._pending = decisions
 
     @torch.no_grad()
-    def routed(self, module, args, output) -> None:
-        """The router's forward hook: its decisions as the block itself asked for them (whatever arguments the
-        block passes: a correction bias, [1, n, d] hidden states), with the block's input."""
-        x, self._x = self._x, None
-        if x is None:
-            return                                        # the router called outside the block
-        self.observe(x, *self.layer.decisions(output))
+    def experts_called(self, module, args, kwargs) -> None:
+        """The experts' forward pre-hook: the routed tokens' input, observed with the router's pending decisions
+        (the observer's own calls of the experts find none pending)."""
+        decisions, self._pending = getattr(self, "_pending", None), None
+        if decisions is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.observe(hidden.reshape(-1, hidden.shape[-1]), *decisions)
+
+    def _check_consumed(self) -> None:
+        if getattr(self, "_pending", None) is not None:
+            raise MoePruneError(f"layer {self.layer.index}: the router ({type(self.layer.router).__name__}) ran "
+                                "without the experts it routes to; moeprune cannot observe this MoE block")
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
@@ -89,7 +98,7 @@ class Observer:
         self.tokens += x.shape[0]
 
     def result(self) -> LayerStats:
-        self._check_routed()
+        self._check_consumed()
         def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
         return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
@@ -104,8 +113,8 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     returns (the layer's statistics, the layer's outputs for the next layer). Without `expert_outputs`
     the sample records inputs and router logits only (what selection methods and M-SMoE need)."""
     observer = Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
-    handles = [moe.block.register_forward_pre_hook(observer, with_kwargs=True),
-               moe.router.register_forward_hook(observer.routed)]
+    handles = [moe.router.register_forward_hook(observer.routed, with_kwargs=True),
+               moe.experts.register_forward_pre_hook(observer.experts_called, with_kwargs=True)]
     try:
         outputs = advance(decoder_layer, moe.index, batches)
     finally:

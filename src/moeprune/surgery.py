@@ -78,8 +78,9 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
     if lp.num_experts != layer.num_experts:
         raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
                             f"{layer.num_experts}: the plan was made for another model")
-    # every experts parameter, nested ones too (Ergo's per-expert post_expert_norm.weight [E, H])
-    original = {n: p.detach() for n, p in layer.experts.named_parameters()}
+    # every per-expert parameter ([E, ...]), nested ones too (Ergo's post_expert_norm.weight [E, H]); a parameter
+    # the experts share (Muse Spark's post_expert_norm.weight [H]) is left as it is
+    original = {n: p.detach() for n, p in layer.experts.named_parameters() if p.dim() and p.shape[0] == lp.num_experts}
     names = list(original)
     in_place = all(min(a) < min(b) for a, b in zip(lp.groups, lp.groups[1:]))
     out = original if in_place else {n: t.new_empty((lp.keep, *t.shape[1:])) for n, t in original.items()}
