@@ -146,6 +146,120 @@ def test_mxfp4_matches_transformers_code_table_and_nibble_order():
     assert torch.equal(Q.mxfp4_dequantize(*Q.mxfp4_quantize(exact)), exact)
 
 
+# ---------------------------------------------------------------- MXFP4: the fast code is the reference's bytes
+
+def _reference_mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """quant.mxfp4_dequantize as it was before the table version (int64 codes, ldexp), verbatim."""
+    if blocks.dim() > 3:
+        *lead, rows, groups, _ = blocks.shape
+        out = torch.empty(*lead, groups * Q.MX_GROUP, rows, dtype=dtype)
+        for k in range(blocks.shape[0]):
+            out[k] = _reference_mxfp4_dequantize(blocks[k], scales[k], dtype)
+        return out
+    b = blocks.to(torch.int64)
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2)                  # [R, G, 32]
+    values = torch.ldexp(Q._FP4[codes], (scales.to(torch.int32) - Q.E8M0_BIAS).unsqueeze(-1))
+    out = values.flatten(-2).transpose(-1, -2).contiguous()
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _reference_fp4_codes(x: torch.Tensor) -> torch.Tensor:
+    mag = torch.bucketize(x.abs().contiguous(), Q._FP4_MIDPOINTS, right=False)
+    return mag + 8 * ((x < 0) & (mag > 0)).to(torch.int64)
+
+
+def _reference_mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.mxfp4_quantize as it was before the chunked, table-driven version (about 15x slower), verbatim."""
+    x = w.to(torch.float32).transpose(-1, -2).contiguous()                       # [..., R, K]
+    K = x.shape[-1]
+    g = x.unflatten(-1, (K // Q.MX_GROUP, Q.MX_GROUP))                            # [..., R, G, 32]
+    amax = g.abs().amax(dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    high = torch.ceil(torch.log2((amax / 6.0).clamp(min=tiny))).clamp(-Q.E8M0_BIAS, 127).to(torch.int32)
+    best_codes, best_exp, best_err = None, None, None
+    for exp in (high, (high - 1).clamp(min=-Q.E8M0_BIAS)):
+        codes = _reference_fp4_codes(torch.ldexp(g, -exp.unsqueeze(-1)))
+        err = (torch.ldexp(Q._FP4[codes], exp.unsqueeze(-1)) - g).square().sum(dim=-1)
+        if best_err is None:
+            best_codes, best_exp, best_err = codes, exp, err
+        else:
+            better = err < best_err
+            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+            best_exp = torch.where(better, exp, best_exp)
+            best_err = torch.where(better, err, best_err)
+    pairs = best_codes.unflatten(-1, (Q.MX_GROUP // 2, 2))
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, (best_exp + Q.E8M0_BIAS).to(torch.uint8)
+
+
+EDGE = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 3.4028235e38, -3.4028235e38, 1e-45,
+                     -1e-45, 1.1754944e-38, 6 * 2.0 ** 126, 6 * 2.0 ** -127])
+# the e2m1 grid, its midpoints (a tie rounds down), and values beyond 6 (clipped by the lower scale)
+GRID = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, .25, .75, 1.25, 1.75, 2.5, 3.5, 5, 6.5, 12, 5.999])
+
+
+def _edge_values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """w [..., K, R] whose groups of 32 (along K) mix gaussians, grid values and midpoints (some nudged by an ulp
+    or two) at exponents from subnormal to overflow, both signs, +-0, +-inf, NaN, the largest floats, all-zero
+    groups."""
+    gen = torch.Generator().manual_seed(seed)
+    *lead, K, R = shape
+    groups = math.prod(shape) // 32
+    kind = torch.randint(0, 6, (groups, 32), generator=gen)
+    v = torch.where(kind == 0, torch.randn(groups, 32, generator=gen),
+                    GRID[torch.randint(0, len(GRID), (groups, 32), generator=gen)])
+    v = v * torch.exp2(torch.randint(-150, 130, (groups, 1), generator=gen).float())
+    nudge = torch.randint(-2, 3, (groups, 32), generator=gen, dtype=torch.int32) * (kind == 2)
+    v = (v.view(torch.int32) + nudge).view(torch.float32)
+    v = torch.where(torch.rand(groups, 32, generator=gen) < 0.5, -v, v)
+    special = torch.rand(groups, 32, generator=gen) < 0.01
+    v = torch.where(special, EDGE[torch.randint(0, len(EDGE), (groups, 32), generator=gen)], v)
+    v = torch.where(torch.rand(groups, 1, generator=gen) < 0.05, 0.0, v)
+    return v.reshape(*lead, R, K).transpose(-1, -2)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8),
+                                                                     b.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("chunk", [Q._CHUNK, 100])        # 100: three rows a chunk, a partial last chunk
+def test_mxfp4_quantize_gives_the_reference_bytes_on_edge_values(chunk, monkeypatch):
+    monkeypatch.setattr(Q, "_CHUNK", chunk)
+    for seed, shape in enumerate([(64, 96), (3, 32, 37), (2, 2, 96, 20), (1024, 64)]):
+        w = _edge_values(shape, seed)
+        for t in (w, w.to(torch.bfloat16), w.to(torch.float64), w.contiguous()):
+            got, want = Q.mxfp4_quantize(t), _reference_mxfp4_quantize(t)
+            assert all(_same_bytes(a, b) for a, b in zip(got, want)), (shape, t.dtype)
+    plain = torch.randn(2, 320, 200, generator=torch.Generator().manual_seed(9))        # ordinary weights as well
+    assert all(_same_bytes(a, b) for a, b in zip(Q.mxfp4_quantize(plain), _reference_mxfp4_quantize(plain)))
+
+
+def test_mxfp4_dequantize_gives_the_reference_values_for_every_byte_and_scale():
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(256).view(256, 16, 16)   # every byte, under every scale
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 16).contiguous()
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert _same_bytes(Q.mxfp4_dequantize(blocks, scales, dtype),
+                           _reference_mxfp4_dequantize(blocks, scales, dtype)), dtype
+    fused = blocks.view(4, 64, 16, 16), scales.view(4, 64, 16)
+    assert _same_bytes(Q.mxfp4_dequantize(*fused), _reference_mxfp4_dequantize(*fused))
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.integers(1, 3).flatmap(lambda groups: st.tuples(
+    st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True),
+             min_size=32 * groups, max_size=32 * groups), st.integers(1, 3))))
+def test_mxfp4_quantize_property_any_float32_is_the_reference(drawn):
+    values, columns = drawn
+    w = torch.tensor(values, dtype=torch.float32).view(-1, 1).repeat(1, columns)   # [K, R]
+    w[:, 1:] *= torch.tensor([2.0 ** -60, 3.0])[: columns - 1]                     # other magnitudes, other rows
+    assert all(_same_bytes(a, b) for a, b in zip(Q.mxfp4_quantize(w), _reference_mxfp4_quantize(w)))
+
+
 # ---------------------------------------------------------------- prune in the precision the input ships
 
 CASES = [("deepseek_v3", "fp8"), ("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4")]
