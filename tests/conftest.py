@@ -12,10 +12,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from moeprune.arch import FAMILIES, moe_layout
-from moeprune.tiny import tiny_model
+from moeprune.arch import moe_layout
+from moeprune.tiny import TINY_FAMILIES, tiny_model
 
-ALL_FAMILIES = sorted(FAMILIES)
+ALL_FAMILIES = TINY_FAMILIES          # hand-set tiny models: every method runs on each
 torch.set_num_threads(1)
 
 
@@ -43,8 +43,8 @@ def pin_routing(model, kept: list[int], scale: float = 20.0, level: float = 100.
         model.get_input_embeddings().weight[:, 0] = level
         for name, p in model.named_parameters():
             if "o_proj" in name or "down_proj" in name:
-                if p.dim() == 3:      # fused experts: halves [E, H, I]; gpt_oss [E, I, H]
-                    (p[:, :, 0] if layout.family.gate_up == "interleaved_t" else p[:, 0, :]).zero_()
+                if p.dim() == 3:      # fused experts: halves [E, H, I]; GPT-OSS, Llama 4 [E, I, H]
+                    (p[:, :, 0] if layout.family.gate_up.endswith("_t") else p[:, 0, :]).zero_()
                 elif p.dim() == 2 and "down_proj_bias" in name:
                     p[:, 0] = 0
                 elif p.dim() == 2:

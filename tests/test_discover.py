@@ -1,5 +1,6 @@
-"""moeprune.discover finds the routed experts by structure: it agrees with the hand-written arch.FAMILIES for
-the 10 supported families, and holds on every model type that scripts/families.py marks as working."""
+"""moeprune.discover finds the routed experts by structure: on the hand-set families the tests run every method on
+(the same on the meta skeleton a streamed checkpoint is read with, but for what the few arch.FAMILIES entries
+state), and on every model type that scripts/families.py marks as working."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeprune.arch import FAMILIES, discovered_family
+from moeprune.arch import FAMILIES, discovered_family, moe_layout
 from moeprune.discover import check_contract, find_moe
-from moeprune.tiny import TINY_EXPERTS, TINY_TOP_K, _layer_pattern, tiny_config_any, tiny_model, tiny_model_any
+from moeprune.tiny import (TINY_EXPERTS, TINY_FAMILIES, TINY_TOP_K, _layer_pattern, tiny_config_any, tiny_model,
+                           tiny_model_any)
 
 torch.set_num_threads(1)
 
@@ -42,29 +44,58 @@ def _set(config, dotted: str, value) -> None:
     setattr(config, leaf, value)
 
 
-STANDARD = sorted(t for t, f in FAMILIES.items() if f.read_router is None and f.expert_fn is None)
-ADAPTED = sorted(set(FAMILIES) - set(STANDARD))      # entries that adapt another router / experts contract
+# which layers those configs make MoE, by each family's own rule (decoder_sparse_step, mlp_only_layers,
+# first_k_dense_replace, moe_layer_start_index / interval)
+_MOE_LAYERS = {"qwen2_moe": [1, 3], "qwen3_moe": [0, 2, 3], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
+               "glm4_moe": [1, 2], "ernie4_5_moe": [1, 3]}
+STANDARD = sorted(t for t in TINY_FAMILIES if t not in FAMILIES or FAMILIES[t].read_router is None)
+ADAPTED = sorted(set(TINY_FAMILIES) - set(STANDARD))      # entries that adapt another router / experts contract
+
+
+def _meta(model):
+    with torch.device("meta"):
+        return type(model)._from_config(copy.deepcopy(model.config))
 
 
 @pytest.mark.parametrize("model_type", STANDARD)
-def test_known_families_agree_with_arch(model_type):
-    family = FAMILIES[model_type]
+def test_hand_set_families_are_found_by_structure(model_type):
+    """The families moeprune's tests run every method on: their MoE layers, block, router, experts, shared experts,
+    count and top-k fields, scoring and gate/up layout found by structure, the same on the live model and on the
+    meta-device skeleton a streamed checkpoint is read with, unless an arch entry says what the skeleton cannot."""
     model = tiny_model(model_type, **_MIXED.get(model_type, {}))
     s = find_moe(model)
     found = discovered_family(s)
-    for name in ("top_k_field", "block", "router", "experts", "shared", "router_tensors", "scoring", "gate_up",
-                 "group_fields"):
-        assert getattr(found, name) == getattr(family, name), name
-    # the count field: the config key itself or an attribute_map spelling of it
-    spellings = {k.rpartition(".")[2] for k in (*s.n_experts_keys[:1], *s.n_experts_aliases)}
-    assert family.n_experts_field in spellings
-    assert getattr(model.config, found.n_experts_field) == s.num_experts == 8
     config = model.config
-    assert list(s.moe_layers) == [i for i in range(config.num_hidden_layers) if family.is_moe_layer(config, i)]
+    assert list(s.moe_layers) == _MOE_LAYERS.get(model_type, list(range(config.num_hidden_layers)))
+    assert [m.index for m in moe_layout(model).layers] == list(s.moe_layers)
+    assert getattr(model.config, found.n_experts_field) == s.num_experts == 8
     assert s.layers_path == "model.layers" and s.axis0 and s.top_k == 2
     assert s.gate_up_evidence == "probe"
     assert s.scoring_evidence == ("guess" if model_type == "phimoe" else "probe")   # sparsemixer: not a plain softmax
     assert check_contract(s, model).ok
+    fields = ("top_k_field", "block", "router", "experts", "shared", "router_tensors", "scoring", "gate_up",
+              "group_fields")
+    family = FAMILIES.get(model_type, found)
+    for name in fields:
+        assert getattr(found, name) == getattr(family, name), name
+    spellings = {k.rpartition(".")[2] for k in (*s.n_experts_keys[:1], *s.n_experts_aliases)}
+    assert family.n_experts_field in spellings     # the config key itself or an attribute_map spelling of it
+    skeleton = discovered_family(find_moe(_meta(model)))
+    differ = [name for name in fields if getattr(skeleton, name) != getattr(found, name)]
+    assert differ == _NOT_ON_THE_SKELETON.get(model_type, []), differ
+
+
+# what each arch entry holds that the meta skeleton does not show (an entry with nothing here is not needed)
+_NOT_ON_THE_SKELETON = {"gpt_oss": ["gate_up"], "ernie4_5_moe": ["scoring"]}
+
+
+def test_every_entry_is_needed():
+    """arch.FAMILIES holds only exceptions: each entry states what discovery on the skeleton gets wrong, or adapts
+    a contract discovery refuses."""
+    assert set(FAMILIES) == set(_NOT_ON_THE_SKELETON) | set(ADAPTED)
+    for model_type in ADAPTED:
+        model = tiny_model_any(model_type, device="meta")
+        assert not check_contract(find_moe(model), model).ok
 
 
 @pytest.mark.parametrize("model_type", ADAPTED)
@@ -80,7 +111,6 @@ def test_adapted_families_are_found_and_adapted_exactly(model_type):
         assert getattr(found, name) == getattr(family, name), name
     differences = " ".join(check_contract(s, model).differences)
     assert "forward takes (hidden_states)" in differences and "returns" in differences
-    from moeprune.arch import moe_layout
     layer = moe_layout(model).layers[0]
     x = torch.randn(10, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
     logits, weights, indices = layer.route(x)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ALL_FAMILIES, char_tokenizer_files, make
 from moeprune import api
-from moeprune.arch import FAMILIES, moe_layout
+from moeprune.arch import moe_layout
 from moeprune.checkpoint import load
 from moeprune.cli import main
 from moeprune.methods import get_method
@@ -36,8 +36,8 @@ def hub_config_text(model) -> str:
     d = model.config.to_dict()
     rope = d.pop("rope_parameters", None) or {}
     out = {HUB_KEYS.get(k, k): v for k, v in d.items() if k not in ("num_local_experts", "num_experts")}
-    out[EXPERT_KEY.get(model.config.model_type, FAMILIES[model.config.model_type].n_experts_field)] = \
-        getattr(model.config, FAMILIES[model.config.model_type].n_experts_field)
+    field = moe_layout(model).family.n_experts_field
+    out[EXPERT_KEY.get(model.config.model_type, field)] = getattr(model.config, field)
     if rope:
         out["rope_theta"] = rope.get("rope_theta", 10000.0)
     out["torch_dtype"] = str(model.dtype).replace("torch.", "")
@@ -80,7 +80,7 @@ def test_output_is_the_input_folder_with_only_the_expert_count_changed(family, t
     a, b = (src / "config.json").read_text().splitlines(), (out / "config.json").read_text().splitlines()
     changed = [(x, y) for x, y in zip(a, b) if x != y]
     assert len(a) == len(b) and changed
-    n_key = EXPERT_KEY.get(family, FAMILIES[family].n_experts_field)
+    n_key = EXPERT_KEY.get(family, moe_layout(make(family)).family.n_experts_field)
     assert any(f'"{n_key}": 8' in x and f'"{n_key}": 5' in y for x, y in changed)
     edited = {"n_group", "topk_group"}                                     # 5 experts cannot form 2 groups
     assert all(x.split(":")[0].strip().strip('"') in {n_key} | edited for x, _ in changed), changed

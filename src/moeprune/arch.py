@@ -1,12 +1,13 @@
-"""Where the routed experts live, per model family.
+"""Where the routed experts live: found by structure, with a table for what structure cannot tell.
 
-A family is data, not a subclass: attribute names, config field names and routing quirks of one
-transformers 5.x model type. Every family stores its routed experts fused in one `*Experts` module
-whose tensors all carry the expert index on axis 0, and a router whose forward returns
-`(router_logits, topk_weights, topk_indices)`. moeprune relies on exactly that contract, and finds it
-by structure (moeprune.discover): a model type with no entry below works when nothing about it is
-special. The entries are the families whose routing quirks (group-limited routing, sparsemixer,
-correction biases) or config fields the structure cannot tell, checked against discovery by the tests.
+transformers 5.x builds every routed MoE the same way: a fused `*Experts` module whose tensors carry the expert
+index on axis 0, and a router whose forward returns `(router_logits, topk_weights, topk_indices)`. moeprune finds
+that by structure (moeprune.discover), on a built model or the meta-device skeleton of a checkpoint, so a model
+type needs no entry here when nothing about it is special. The entries below are the exceptions, each for a fact
+the skeleton does not show: GPT-OSS interleaves gate and up columns (same shapes as halves), ERNIE-4.5 scores by
+softmax although its router carries a correction bias, Llama 4's router and experts have another contract. How
+each known family routes (renormalised or not, group-limited, sparsemixer) is in moeprune.routing; the tests
+check every entry against discovery.
 
     layout = moe_layout(model)      # -> Layout with one MoeLayer per MoE decoder layer
 """
@@ -48,25 +49,6 @@ class Family:
     # stored [E, H, ...] (x @ W; down_proj [E, I, H]): GPT-OSS is "interleaved_t", Llama 4 "halves_t"
     gate_up: str = "halves"
     group_fields: tuple[str, str] | None = None          # (n_group, topk_group) config fields
-    # which decoder layers are MoE, from the config alone (used by `info` and checked against the model)
-    is_moe_layer: Callable[[object, int], bool] = lambda c, i: True
-
-
-def _every_step(c, i: int) -> bool:  # Qwen2-MoE / Qwen3-MoE
-    return i not in (c.mlp_only_layers or []) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
-
-
-def _after_dense(c, i: int) -> bool:  # DeepSeek / GLM
-    return i >= (c.first_k_dense_replace or 0)
-
-
-def _listed(c, i: int) -> bool:  # Llama 4: moe_layers, derived from interleave_moe_layer_step
-    return i in (c.moe_layers or [])
-
-
-def _ernie(c, i: int) -> bool:
-    end = c.moe_layer_end_index if c.moe_layer_end_index >= 0 else c.num_hidden_layers - 1
-    return (i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= end
 
 
 def _llama4_router(router: nn.Module, output: tuple) -> tuple:
@@ -84,26 +66,13 @@ def _llama4_expert(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
-    Family("mixtral", "num_local_experts"),
-    Family("qwen2_moe", "num_experts", shared=("shared_expert", "shared_expert_gate"), is_moe_layer=_every_step),
-    Family("qwen3_moe", "num_experts", is_moe_layer=_every_step),
-    Family("olmoe", "num_experts"),
-    Family("deepseek_v2", "n_routed_experts", shared=("shared_experts",), group_fields=("n_group", "topk_group"),
-           is_moe_layer=_after_dense),
-    Family("deepseek_v3", "n_routed_experts", shared=("shared_experts",), scoring="sigmoid",
-           router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
-           group_fields=("n_group", "topk_group"), is_moe_layer=_after_dense),
-    Family("glm4_moe", "n_routed_experts", shared=("shared_experts",), scoring="sigmoid",
-           router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
-           group_fields=("n_group", "topk_group"), is_moe_layer=_after_dense),
     Family("ernie4_5_moe", "moe_num_experts", top_k_field="moe_k", shared=("shared_experts",),
-           router_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)), is_moe_layer=_ernie),
-    Family("phimoe", "num_local_experts", router="router"),
+           router_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1))),
     Family("gpt_oss", "num_local_experts", router="router", router_tensors=(("weight", 0), ("bias", 0)),
            gate_up="interleaved_t"),
     *(Family(t, "num_local_experts", block="feed_forward", router="router", shared=("shared_expert",),
-             scoring="sigmoid", gate_up="halves_t", is_moe_layer=_listed, read_router=_llama4_router,
-             expert_fn=_llama4_expert) for t in ("llama4_text", "llama4")),
+             scoring="sigmoid", gate_up="halves_t", read_router=_llama4_router, expert_fn=_llama4_expert)
+      for t in ("llama4_text", "llama4")),
 ]}
 
 
@@ -226,12 +195,10 @@ def discovered_family(s: MoeStructure) -> Family:
     if problems:
         raise MoePruneError(f"model type {s.model_type!r}: its MoE layers differ in {', '.join(problems)}; moeprune "
                             "prunes models whose MoE layers share one layout (docs/FAMILIES.md)")
-    moe = set(s.moe_layers)
     return Family(s.model_type, s.n_experts_key.rpartition(".")[2], top_k_field=s.top_k_key.rpartition(".")[2],
                   block=s.block, router=s.router, experts=s.experts, shared=s.shared, router_tensors=s.router_tensors,
                   block_tensors=s.block_tensors, router_args=s.router_args,
-                  scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields,
-                  is_moe_layer=lambda c, i: i in moe)
+                  scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -264,7 +231,7 @@ def moe_layout(model: nn.Module) -> Layout:
     for i, decoder_layer in enumerate(decoder_layers(model)):
         block = get_tensor(decoder_layer, family.block)
         experts = get_tensor(block, family.experts) if block is not None else None
-        if experts is None or next(experts.parameters(), None) is None or not family.is_moe_layer(config, i):
+        if experts is None or next(experts.parameters(), None) is None:      # a dense layer
             continue
         layout.layers.append(MoeLayer.of(i, block, family))
     if not layout.layers:

@@ -36,7 +36,7 @@ except ImportError:                             # pragma: no cover - an older hu
 CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, StrictDataclassError)
 
 from . import demo
-from .arch import FAMILIES, MoePruneError
+from .arch import MoePruneError
 from .atomic import replaceable
 
 # transformers asks on stdin whether to run a folder's own code when trust_remote_code is left unset, and a
@@ -53,6 +53,9 @@ SIZE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "sha
                "n_shared_experts", "n_group", "topk_group", "moe_num_shared_experts", "decoder_sparse_step",
                "moe_layer_interval")
 MAX_SIZE = 2**24
+# the routed expert count and top-k, under each family's spelling (checked whatever the family)
+COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "moe_top_k")
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -199,8 +202,7 @@ def check_config(config, where: str = "config.json") -> None:
     the language model's sub-config in a multimodal wrapper)."""
     top = config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    fields = SIZE_FIELDS + ((family.n_experts_field, family.top_k_field) if family is not None else ())
+    fields = SIZE_FIELDS + COUNT_FIELDS + TOP_K_FIELDS
     for name in fields:
         value = getattr(config, name, None)
         if value is None or (name == "head_dim" and value == 0):      # 0: unused (GLM-5-Next's MLA layers)
@@ -209,11 +211,11 @@ def check_config(config, where: str = "config.json") -> None:
             shown = repr(value)[:60]
             raise MoePruneError(f"{where}: field {name!r} is {shown}; it must be a positive integer (at most "
                                 f"{MAX_SIZE}). The file is damaged or was edited by hand: restore it")
-    if family is not None:
-        experts, top_k = getattr(config, family.n_experts_field, None), getattr(config, family.top_k_field, None)
-        if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
-            raise MoePruneError(f"{where}: field {family.top_k_field!r} ({top_k}) exceeds the expert count "
-                                f"{family.n_experts_field!r} ({experts}); restore the file")
+    count = next((f for f in COUNT_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    top = next((f for f in TOP_K_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    if count and top and getattr(config, top) > getattr(config, count):
+        raise MoePruneError(f"{where}: field {top!r} ({getattr(config, top)}) exceeds the expert count "
+                            f"{count!r} ({getattr(config, count)}); restore the file")
     auto_map, architectures = getattr(top, "auto_map", None), getattr(top, "architectures", None)
     if auto_map is not None and not isinstance(auto_map, dict):
         raise MoePruneError(f"{where}: field 'auto_map' is {repr(auto_map)[:60]}, not an object; restore the file")

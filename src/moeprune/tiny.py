@@ -37,6 +37,17 @@ _EXTRA: dict[str, dict] = {
     "gpt_oss": dict(intermediate_size=32, layer_types=["sliding_attention", "full_attention"], sliding_window=16,
                     attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
+# per family: the config fields of the expert count and top-k, which tiny_config sets
+_COUNTS: dict[str, tuple[str, str]] = {
+    "mixtral": ("num_local_experts", "num_experts_per_tok"), "qwen2_moe": ("num_experts", "num_experts_per_tok"),
+    "qwen3_moe": ("num_experts", "num_experts_per_tok"), "olmoe": ("num_experts", "num_experts_per_tok"),
+    "deepseek_v2": ("n_routed_experts", "num_experts_per_tok"),
+    "deepseek_v3": ("n_routed_experts", "num_experts_per_tok"),
+    "glm4_moe": ("n_routed_experts", "num_experts_per_tok"), "ernie4_5_moe": ("moe_num_experts", "moe_k"),
+    "phimoe": ("num_local_experts", "num_experts_per_tok"), "gpt_oss": ("num_local_experts", "num_experts_per_tok"),
+}
+# the model types with a hand-set tiny model (`tiny:<name>`) or an arch entry: what the test-suite runs every method on
+TINY_FAMILIES = sorted({*_EXTRA, *FAMILIES})
 
 
 def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
@@ -53,9 +64,8 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrid
             return config
         raise MoePruneError(f"no tiny model for {model_type!r}; choose one of {', '.join(sorted(_EXTRA))} "
                             "or any transformers model type")
-    family = FAMILIES[model_type]
-    fields = {**_COMMON, **_EXTRA[model_type], family.n_experts_field: num_experts, family.top_k_field: top_k,
-              **overrides}
+    n_field, k_field = _COUNTS[model_type]
+    fields = {**_COMMON, **_EXTRA[model_type], n_field: num_experts, k_field: top_k, **overrides}
     return AutoConfig.for_model(model_type, **fields)
 
 
