@@ -12,6 +12,7 @@ weights (pytorch_model.bin) are refused, never unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -197,24 +198,37 @@ def _culprit(config_class: type, fields: dict) -> str | None:
     return None
 
 
+def _field_kinds(config_class: type) -> tuple[set[str], set[str]]:
+    """(fields whose transformers default is 0, fields declared as lists): there 0 means unused (GLM-5-Next's
+    NoPE attention has qk_rope_head_dim 0 and head_dim 0) and a list holds one size per part (ERNIE-4.5-VL's
+    moe_intermediate_size, [text experts, vision experts]), not a damaged file."""
+    if not dataclasses.is_dataclass(config_class):
+        return set(), set()
+    fields = dataclasses.fields(config_class)
+    return ({f.name for f in fields if f.default == 0 and not isinstance(f.default, bool)},
+            {f.name for f in fields if "list" in str(f.type)})
+
+
 def check_config(config, where: str = "config.json") -> None:
     """The fields that size the model: positive integers; top-k within the expert count; whole KV groups (of
     the language model's sub-config in a multimodal wrapper)."""
     top = config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     fields = SIZE_FIELDS + COUNT_FIELDS + TOP_K_FIELDS
+    unused, lists = _field_kinds(type(config))
     for name in fields:
         value = getattr(config, name, None)
-        if value is None or (name == "head_dim" and value == 0):      # 0: unused (GLM-5-Next's MLA layers)
+        if value is None or (value == 0 and name in unused):
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+        values = value if name in lists and isinstance(value, list) and value else [value]
+        if any(not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIZE for v in values):
             shown = repr(value)[:60]
             raise MoePruneError(f"{where}: field {name!r} is {shown}; it must be a positive integer (at most "
                                 f"{MAX_SIZE}). The file is damaged or was edited by hand: restore it")
     count = next((f for f in COUNT_FIELDS if isinstance(getattr(config, f, None), int)), None)
-    top = next((f for f in TOP_K_FIELDS if isinstance(getattr(config, f, None), int)), None)
-    if count and top and getattr(config, top) > getattr(config, count):
-        raise MoePruneError(f"{where}: field {top!r} ({getattr(config, top)}) exceeds the expert count "
+    k_field = next((f for f in TOP_K_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    if count and k_field and getattr(config, k_field) > getattr(config, count):
+        raise MoePruneError(f"{where}: field {k_field!r} ({getattr(config, k_field)}) exceeds the expert count "
                             f"{count!r} ({getattr(config, count)}); restore the file")
     auto_map, architectures = getattr(top, "auto_map", None), getattr(top, "architectures", None)
     if auto_map is not None and not isinstance(auto_map, dict):

@@ -133,6 +133,8 @@ _SIZES: dict[str, object] = {
     "split_ngram_parts": 2, "model_max_length": 256, "canvas_length": 16, "index_block_size": 16,
     # layer counts of encoders (vision / audio): 2
     "depth": 2, "encoder_layers": 2, "decoder_layers": 2, "n_layers": 2,
+    # decoder layers per block of Inkling-2's attention residuals: two blocks in the tiny layers, as real ones have
+    "n_layers_per_attn_res_block": 2,
 }
 # fields holding the number of decoder layers (set to TINY_LAYERS; per-layer lists follow)
 _LAYER_FIELDS = ("num_hidden_layers", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers")
@@ -142,6 +144,11 @@ _EXPERT_FIELD = re.compile(r"expert")
 _NOT_COUNT = re.compile(r"per_tok|per_token|shared|size|dim|capacity|layer|top|group|coef|factor|loss|"
                         r"interval|start|end|index|offset|period|freq|norm|bias|scale|noise|jitter|drop|type")
 _SHARED_COUNT = re.compile(r"shared_experts?$|shared_experts?_num$|^n_shared|num_shared_experts")
+# sizes a family ties together: (a, b) -> a follows b's tiny value where the defaults have them equal
+_TIED = (("num_key_value_heads", "num_attention_heads"), ("head_dim", "qk_rope_head_dim"))
+# per-layer lists that a config class leaves None and its model indexes anyway (DeepSeek-OCR-2's text model):
+# the tiny value, from the tiny layer count (a dense layer first, as first_k_dense_replace = 1 gives)
+_UNSET_PER_LAYER = {"mlp_layer_types": lambda n: ["dense"] + ["sparse"] * (n - 1)}
 
 # per model type: fields the table cannot give (applied last, to the top-level config)
 _TYPE_OVERRIDES: dict[str, dict] = {
@@ -152,6 +159,11 @@ _TYPE_OVERRIDES: dict[str, dict] = {
     # the modeling code's default mrope_section [8, 12, 12] needs head_dim 128: 2+3+3 = half of 32 x 0.5
     "glm4v_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                                 mrope_section=[2, 3, 3])),
+    # the modeling code's default mrope_section [22, 22, 20] needs head_dim 128: 6+6+4 = half of 64 / 2
+    "ernie4_5_vl_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0,
+                                                      mrope_section=[6, 6, 4])),
+    # its looped layers (run loop_num_passes times per forward) within the tiny layers, on block boundaries
+    "inkling2_loop_text": dict(loop_layer_index_start=2, loop_layer_index_end=4),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
     # two indexed-attention layers, the second reusing the first's keys, values and index (as layers 9 and 4 of
     # the 50-layer default)
@@ -176,6 +188,19 @@ def _layer_pattern(values: list, n: int) -> list:
             picked.append(i)
         i += 1
     return [values[i] for i in sorted(picked)]
+
+
+def _shrunk_entry(entry):
+    """One per-layer override of a config (Dots3-Note's per_layer_config: the sliding layers' own head counts and
+    widths) shrunk by the same table, its ties kept."""
+    if not isinstance(entry, dict):
+        return entry
+    out = {k: _SIZES[k] if k in _SIZES and isinstance(v, int) and not isinstance(v, bool) and v > 0 else v
+           for k, v in entry.items()}
+    for a, b in _TIED:
+        if a in out and b in out and entry[a] == entry[b]:
+            out[a] = out[b]
+    return out
 
 
 def _field_defaults(cls) -> dict:
@@ -230,7 +255,7 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
         for key, value in defaults.items():
             if key not in kw and value == hidden and not isinstance(value, bool) and re.search(r"dim|size|width", key):
                 kw[key] = kw["hidden_size"]
-    for a, b in (("num_key_value_heads", "num_attention_heads"), ("head_dim", "qk_rope_head_dim")):
+    for a, b in _TIED:
         if a in kw and b in kw and defaults.get(a) == defaults.get(b):
             kw[a] = kw[b]
     if "qk_head_dim" in kw and "qk_nope_head_dim" in kw and "qk_rope_head_dim" in kw:
@@ -251,7 +276,10 @@ def _shrunk_fields(cls, n_layers: int = TINY_LAYERS) -> dict:
     if isinstance(plc, dict) and plc and layers_after and layers_after != layers_before:
         kept = {k: v for k, v in plc.items() if int(k) < layers_after}
         first = min(plc, key=int)
-        kw["per_layer_config"] = kept or {layers_after - 1: plc[first]}
+        kw["per_layer_config"] = {k: _shrunk_entry(v) for k, v in (kept or {layers_after - 1: plc[first]}).items()}
+    for key, tiny in _UNSET_PER_LAYER.items():
+        if key in defaults and defaults[key] is None and layers_after:
+            kw[key] = tiny(layers_after)
     # lists of layer indices (mlp_only_layers, moe_layers, ...): only those of the tiny layers
     for key, value in defaults.items():
         if key in kw or not isinstance(value, list) or not value or raw.get(key, value) is None:
