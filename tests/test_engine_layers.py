@@ -12,7 +12,7 @@ import torch
 from moeprune.engine import LayerWork, Step, run, score
 from moeprune.sources import CheckpointSource, ModelSource
 from moeprune.steps import Evaluate
-from moeprune.tiny import tiny_model
+from moeprune.tiny import tiny_model, tiny_model_any
 
 import test_layer_inputs                 # tiny configs that keep every layer type of a hybrid family
 
@@ -91,3 +91,41 @@ def test_streamed_hybrid_families_equal_their_own_forward(model_type, extra, tmp
     source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
     source.model.config._attn_implementation = "eager"
     assert_engine_matches(source, ids, want)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "hy_v4"])
+def test_top_k_indices_handed_from_layer_to_layer(model_type, streamed, tmp_path):
+    """GLM-MoE-DSA and Hy-V4: each decoder layer hands its sparse-attention top-k indices to the next
+    (prev_topk_indices), which the "shared" layers attend with; the engine carries them per stream, in memory and
+    streamed, at 40 tokens against a top-k of 8. Hy-V4's logits go through its hyper-connection head (hc_head)
+    before the final norm, read from the folder when streamed."""
+    model = test_layer_inputs.build(model_type, attn="eager")
+    assert "shared" in model.config.indexer_types and model.config.index_topk < test_layer_inputs.SEQ
+    ids = test_layer_inputs.tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    if streamed:
+        model.save_pretrained(tmp_path / "m")
+        source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
+        source.model.config._attn_implementation = "eager"
+    else:
+        source = ModelSource(model)
+    assert_engine_matches(source, ids, want)
+
+
+def test_streamed_rotary_scale_is_read(tmp_path):
+    """Mistral-Large-4 learns a scale of its rotary frequencies (rotary_emb.alpha, a parameter outside the decoder
+    layers that the forward uses before the first one): the streamed engine reads it from the folder; left on the
+    meta device, the embedding step failed."""
+    model = tiny_model_any("mistral_large4")
+    with torch.no_grad():
+        model.model.language_model.rotary_emb.alpha.normal_(0.0, 0.5)        # not its zero init: it must be read
+    ids = torch.randint(3, 200, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    model.save_pretrained(tmp_path / "m")
+    source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
+    assert source.model.model.language_model.rotary_emb.alpha.is_meta
+    assert_engine_matches(source, ids, want)
+    assert source.model.model.language_model.rotary_emb.alpha.is_meta        # released again

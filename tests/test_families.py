@@ -22,19 +22,15 @@ import test_layer_inputs                 # explicit tiny configs that keep every
 
 SURVEY = Path(__file__).resolve().parents[1] / "docs" / "data" / "families.json"
 WORKING = [r["model_type"] for r in json.loads(SURVEY.read_text()) if r["status"].startswith("works")]
-PERMUTE = "its vision tower is saved with PermuteForRope, which hubmap cannot reverse (vision tensors are not read)"
+ATTN_RES = ("its attention residuals: the forward builds each layer's block_states from earlier layers' outputs and "
+            "applies final_input to them after the last layer (layer_inputs refuses)")
 NOT_YET = {
-    "hy_v4_vl": "each layer takes the previous layer's top-k indices (prev_topk_indices; layer_inputs refuses)",
-    "glm5_next": "each layer takes the previous layer's top-k indices (layer_inputs refuses)",
-    "inkling2": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
-    "inkling2_loop": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
-    "mistral_large4": PERMUTE,
-    "step3p7": PERMUTE,
-    "glm_moe_dsa": "each layer takes the previous layer's sparse-attention top-k indices (layer_inputs refuses)",
-    "inkling2_text": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
-    "inkling2_loop_text": "its lm_head conversion (Inkling2UnpadVocab) has no reverse in hubmap",
-    "hy_v4": "a module outside the decoder layers stays on the meta device in the streamed reader",
-    "kolibri1_1": "each indexed-attention layer hands its index pool to the next (layer_inputs refuses)",
+    "inkling2": ATTN_RES,
+    "inkling2_loop": ATTN_RES + "; its looped layers run several times per forward",
+    "inkling2_text": ATTN_RES,
+    "inkling2_loop_text": ATTN_RES + "; its looped layers run several times per forward",
+    "ernie4_5_vl_moe": ("its text_moe and vision_moe blocks share one expert count (moe_num_experts): the vision "
+                        "experts must be cut to the same count, with a plan of their own"),
 }
 
 

@@ -31,10 +31,13 @@ MODEL_TYPES = [
     "gemma4_text", "axk2", "granitemoe_swa",
     # multimodal: the text tower's tables scoped under the submodel, Transpose(check_dims=True)
     "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next", "minimax_m3_vl", "gemma4",
+    # PermuteForRope (a vision tower's q/k rows, alone or before Concatenate), Inkling2UnpadVocab (lm_head),
+    # Inkling2LoopDequantizeExperts and Inkling2LoopMergeMessageQueries, ErnieSplitAndDecoupleTextVisionExperts
+    "mistral_large4", "step3p7", "inkling2_text", "inkling2_loop_text", "ernie4_5_vl_moe",
 ]
 # model types whose tables hold an operation the map cannot describe as views: refused, naming the tensor
 # (muse_spark also passes, checked by hand: 12 s of vision tower, left out for speed)
-REFUSED = {"step3p7": "PermuteForRope", "inkling2_text": "Inkling2UnpadVocab"}
+REFUSED = {"inkling_mm_model": "Interleave"}
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                head_dim=32, intermediate_size=48, moe_intermediate_size=24, max_position_embeddings=128,
@@ -233,11 +236,19 @@ def test_hubmap_names_the_published_layout(model_type, saved):
 
 def test_unknown_operation_is_named():
     """An operation the map cannot describe stops with the tensor and the model type named."""
-    from transformers.core_model_loading import PermuteForRope, WeightConverter
+    from transformers.core_model_loading import ConversionOps, WeightConverter
+
+    class Rotate(ConversionOps):                    # an operation transformers may add: not known here
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            raise NotImplementedError
+
+        @property
+        def reverse_op(self):
+            return self
     config = _config("olmoe")
     model = _build(config, "meta")
     model._weight_conversions = [WeightConverter("self_attn.q_proj.weight", "self_attn.q_proj.weight",
-                                                 operations=[PermuteForRope()])]
+                                                 operations=[Rotate()])]
     with pytest.raises(MoePruneError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*olmoe"):
         HubMap.for_model(model)
 
@@ -325,3 +336,26 @@ def test_pruned_layout_from_the_pruned_config(model_type, saved):
             shape[axis] = keep
         want[f] = tuple(shape)
     assert {f: pruned.file_shape(f) for f in pruned.all_file_names()} == want
+
+
+def test_padded_vocabulary(tmp_path):
+    """Inkling-2 stores its unembedding padded to vocab_size (Inkling2UnpadVocab): the map reads the first
+    unpadded_vocab_size rows, whatever the padding holds (as the loader does), and writes zeros there (as
+    save_pretrained does)."""
+    config = _config("inkling2_text")
+    config.unpadded_vocab_size = config.vocab_size - 6
+    model = _build(config)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        files = {k: f.get_tensor(k) for k in f.keys()}
+    hub = HubMap.for_model(_build(config, "meta"), file_names=files)
+    head = model.lm_head.weight
+    [name] = hub.file_names("lm_head.weight")
+    assert hub.file_shape(name) == (config.vocab_size, head.shape[1]) and head.shape[0] == config.vocab_size - 6
+    assert torch.equal(files[name][-6:], torch.zeros(6, head.shape[1]))
+    [(written_name, written)] = hub.to_files("lm_head.weight", head)
+    assert written_name == name and torch.equal(written, files[name])
+    noisy = dict(files)
+    noisy[name] = files[name].clone()
+    noisy[name][-6:] = 1.0                          # the padding is never read
+    assert torch.equal(hub.to_module("lm_head.weight", head.shape, noisy.__getitem__, torch.float32), head)

@@ -17,8 +17,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from moeprune.arch import FAMILIES as SUPPORTED
 from moeprune.arch import MoePruneError
-from moeprune.layer_inputs import advance, capture, run_layer
-from moeprune.tiny import tiny_model
+from moeprune.layer_inputs import FromPrevious, advance, capture, run_layer
+from moeprune.tiny import tiny_model, tiny_model_any
 
 torch.set_num_threads(1)
 
@@ -88,6 +88,17 @@ FAMILIES: dict[str, dict] = {
                         top_k_experts=2, enable_moe_block=True, sliding_window=16, global_head_dim=16,
                         vocab_size_per_layer_input=256, hidden_size_per_layer_input=16, num_kv_shared_layers=2,
                         layer_types=["sliding_attention", "full_attention"] * 2),
+    # sparse attention whose "shared" layers reuse the previous layer's top-k indices (prev_topk_indices, handed on
+    # in the layer's output): top-k 8 of 40 positions
+    "glm_moe_dsa": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=8,
+                        index_head_dim=16, index_n_heads=2, indexer_types=["full", "shared", "full", "shared"]),
+    # the same with hyper-connections (hidden states [B, T, hc_mult, d]) and its hc_head before the final norm
+    "hy_v4": dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                  q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=8,
+                  index_head_dim=16, index_n_heads=2, indexer_types=["full", "shared", "full", "shared"]),
     # a dense hybrid, here for its decoder layers' tuple output (`hidden_states, attn_weights = decoder_layer(...)`)
     "bamba": dict(num_hidden_layers=4, intermediate_size=64, attn_layer_indices=[1, 3], mamba_n_heads=4,
                   mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1),
@@ -129,9 +140,11 @@ def reference(model, ids) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def layer_by_layer(layers, hidden, kwargs_list) -> list[torch.Tensor]:
-    states = [hidden]
-    for layer, kwargs in zip(layers, kwargs_list):
-        states.append(run_layer(layer, states[-1], kwargs))
+    """The engine's way: advance, which also hands a layer's output on to the next layer's arguments."""
+    states, batches = [hidden], [(hidden, kwargs_list)]
+    for i, layer in enumerate(layers):
+        batches = advance(layer, i, batches)
+        states.append(batches[0][0])
     return states
 
 
@@ -144,7 +157,15 @@ def layer_types(model) -> list[str]:
     config = model.config
     if config.model_type == "bamba":
         return ["attention" if i in config.attn_layer_indices else "mamba" for i in range(config.num_hidden_layers)]
-    return list(getattr(config, "layer_types", None) or getattr(config, "layers_block_type"))
+    types = list(getattr(config, "layer_types", None) or getattr(config, "layers_block_type"))
+    if getattr(config, "indexer_types", None):           # sparse attention: its own indexer, or the previous top-k
+        types = [f"{t} {i}" for t, i in zip(types, config.indexer_types)]
+    return types
+
+
+def carried(kwargs_list) -> bool:
+    """Whether some layer takes an argument from the previous layer's output."""
+    return any(isinstance(v, FromPrevious) for kw in kwargs_list for v in kw.values())
 
 
 # the model's default attention (sdpa mostly: an unpadded full-attention mask is then None, as is a recurrent one);
@@ -171,7 +192,10 @@ def test_layer_by_layer_matches_the_model(model_type, attn):
         for k in ("attention_mask", "position_ids"):
             a, b = kwargs_list[i].get(k), kwargs_list[j].get(k)
             assert a is b or a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr(), (model_type, i, j, k)
-    if attn == "eager":     # the old behaviour, layer 0's kwargs everywhere, is wrong: the test can fail
+    if attn == "eager" and carried(kwargs_list):   # layer 0's kwargs everywhere: no top-k for a "shared" layer
+        with pytest.raises(ValueError, match="top-k"):
+            layer_by_layer(model.model.layers, hidden, [kwargs_list[0]] * len(types))
+    elif attn == "eager":   # the old behaviour, layer 0's kwargs everywhere, is wrong: the test can fail
         assert max_error(layer_by_layer(model.model.layers, hidden, [kwargs_list[0]] * len(types)), ref) > 1e-3
 
 
@@ -228,20 +252,36 @@ def test_capture_with_layers_norm_and_head_on_meta(model_type):
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
 
 
-def test_a_layer_fed_by_the_previous_layer_is_refused():
-    """GLM-MoE-DSA's layers hand their sparse-attention top-k indices to the next layer (prev_topk_indices):
-    captured inputs cannot hold them, so capture says so instead of returning wrong kwargs."""
-    config = AutoConfig.for_model(
-        "glm_moe_dsa", vocab_size=256, hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-        num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2,
-        max_position_embeddings=256, pad_token_id=0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with pytest.raises(MoePruneError, match="previous layer's output"):
-        capture(model, [tokens()], "cpu")
-    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "hy_v4"])
+def test_an_argument_from_the_previous_layer_is_carried_per_stream(model_type):
+    """GLM-MoE-DSA's and Hy-V4's layers hand their sparse-attention top-k indices to the next layer
+    (prev_topk_indices), which a "shared" layer attends with: capture leaves a placeholder, run_layer refuses
+    it, and advance fills it in from the layer's output. Two streams advanced from one captured kwargs list (the
+    engine's original and pruned streams) each carry their own indices: each equals its own model forward."""
+    model = build(model_type, "eager")
+    ids, other = tokens(1, seed=1), tokens(1, seed=2)
+    [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
+    assert kwargs_list[0]["prev_topk_indices"] is None
+    for i, kw in enumerate(kwargs_list[1:]):
+        assert isinstance(kw["prev_topk_indices"], FromPrevious) and kw["prev_topk_indices"].layer == i
+    with pytest.raises(MoePruneError, match="advance"):
+        run_layer(model.model.layers[1], hidden, kwargs_list[1])
+    second = model.get_input_embeddings()(other)
+    if model_type == "hy_v4":                             # the hyper-connection streams, as the forward makes them
+        second = second.unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()
+    streams = [[(hidden, kwargs_list)], [(second, kwargs_list)]]
+    refs = [reference(model, ids), reference(model, other)]
+    for i, layer in enumerate(model.model.layers):
+        streams = [advance(layer, i, s) for s in streams]
+        for s, ref in zip(streams, refs):
+            assert (s[0][0] - ref[i + 1]).abs().max().item() < 1e-5, (i, model_type)
+    assert isinstance(kwargs_list[1]["prev_topk_indices"], FromPrevious)      # the captured list is unchanged
+    # the carried indices matter: a "shared" layer given the other stream's indices computes something else
+    swapped = [dict(kw) for kw in kwargs_list]
+    first = advance(model.model.layers[0], 0, [(second, kwargs_list)])[0][1][1]["prev_topk_indices"]
+    swapped[1]["prev_topk_indices"] = first
+    h0 = advance(model.model.layers[0], 0, [(hidden, kwargs_list)])[0][0]
+    assert (run_layer(model.model.layers[1], h0, swapped[1]) - refs[0][2]).abs().max().item() > 1e-3
 
 
 def test_an_instance_forward_is_kept():
@@ -273,3 +313,26 @@ def test_hidden_states_changed_between_layers_are_refused():
         capture(model, [tokens()], "cpu")
     handle.remove()
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "kolibri1_1", "glm_moe_dsa"])
+def test_two_streams_advanced_from_one_capture(model_type):
+    """The engine's original and pruned streams start from one captured kwargs list and part where a layer is
+    pruned (here every weight of layer 0 scaled in a copy of the model): each equals its own model's forward, so
+    what the layers hand each other is each stream's own. Gemma-4's and Kolibri-1.1's KV-shared layers read the
+    keys and values an earlier layer wrote into one mapping in every layer's kwargs (shared, the stream advanced
+    second overwrote them for both); GLM-MoE-DSA's top-k indices are carried in the kwargs list."""
+    model = build(model_type) if model_type in FAMILIES else tiny_model_any(model_type)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in changed.model.layers[0].parameters():
+            p.mul_(1.5)
+    ids = tokens()
+    refs = {"original": reference(model, ids), "changed": reference(changed, ids)}
+    assert max_error(refs["original"][1:], refs["changed"][1:]) > 1e-2          # the streams do part
+    [captured] = capture(model, [ids], "cpu")
+    streams = {"original": [captured], "changed": [captured]}
+    for i in range(len(model.model.layers)):
+        for name, m in (("original", model), ("changed", changed)):
+            streams[name] = advance(m.model.layers[i], i, streams[name])
+            assert (streams[name][0][0] - refs[name][i + 1]).abs().max().item() < 1e-5, (name, i)

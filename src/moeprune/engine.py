@@ -13,7 +13,9 @@ first), as llm-compressor's sequential pipeline does for observers: statistics t
 plan, so one statistics pass (or a --stats-cache) serves every method and every K.
 
 Every layer runs with the arguments the model's own forward gives that layer (moeprune.layer_inputs: the
-sliding or full mask of its type, its position embeddings, a linear-attention or mamba mask), not layer 0's.
+sliding or full mask of its type, its position embeddings, a linear-attention or mamba mask), not layer 0's, and
+with what the forward hands from one layer to the next (GLM-MoE-DSA's sparse-attention top-k indices), carried
+by each stream on its own.
 
 Memory at any time: one decoder layer in the compute dtype, the cached hidden states of the steps' batches,
 one layer's statistics, and the embeddings / lm_head while they are in use.

@@ -68,6 +68,9 @@ class FileTensor:
     # transformers' Transpose(check_dims=True): a checkpoint may also store it with these two axes swapped (the
     # loader transposes whatever does not have the model's shape); save_pretrained writes it unswapped
     swapped: tuple[int, int] | None = None
+    # values save_pretrained writes as zeros, held by no module tensor (Inkling-2's unembedding padded to vocab_size;
+    # the loader drops them whatever they hold)
+    zeros: int = 0
 
     @property
     def whole_view(self) -> bool:
@@ -87,6 +90,7 @@ class _Sym:
     shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
     swapped: tuple[int, int] | None = None
+    zeros: int = 0                # values held by no piece: zeros
 
     @property
     def pure(self) -> bool:
@@ -110,7 +114,32 @@ class _Sym:
         if self.pure:
             return self._module_op(("transpose", (a, b)))
         return _Sym(shape, [Piece(p.module, p.module_view, (("transpose", (a, b)),) + p.file_view)
-                            for p in self.pieces])
+                            for p in self.pieces], zeros=self.zeros)
+
+    def pad(self, dim: int, size: int) -> _Sym:
+        """Zeros appended along `dim` up to `size` (the reverse of transformers' Inkling2UnpadVocab)."""
+        dim = dim % len(self.shape)
+        n = self.shape[dim]
+        if size < n:
+            raise _Unsupported(f"padding {n} rows to {size}")
+        shape = self.shape[:dim] + (size,) + self.shape[dim + 1:]
+        pieces = [Piece(p.module, p.module_view, (("narrow", (dim, 0, n)),) + p.file_view) for p in self.pieces]
+        return _Sym(shape, pieces, zeros=self.zeros + math.prod(shape) - math.prod(self.shape))
+
+    def rope_permute(self, heads: int, inverse: bool) -> _Sym:
+        """transformers' PermuteForRope on axis 0 (h rows per head): F = T.view(heads, *hs, ...).transpose(1, 2)
+        reshaped back, hs = (2, h/2) if inverse else (h/2, 2), so F.unflatten(0, (heads, hs[1], hs[0])) ==
+        T.unflatten(0, (heads, *hs)).transpose(1, 2)."""
+        if not self.pure:
+            raise _Unsupported("PermuteForRope of a tensor assembled from several parts")
+        rows = self.shape[0]
+        half = rows // heads // 2
+        if heads * half * 2 != rows:
+            raise _Unsupported(f"PermuteForRope of {rows} rows into {heads} heads")
+        hs = (2, half) if inverse else (half, 2)
+        p = self.pieces[0]
+        module_view = p.module_view + (("unflatten", (0, (heads, *hs))), ("transpose", (1, 2)))
+        return _Sym(self.shape, [Piece(p.module, module_view, (("unflatten", (0, (heads, hs[1], hs[0]))),))])
 
     def interleave(self, dim: int, inverse: bool) -> _Sym:
         """transformers' Interleave: F' = F.unflatten(d, (n/2, 2)).transpose(d, d+1).reshape(shape) (inverse: 2, n/2),
@@ -134,7 +163,7 @@ class _Sym:
         shape.insert(dim, len(syms))
         pieces = [Piece(p.module, p.module_view, (("select", (dim, k)),) + p.file_view)
                   for k, s in enumerate(syms) for p in s.pieces]
-        return _Sym(tuple(shape), pieces)
+        return _Sym(tuple(shape), pieces, zeros=sum(s.zeros for s in syms))
 
     @staticmethod
     def cat(syms: list[_Sym], dim: int) -> _Sym:
@@ -149,7 +178,7 @@ class _Sym:
             off += size
         shape = list(syms[0].shape)
         shape[dim] = off
-        return _Sym(tuple(shape), pieces)
+        return _Sym(tuple(shape), pieces, zeros=sum(s.zeros for s in syms))
 
 
 def _first(value):
@@ -237,6 +266,50 @@ def _run_op(op, data: dict[str, list[_Sym] | _Sym], sources: list[str], targets:
         return {key: t.transpose(op.dim0, op.dim1)}
     if kind == "Interleave":
         return {targets[0]: _first(next(iter(data.values()))).interleave(op.dim, op.inverse)}
+    if kind == "PermuteForRope":
+        sub = getattr(config, op.subconfig_key, config) if op.subconfig_key is not None else config
+        heads = getattr(sub, "num_attention_heads", 1)
+        out = {}
+        for source, tensors in data.items():
+            target = op.get_target_pattern(source, sources, targets)
+            if op.permute_layer_names is None or any(name in source for name in op.permute_layer_names):
+                if isinstance(tensors, list) and len(tensors) > 1:
+                    raise _Unsupported("PermuteForRope of several tensors under one name")
+                t = _first(tensors)
+                out[target] = t.rope_permute(heads, op.inverse) if len(t.shape) in (1, 2) else t
+            else:
+                out[target] = tensors
+        return out
+    if kind == "ErnieSplitAndDecoupleTextVisionExperts":
+        # each source (text experts, vision experts) [E, n*I, ...] chunked in n along concat_dim, one chunk per
+        # target; a target's list numbers the first source's experts, then the next source's
+        out = {}
+        for j, target in enumerate(targets):
+            parts = []
+            for source in sources:
+                t = _first(data[source])
+                dim = op.concat_dim % len(t.shape)
+                sizes = _chunk_sizes(t.shape[dim], len(targets))
+                part = t.narrow(dim, sum(sizes[:j]), sizes[j])
+                parts += [part.select(op.stack_dim, e) for e in range(part.shape[op.stack_dim])]
+            out.update({target.replace("*", str(i)): p for i, p in enumerate(parts)})
+        return out
+    if kind == "Inkling2LoopDequantizeExperts" and len(data) == 1:
+        # one (unquantized) tensor: saved and loaded as it is, under the first target name (the NVFP4 / MXFP8
+        # parts are only ever read, from the original checkpoints, never written)
+        return {targets[0]: _first(next(iter(data.values())))}
+    if kind == "Inkling2LoopMergeMessageQueries" and op.inverse:
+        # [L, 4, H] (query, key, value, mlp per loop layer) -> queries [2L, H] (query, mlp) and kv [2L, H] (key, value)
+        t = _first(next(iter(data.values())))
+        if not t.pure or len(t.shape) != 3 or t.shape[1] != 4:
+            raise _Unsupported(f"message queries of shape {list(t.shape)}")
+        (m, mv), (n, h) = (t.pieces[0].module, t.pieces[0].module_view), (t.shape[0], t.shape[2])
+        pairs = (("unflatten", (0, (n, 2))),)
+        queries = [Piece(m, mv + (("select", (1, j)),), pairs + (("select", (1, k)),)) for k, j in enumerate((0, 3))]
+        return {targets[0]: _Sym((2 * n, h), queries),
+                targets[1]: _Sym((2 * n, h), [Piece(m, mv + (("narrow", (1, 1, 2)),), pairs)])}
+    if kind == "Inkling2UnpadVocab" and op.inverse:
+        return {targets[0]: _first(next(iter(data.values()))).pad(0, config.get_text_config().vocab_size)}
     raise _Unsupported(f"the operation {kind}")
 
 
@@ -450,7 +523,7 @@ class HubMap:
         def add(name: str, sym: _Sym, what: str):
             if name in files:
                 raise MoePruneError(f"{what}: two tensors of this {model_type} model map to the file tensor {name}")
-            files[name] = FileTensor(name, sym.shape, tuple(sym.pieces), sym.swapped)
+            files[name] = FileTensor(name, sym.shape, tuple(sym.pieces), sym.swapped, sym.zeros)
 
         for key in sorted(shapes, key=dot_natural_key):
             for conv in converters:
@@ -503,7 +576,7 @@ class HubMap:
                     raise MoePruneError(f"{f.name}: the map of this {self.model_type} file tensor is inconsistent")
                 covered[p.module] += size
                 n += size
-            if n != math.prod(f.shape):
+            if n + f.zeros != math.prod(f.shape):
                 raise MoePruneError(f"{f.name}: the {self.model_type} conversion tables cover {n} of its "
                                     f"{math.prod(f.shape)} values")
         for m, shape in self.shapes.items():
@@ -619,7 +692,7 @@ class HubMap:
         if f.whole_view:
             return _apply(tensors[f.pieces[0].module], f.pieces[0].module_view)
         first = tensors[f.pieces[0].module]
-        out = torch.empty(f.shape, dtype=first.dtype, device=first.device)
+        out = (torch.zeros if f.zeros else torch.empty)(f.shape, dtype=first.dtype, device=first.device)
         for p in f.pieces:
             _apply(out, p.file_view).copy_(_apply(tensors[p.module], p.module_view))
         return out

@@ -41,17 +41,36 @@ def _return_memory() -> None:
             pass
 
 
-# the final norm's attribute on the base model, by family (Llama-style "norm" first)
-FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "final_norm", "ln_f", "embedding_norm")
+def unload(module: nn.Module) -> None:
+    """`module`'s parameters and persistent buffers (what CheckpointSource.materialise reads) back on the meta
+    device; the buffers the model computed when it was built (rotary tables), which no checkpoint holds, stay."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and not p.is_meta:
+                m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None and not b.is_meta and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = b.to("meta")
 
 
-def head_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(final norm, lm_head) of a causal LM: what turns the last decoder layer's hidden states into logits."""
+# the final norm's attribute on the base model, by family (Llama-style "norm" first; Qwen4-Exp's
+# hyper_connection_mixer normalises and folds its hyper-connection streams into one)
+FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "final_norm", "ln_f", "embedding_norm", "hyper_connection_mixer")
+# modules of the base model that its forward applies to the last decoder layer's output before the final norm, in
+# order: the hyper-connection head folding the hc_mult residual streams into one (DeepSeek-V4, Hy-V4, GLM-5-Next:
+# `self.norm(self.hc_head(hidden_states))`)
+BEFORE_NORM = ("hc_head",)
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """What turns the last decoder layer's hidden states into logits, in the order a causal LM's forward applies
+    them: the modules before the final norm (BEFORE_NORM) it has, the final norm, lm_head."""
     base = text_model(model)
     norm = next((getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
     if norm is None:
         raise MoePruneError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORMS)})")
-    return norm, model.get_output_embeddings()
+    before = [m for m in (getattr(base, n, None) for n in BEFORE_NORM) if isinstance(m, nn.Module)]
+    return [*before, norm, model.get_output_embeddings()]
 
 
 def finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -89,8 +108,9 @@ class ModelSource:
         return capture(self.model, batches, self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm, head = head_modules(self.model)
-        return finish_logits(self.model, head(norm(hidden)))
+        for module in head_modules(self.model):
+            hidden = module(hidden)
+        return finish_logits(self.model, hidden)
 
     def release_head(self) -> None:
         pass
@@ -161,28 +181,45 @@ class CheckpointSource(ModelSource):
         return layer
 
     def release(self, i: int) -> None:
-        decoder_layers(self.model)[i].to("meta")
+        unload(decoder_layers(self.model)[i])
         _return_memory()
 
-    def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
-        embed = self.model.get_input_embeddings()
-        self.materialise(embed, self.prefix(embed))
+    def before_layers(self) -> list[nn.Module]:
+        """The modules with weights that the forward may run before its first decoder layer: the input embeddings
+        and every other child of the language model that holds weights and is neither the decoder layers nor one
+        of head_modules (a learned rotary scale, Mistral-Large-4's rotary_emb.alpha; per-layer input embeddings)."""
+        base, embed = text_model(self.model), self.model.get_input_embeddings()
         try:
+            after = head_modules(self.model)
+        except MoePruneError:               # said when the logits are asked for; the embeddings do not need them
+            after = [self.model.get_output_embeddings()]
+        skip = {id(m) for m in (decoder_layers(self.model), *after)}
+        children = [c for c in base.children() if next(iter(c.state_dict()), None) is not None
+                    and not any(id(m) in skip for m in c.modules())]
+        inside = any(embed is m for c in children for m in c.modules())
+        return children if inside else [embed, *children]
+
+    def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
+        modules = self.before_layers()
+        try:
+            for module in modules:
+                self.materialise(module, self.prefix(module))
             return capture(self.model, batches, self.device)
         finally:
-            embed.to("meta")
+            for module in modules:
+                unload(module)
             _return_memory()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm, head = head_modules(self.model)
-        if head.weight.is_meta:
-            self.materialise(norm, self.prefix(norm))
-            self.materialise(head, self.prefix(head))
+        for module in head_modules(self.model):
+            if any(t.is_meta for t in module.state_dict().values()):
+                self.materialise(module, self.prefix(module))
         return super().logits(hidden)
 
     def release_head(self) -> None:
         for module in head_modules(self.model):
-            module.to("meta")
+            unload(module)
+        _return_memory()
 
     def weight_bytes(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
@@ -190,15 +227,15 @@ class CheckpointSource(ModelSource):
     @contextmanager
     def whole(self):
         """Every module materialised at once, for a model that fits in memory; back to meta after."""
-        parts = [(m, self.prefix(m)) for m in (self.model.get_input_embeddings(), *head_modules(self.model))]
+        parts = [(m, self.prefix(m)) for m in (*self.before_layers(), *head_modules(self.model))]
         parts += [(layer, f"{self.layout.layers_prefix}{i}.") for i, layer in enumerate(decoder_layers(self.model))]
         try:
             for module, prefix in parts:
                 self.materialise(module, prefix)
             yield self.model
         finally:
-            for module, _ in parts:          # not the whole model: the rotary tables are real buffers
-                module.to("meta")
+            for module, _ in parts:
+                unload(module)
             _return_memory()
 
 
