@@ -6,12 +6,14 @@ LFM2-MoE) and a router wrapped in a *Gate (Hunyuan-A13B) included, each with a l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
-from moeprune.arch import moe_layout
+from moeprune.arch import discovered_family, moe_layout
+from moeprune.discover import find_moe
 from moeprune.calibration import collect
 from moeprune.plan import LayerPlan, Plan
 from moeprune.routing import correction_bias, restricted_routing
@@ -63,3 +65,24 @@ def test_inferred_routing_replays_the_router_and_the_pruned_router(model_type):
         w, i = by_expert(w, torch.tensor(KEPT)[local])
         w2, i2 = by_expert(*restricted_routing(logits, KEPT, ls.routing, k))
         assert torch.equal(i, i2) and torch.allclose(w, w2, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["lfm2_moe", "flint"])
+def test_a_wrong_scoring_guess_is_settled_by_the_router(model_type):
+    """On the meta skeleton of a streamed checkpoint the scoring is a guess (softmax unless a correction bias says
+    sigmoid); LFM2-MoE and Flint score by sigmoid without one. The statistics follow the router's own decisions:
+    the summed probabilities are the sigmoid ones whatever the guess."""
+    model = live_model(model_type)
+    right = moe_layout(model)
+    assert right.family.scoring == "sigmoid"
+    wrong = moe_layout(model)
+    wrong.family = dataclasses.replace(wrong.family, scoring="softmax")
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    a = collect(model, right, ids, sample_tokens=32, progress=False, weight_similarity=False)
+    b = collect(model, wrong, ids, sample_tokens=32, progress=False, weight_similarity=False)
+    for i, ls in a.layers.items():
+        assert ls.routing["scoring"] == b.layers[i].routing["scoring"] == "sigmoid"
+        assert torch.equal(ls.prob_sum, b.layers[i].prob_sum)
+    with torch.device("meta"):                     # precondition: the skeleton does guess softmax
+        skeleton = type(model)._from_config(copy.deepcopy(model.config))
+    assert discovered_family(find_moe(skeleton)).scoring == "softmax"

@@ -39,7 +39,10 @@ class Observer:
         self.offset = 0                                   # flat position of the current batch's first token
         self.tokens = 0
         z = lambda: torch.zeros(E, dtype=torch.float64)   # noqa: E731
-        self.counts, self.prob_sum, self.weight_sum, self.reap_sum = z(), z(), z(), z()
+        self.counts, self.weight_sum, self.reap_sum = z(), z(), z()
+        # summed router probabilities under both scorings: a family found on the meta skeleton may have guessed
+        # its scoring, and the routing rule read off the router's own decisions settles it (observe_layer)
+        self.prob_sums = {"softmax": z(), "sigmoid": z()}
         self.inputs, self.logits, self.outputs = [], [], []
         self.chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # the sample's (top-k weights, indices)
 
@@ -75,7 +78,8 @@ class Observer:
     def observe(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
         E = self.counts.numel()
         self.counts += torch.bincount(indices.flatten().cpu(), minlength=E).double()
-        self.prob_sum += probabilities(logits, self.scoring).sum(0).cpu()
+        for scoring, total in self.prob_sums.items():
+            total += probabilities(logits, scoring).sum(0).cpu()
         self.weight_sum.index_add_(0, indices.flatten().cpu(), weights.flatten().double().cpu())
         for e in indices.unique().tolist():
             tok, slot = torch.where(indices == e)
@@ -102,7 +106,7 @@ class Observer:
         def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
         return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
-                          prob_sum=self.prob_sum, weight_sum=self.weight_sum, reap_sum=self.reap_sum,
+                          prob_sum=self.prob_sums[self.scoring], weight_sum=self.weight_sum, reap_sum=self.reap_sum,
                           inputs=cat(self.inputs), logits=cat(self.logits), outputs=cat(self.outputs, dim=1))
 
 
@@ -125,6 +129,8 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     if not ls.routing and observer.chosen:             # a family found by structure: read off its router
         w, i = (torch.cat(parts) for parts in zip(*observer.chosen))
         ls.routing = inferred_rule(moe, ls.logits.double(), w, i, layout.top_k)
+    if ls.routing and ls.routing["scoring"] != observer.scoring:         # the guess was wrong: the router's own
+        ls.prob_sum = observer.prob_sums[ls.routing["scoring"]]
     if weight_similarity:
         # model-centric similarity needs the weights, which a method never sees: derive it now
         reps = weight_representation(moe.experts, layout.family.gate_up)

@@ -50,7 +50,8 @@ def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int],
     expert's intermediate activations, y_t the router-probability-weighted mean of the members'
     outputs and w_t the group's router probability on token t. No gradients, one solve per group.
     """
-    probs = probabilities(ls.logits, layout.family.scoring)[:, group]            # [n, g]
+    scoring = (ls.routing or {}).get("scoring", layout.family.scoring)            # read off the router when found
+    probs = probabilities(ls.logits, scoring)[:, group]                           # [n, g]
     w = probs.sum(1)                                                              # [n]
     target = torch.einsum("tg,gtd->td", probs, ls.outputs[group].double()) / w.clamp_min(1e-12)[:, None]
     h = neuron_activations(layer, merged, ls.inputs, layout.family.gate_up).T    # [n, I]
