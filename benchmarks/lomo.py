@@ -45,6 +45,44 @@ def load(paths: list[str]) -> dict:
     return out, experts
 
 
+# step 6b (after step 6's runs, docs/ABLATION.md): other pick rules over auto's eight plans, from the held-out ratios
+# of every text domain and every held-out self-written window (benchmarks.auto_held); reported as post hoc
+def _scores(held: dict[str, float], windows: str) -> tuple[float, float]:
+    """(mean, worst) of held-out ratios: text domains and the self-written windows as one group (its geometric
+    mean over windows, what auto scores), or with `windows` "worst" the worst over text domains and every window,
+    or "each" every window a group of its own for both."""
+    text = {g: r for g, r in held.items() if not g.startswith("self-")}
+    own = [r for g, r in held.items() if g.startswith("self-")]
+    group = geomean(own)
+    if windows == "each":
+        values = list(text.values()) + own
+        return statistics.fmean(values), max(values)
+    mean = statistics.fmean(list(text.values()) + [group])
+    return mean, max(list(text.values()) + (own if windows == "worst" else [group]))
+
+
+PICK_RULES = {"auto[window-worst]": ("worst", 0.02), "auto[windows]": ("each", 0.02),
+              "auto[lowest-mean]": ("group", 0.0), "auto[lowest-worst]": ("group", math.inf)}
+
+
+def add_pick_rules(data: dict, paths: list[str]) -> list[str]:
+    """Rows of the post-hoc pick rules, from benchmarks.auto_held files; returns their names."""
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        for keep in sorted({r["keep"] for r in res["rows"]}):
+            rows = [r for r in res["rows"] if r["keep"] == keep]
+            setting = data[(res["model"], keep)]
+            for rule, (windows, within) in PICK_RULES.items():
+                scores = {r["plan"]: _scores(r["held"], windows) for r in rows}
+                best = min(m for m, _ in scores.values())
+                eligible = [p for p, (m, _) in scores.items() if m <= (1 + within) * best]
+                chosen = min(eligible, key=lambda p: scores[p][1])
+                recorded = setting.get(f"plan: {chosen}", {}).get(res["seed"])
+                if recorded is not None:
+                    setting[rule][res["seed"]] = {**recorded, "picked": chosen}
+    return list(PICK_RULES)
+
+
 def aggregate(by_seed: dict) -> dict:
     agg = {}
     for which in ("valid", "eval"):
@@ -60,7 +98,7 @@ def table(data: dict) -> dict:
     """(model, keep) -> candidate -> aggregate, for the settings where every candidate has the same seeds."""
     out = {}
     for setting, cands in data.items():
-        seeds = [set(cands[c]) for c in CANDIDATES if c in cands]
+        seeds = [set(cands[c]) for c in CANDIDATES if c in cands and cands[c]]
         if len(seeds) < len(CANDIDATES) or not set.intersection(*seeds):
             continue
         common = set.intersection(*seeds)
@@ -120,7 +158,7 @@ def render(data: dict, agg: dict, experts: dict) -> tuple[str, dict]:
             lines += [f"## {model}, keep {keep} of {experts[model]} (seeds {', '.join(map(str, seeds))})", "",
                       "| candidate | evaluation | validation | auto's pick per seed |", "| --- | --- | --- | --- |"]
             for c in sorted(CANDIDATES, key=lambda c: cands[c]["eval_mean"]):
-                picks = ", ".join(str(data[(model, keep)][c][s]["picked"]) for s in seeds) if c in AUTO else ""
+                picks = ", ".join(str(data[(model, keep)][c][s]["picked"]) for s in seeds) if c.startswith("auto") else ""
                 lines.append(f"| {c} | {fmt(cands[c], 'eval')} | {fmt(cands[c], 'valid')} | {picks} |")
             oracle = []
             for s in seeds:
@@ -155,6 +193,20 @@ def render(data: dict, agg: dict, experts: dict) -> tuple[str, dict]:
     summary["chosen_on_all"] = {"chosen": chosen, "largest_regret": largest}
     lines += ["", f"Chosen on all {len(models)} models: **{chosen}**. Largest validation regret of each candidate: "
               + ", ".join(f"{c} {v:.3f}" for c, v in sorted(largest.items(), key=lambda kv: kv[1])), ""]
+    lines += [f"## {chosen} against the best other candidate, every setting (evaluation)", "",
+              "| model | keep | metric | " + chosen + " | best other candidate | verdict |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for s in sorted(agg, key=lambda s: (MODELS.index(s[0]), -s[1])):
+        for key in ("mean", "worst"):
+            mine = agg[s][chosen]
+            best = min((c for c in CANDIDATES if c != chosen), key=lambda c: agg[s][c][f"eval_{key}"])
+            gap = mine[f"eval_{key}"] - agg[s][best][f"eval_{key}"]
+            noise = max(mine[f"eval_{key}_sd"], agg[s][best][f"eval_{key}_sd"])
+            word = ("**best**" if gap < 0 else "tie" if round(gap, 3) == 0 else
+                    "within the seed spread" if gap <= noise else f"loses by {gap:.3f}")
+            lines.append(f"| {s[0]} | {s[1]} | {key} | {mine[f'eval_{key}']:.3f} +- {mine[f'eval_{key}_sd']:.3f} | "
+                         f"{best} {agg[s][best][f'eval_{key}']:.3f} +- {agg[s][best][f'eval_{key}_sd']:.3f} | {word} |")
+    lines.append("")
     reg = regrets(agg, "eval")
     lines += ["Largest *evaluation* regret over all settings (for reference, never used to choose): "
               + ", ".join(f"{c} {max(v.values()):.3f}" for c, v in sorted(reg.items(), key=lambda kv: max(kv[1].values())))
@@ -165,10 +217,14 @@ def render(data: dict, agg: dict, experts: dict) -> tuple[str, dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="JSON", help="benchmarks.defaults runs: MODEL-sSEED.json")
+    ap.add_argument("--held", nargs="*", default=[], metavar="JSON",
+                    help="benchmarks.auto_held runs: add step 6b's post-hoc pick rules as candidates")
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     data, experts = load(args.paths)
+    if args.held:
+        CANDIDATES.extend(add_pick_rules(data, args.held))
     agg = table(data)
     text, summary = render(data, agg, experts)
     print(text)
