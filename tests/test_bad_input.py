@@ -8,6 +8,7 @@ final behaviour of `moeprune prune` once the pipeline calls the preflight checks
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import signal
@@ -389,3 +390,22 @@ def test_prune_cleans_the_stray_of_a_killed_run(model_dir, tmp_path, capsys):
         code, err = run(capsys, "prune", model_dir, "--keep", 4, "--out", tmp_path / "out", *SMALL, "--no-eval")
     assert code == 0, err
     assert not dead.exists() and not temporaries(tmp_path) and (tmp_path / "out" / "plan.json").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("architectures", "MixtralForCausalLM", "field 'architectures' is 'MixtralForCausalLM', not a list of class names"),
+    ("auto_map", ["modeling.Model"], "field 'auto_map' is ['modeling.Model'], not an object"),
+    ("num_experts_per_tok", 9, "field 'num_experts_per_tok' (9) exceeds the expert count 'num_local_experts' (8)"),
+    ("num_local_experts", 0, "field 'num_local_experts' is 0; it must be a positive integer"),
+])
+def test_damaged_config_fields_are_named(model_dir, tmp_path, capsys, field, value, message):
+    """Fields of config.json that decide what is built and how many experts it has, checked before any model work
+    (a string `architectures` once slipped through when a name shadowed the top-level config)."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    code, err = run(capsys, "prune", folder, "--keep", 4, "--calib", "random", "--no-eval", "--out", tmp_path / "out")
+    assert code == 2 and message in err, err
+    assert_nothing_written(tmp_path)

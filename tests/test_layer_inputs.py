@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
-from moeprune.arch import FAMILIES as SUPPORTED
+from moeprune.tiny import TINY_FAMILIES as SUPPORTED
 from moeprune.arch import MoePruneError
 from moeprune.layer_inputs import FromPrevious, advance, capture, run_layer
 from moeprune.tiny import tiny_model, tiny_model_any

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .arch import Layout, MoePruneError, decoder_layers, moe_layout, text_model
 from .checkpoint import (CONFIG_ERRORS, torch_dtype, build_skeleton, check_weights, compute_dtype, load,
@@ -73,20 +74,31 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     return [*before, norm, model.get_output_embeddings()]
 
 
-def finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """What a causal LM's forward does to lm_head's output before it returns it: Cohere's `logit_scale` (times),
-    Granite's `logits_scaling` (divided by), Gemma-style `final_logit_softcapping` (tanh cap); else nothing."""
-    config = model.config.get_text_config()
-    scale = getattr(model, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    scaling = getattr(config, "logits_scaling", None)
-    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
-        logits = logits / scaling
-    cap = getattr(config, "final_logit_softcapping", None)
-    if isinstance(cap, (int, float)) and cap > 0:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+class _DecoderOutput(BaseModelOutputWithPast):
+    """The decoder's output as a causal LM's forward reads it; any other field it asks for is None."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the last decoder layer's output, computed by the causal LM's own forward with its decoder
+    answered by `hidden` after the final norm: whatever the forward does to lm_head's output (Cohere's
+    logit_scale, Granite's logits_scaling, Muse Spark's output_multiplier before a tanh cap, Gemma's softcapping)
+    is done by transformers' code, not copied here."""
+    *before, lm_head = head_modules(model)
+    for module in before:
+        hidden = module(hidden)
+    inner = getattr(model, "model", None) or text_model(model)   # what the forward calls first (Llama 4's wrapper
+                                                                 # calls its causal LM, whose decoder this is)
+    inner.forward = lambda *args, **kwargs: _DecoderOutput(last_hidden_state=hidden)
+    try:
+        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, use_cache=False).logits
+    finally:
+        del inner.forward
 
 
 class ModelSource:
@@ -108,9 +120,7 @@ class ModelSource:
         return capture(self.model, batches, self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        for module in head_modules(self.model):
-            hidden = module(hidden)
-        return finish_logits(self.model, hidden)
+        return head_logits(self.model, hidden)
 
     def release_head(self) -> None:
         pass
