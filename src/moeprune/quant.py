@@ -168,7 +168,8 @@ _FP4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
 _FP4_MAGNITUDES = _FP4[:8]
 _FP4_MIDPOINTS = (_FP4_MAGNITUDES[1:] + _FP4_MAGNITUDES[:-1]) / 2
 _FP4_PAIRS = _FP4[torch.stack([torch.arange(256) & 0x0F, torch.arange(256) >> 4], dim=-1)]   # byte -> its 2 values
-_CHUNK = 1 << 18                                 # values quantized at a time: a few MB of temporaries, in cache
+_CHUNK = 1 << 14                                 # values a step quantizes: its ops stay under torch's
+                                                 # 32768-element grain, so they run without thread barriers
 
 
 def _rounding_tables() -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +218,11 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tie), each value rounded to the nearest e2m1 code (a midpoint down, beyond 6 to 6).
 
     Fast, in the same arithmetic as the straightforward version it replaced (bucketize into int64 codes, then
-    gathers; ~15x slower, kept in tests/test_quant.py, whose tests compare the bytes): both candidates are tried
-    on a chunk of rows at a time, the code is looked up from the bits of |w| / scale (`_rounding_tables`), the
-    per-group exponents and powers of two are computed on the whole [..., R, G] tensor as before, and the error
-    is summed over a contiguous last axis of 32 as before, so that every float32 operation sees the same operands."""
+    gathers; 6-15x slower on one thread, kept in tests/test_quant.py, whose tests compare the bytes): both
+    candidates are tried on a few rows at a time (`_CHUNK`), the code is looked up from the bits of |w| / scale
+    (`_rounding_tables`), the per-group exponents and powers of two are computed on the whole [..., R, G] tensor as
+    before, and the error is summed over a contiguous last axis of 32 as before, so that every float32 operation
+    sees the same operands."""
     x = w.to(torch.float32).transpose(-1, -2).contiguous()                       # [..., R, K]
     *lead, R, K = x.shape
     if K % MX_GROUP:
@@ -237,11 +239,12 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # scaled by ldexp, as before (its error is NaN, its codes those of 0, +-inf and NaN)
     odd = (high < -E8M0_BIAS) | (high > 127)
     odd = odd if bool(odd.any()) else None
-    blocks = torch.empty(g.shape[0], G, MX_GROUP // 2, dtype=torch.uint8)
-    scales = torch.empty(g.shape[0], G, dtype=torch.uint8)
+    rows = g.shape[0]
+    codes = torch.empty(rows, G, MX_GROUP, dtype=torch.uint8)
+    lower = torch.empty(rows, G, dtype=torch.bool)                              # the lower scale is better
     step = max(1, _CHUNK // max(K, 1))
-    for r0 in range(0, g.shape[0], step):
-        r1 = min(r0 + step, g.shape[0])
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
         ar = a[r0:r1]
         scaled = ar * down[:, r0:r1]                                             # [2, r, G, 32]: |w| / scale
         if odd is not None and bool(odd[r0:r1].any()):
@@ -251,11 +254,12 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = scaled.view(torch.int32).bitwise_and_(0x7FFFFFFF).sub_(1).bitwise_right_shift_(21).clamp_(min=0)
         err = _ROUNDED.index_select(0, key.view(-1)).view(key.shape).mul_(up[:, r0:r1]).sub_(ar)
         err = err.mul_(err).sum(dim=-1)                                          # [2, r, G]
-        lower = err[1] < err[0]
-        codes = _CODE.index_select(0, torch.where(lower.unsqueeze(-1), key[1], key[0]).view(-1)).view(ar.shape)
-        codes &= torch.bitwise_right_shift(g[r0:r1].view(torch.int32), 28).to(torch.uint8) | 7   # the sign bit
-        blocks[r0:r1] = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        scales[r0:r1] = (torch.where(lower, low[r0:r1], high[r0:r1]) + E8M0_BIAS).to(torch.uint8)
+        torch.lt(err[1], err[0], out=lower[r0:r1])
+        torch.index_select(_CODE, 0, torch.where(lower[r0:r1].unsqueeze(-1), key[1], key[0]).view(-1),
+                           out=codes[r0:r1].view(-1))
+    codes &= torch.bitwise_right_shift(g.view(torch.int32), 28).to(torch.uint8) | 7     # the sign bit: 8 or 0
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (torch.where(lower, low, high) + E8M0_BIAS).to(torch.uint8)
     return blocks.view(*lead, R, G, MX_GROUP // 2), scales.view(*lead, R, G)
 
 
