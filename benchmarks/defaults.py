@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ FIXED = [("diverse", "diverse", {}, 0.5),
          ("frequency", "frequency", {}, 0.5),
          ("diverse-prune agglomerative", "diverse-prune", {"grouping": "agglomerative", "saliency": "frequency"}, 0.5)]
 AUTO = ["auto", "auto[text-held-out]", "auto[mixed-only]"]
+AUTO_6B = ["auto[window-worst]", "auto[lowest-mean]", "auto[lowest-worst]"]      # step 6b, after step 6's seed 0
 
 
 def model_path(name: str) -> str:
@@ -46,11 +48,13 @@ def model_path(name: str) -> str:
 
 
 def auto_picks(rows: dict[str, dict]) -> dict[str, str]:
-    """Each auto rule's pick among the eight held-out rows."""
-    text_groups = [g for g in next(iter(rows.values()))["ratio"] if g != SELF_GROUP]
+    """Each auto rule's pick among the eight held-out rows (step 6's, then step 6b's)."""
+    text_groups = [g for g in next(iter(rows.values()))["held"] if not g.startswith(SELF_GROUP)]
     mixed = {label: row for label, row in rows.items() if label.endswith(f"({AUTO_STATS[1]})")}
-    return {"auto": pick(rows), "auto[text-held-out]": pick(rows, groups=text_groups),
-            "auto[mixed-only]": pick(mixed)}
+    return {"auto": pick(rows, windows="group"), "auto[text-held-out]": pick(rows, groups=text_groups),
+            "auto[mixed-only]": pick(mixed, windows="group"),
+            "auto[window-worst]": pick(rows, windows="worst"),
+            "auto[lowest-mean]": pick(rows, within=0.0), "auto[lowest-worst]": pick(rows, within=math.inf)}
 
 
 def run(name: str, seed: int, args, calib: Path, valid: dict[str, Path]) -> dict:
@@ -85,7 +89,7 @@ def run(name: str, seed: int, args, calib: Path, valid: dict[str, Path]) -> dict
                              visit=lambda label, pruned: inner.__setitem__(label, scores(pruned)))
         res["seconds"][f"auto keep {keep}"] = time.perf_counter() - start
         for label, held in chosen["rows"].items():
-            res["rows"].append({"keep": keep, "candidate": f"plan: {label}", "held": held["ratio"], **inner[label]})
+            res["rows"].append({"keep": keep, "candidate": f"plan: {label}", "held": held["held"], **inner[label]})
             log(res["rows"][-1], name, seed)
         for rule, label in auto_picks(chosen["rows"]).items():
             res["rows"].append({"keep": keep, "candidate": rule, "picked": label, **inner[label]})

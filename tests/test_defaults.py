@@ -17,7 +17,8 @@ from moeprune.calibration import collect
 from moeprune.checkpoint import load
 from moeprune.cli import main
 from moeprune.selfcalib import combine
-from moeprune.tradeoff import AUTO_METHODS, AUTO_STATS, SELF_GROUP, auto_choose, auto_label, auto_stats, pick
+from moeprune.tradeoff import (AUTO_METHODS, AUTO_STATS, SELF_GROUP, WORST_WINDOW, auto_choose, auto_label, auto_stats,
+                               pick, summary)
 from moeprune.tiny import tiny_model
 
 RARE = 7            # the expert only the model's own text reaches
@@ -80,9 +81,10 @@ def test_the_self_written_windows_decide_what_the_text_cannot_see(calib):
     for label, row in rows.items():
         own = row["ratio"][SELF_GROUP]
         assert own < 1.05 if keeps_rare[label] else own > 5.0, (label, own)
-        assert all(abs(r - 1.0) < 0.01 for g, r in row["ratio"].items() if g != SELF_GROUP), (label, row)
-    assert keeps_rare[result["chosen"]]
-    text_groups = [g for g in rows[result["chosen"]]["ratio"] if g != SELF_GROUP]
+        assert all(abs(r - 1.0) < 0.01 for g, r in row["held"].items() if not g.startswith(SELF_GROUP)), (label, row)
+        assert len([g for g in row["held"] if g.startswith(SELF_GROUP)]) == 4       # every held-out window
+    assert keeps_rare[result["chosen"]] and keeps_rare[pick(rows, windows="worst")]
+    text_groups = [g for g in rows[result["chosen"]]["held"] if not g.startswith(SELF_GROUP)]
     assert not keeps_rare[pick(rows, groups=text_groups)]          # scored on the text alone, the first plan wins
 
 
@@ -119,6 +121,16 @@ def test_the_pick_rule():
     assert pick(rows, within=0.0) == "a"              # only the lowest mean is eligible
     assert pick(rows, groups=["x"]) == "a"            # scored on x alone
     assert pick({"a": row(x=1.1), "b": row(x=1.1)}) == "a"          # ties: the earlier row
+    # a domain in one self-written window of four: averaged away in the group, seen window by window
+    w = {"a": row(x=1.05, **{f"{SELF_GROUP} {k}": r for k, r in enumerate([1.0, 1.0, 1.0, 1.30])}),
+         "b": row(x=1.08, **{f"{SELF_GROUP} {k}": r for k, r in enumerate([1.02, 1.02, 1.02, 1.04])})}
+    assert summary(w["a"]["ratio"])["ratio"][SELF_GROUP] == pytest.approx(1.30 ** 0.25)
+    assert summary(w["a"]["ratio"])["worst"] == {"domain": SELF_GROUP, "ratio": pytest.approx(1.30 ** 0.25)}
+    assert summary(w["a"]["ratio"], "worst")["worst"] == {"domain": WORST_WINDOW, "ratio": 1.30}
+    assert pick(w, windows="group") == "a" and pick(w, windows="worst") == "b"
+    assert pick(w, groups=["x"]) == "a" and pick(w, groups=["x", SELF_GROUP], windows="worst") == "b"
+    with pytest.raises(ValueError):
+        summary(w["a"]["ratio"], "each")
     with pytest.raises(ValueError):
         pick({})
 
@@ -140,8 +152,9 @@ def test_cli_auto_writes_the_plan_the_in_memory_rule_chooses(calib, tmp_path):
                                     sample_tokens=128), keep=4)
     assert plan["method"] == "auto" and plan["options"]["chosen"] == report["tradeoff"]["chosen"] == result["chosen"]
     for label, r in result["rows"].items():
-        for group, value in r["ratio"].items():
-            assert math.isclose(report["tradeoff"]["rows"][label]["ratio"][group], value, rel_tol=1e-4), (label, group)
+        for group, value in r["held"].items():
+            assert math.isclose(report["tradeoff"]["rows"][label]["held"][group], value, rel_tol=1e-4), (label, group)
+        assert report["tradeoff"]["rows"][label]["ratio"].keys() == r["ratio"].keys()
         assert (out / report["tradeoff"]["rows"][label]["plan"]).exists()
     assert plan["layers"]["0"]["groups"] == result["plans"][result["chosen"]].layers[0].groups
     assert RARE in plan["layers"]["0"]["representatives"]

@@ -135,28 +135,52 @@ class Tradeoff(Step):
 AUTO = "auto"                        # --method auto (a whole-model rule, not a per-layer method of the registry)
 AUTO_METHODS = [("diverse", {}), ("naee", {}), ("reap", {}), ("frequency", {})]
 AUTO_STATS = ("text", "text+self")
-SELF_GROUP = "self-written"          # the held-out self-written windows: one group beside each text domain
+SELF_GROUP = "self-written"          # the held-out self-written windows (each its own group: "self-written K")
+WORST_WINDOW = "self-written, worst window"
 WITHIN = 0.02                        # a plan is eligible when its held-out mean is within 2% of the lowest
 AUTO_HELD_TOKENS = 2048              # held-out tokens per text domain
 HELD_SELF = 0.5                      # held-out self-written windows, as a share of those calibrated on
+# what the worst group is: "group" all self-written windows as one group (step 6 as fixed before its runs); "worst"
+# also every window on its own, so that a domain the model writes in one window of sixteen is not averaged away
+# (step 6b)
+WINDOWS = ("group", "worst")
+AUTO_PICK = "group"                  # auto's `windows`
 
 
 def auto_label(method: str, stats: str) -> str:
     return f"{method} ({stats})"
 
 
-def summary(ratio: dict[str, float]) -> dict:
-    """Mean and worst group of held-out perplexity ratios (pruned / full)."""
-    worst = max(ratio, key=ratio.get)
-    return {"ratio": ratio, "mean": sum(ratio.values()) / len(ratio), "worst": {"domain": worst, "ratio": ratio[worst]}}
+def summary(ratio: dict[str, float], windows: str = "group") -> dict:
+    """Mean and worst group of held-out perplexity ratios (pruned / full), from the ratio of each text domain and each
+    held-out self-written window ("self-written K"): the mean over the text domains and the self-written windows as
+    one group (the geometric mean of their ratios: the group's ratio, the windows being of one length); the worst
+    over the same groups, or with `windows` "worst" over the text domains and every window. "ratio" shows the
+    text domains, the group and its worst window."""
+    if windows not in WINDOWS:
+        raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
+    text = {g: r for g, r in ratio.items() if not g.startswith(SELF_GROUP)}
+    own = [r for g, r in ratio.items() if g.startswith(SELF_GROUP)]
+    shown, worst = dict(text), dict(text)
+    if own:
+        group = math.exp(sum(math.log(r) for r in own) / len(own))
+        shown.update({SELF_GROUP: group, WORST_WINDOW: max(own)})
+        worst.update({WORST_WINDOW: max(own)} if windows == "worst" else {SELF_GROUP: group})
+    name = max(worst, key=worst.get)
+    mean = (sum(text.values()) + (shown[SELF_GROUP] if own else 0.0)) / (len(text) + bool(own))
+    return {"ratio": shown, "mean": mean, "worst": {"domain": name, "ratio": worst[name]}}
 
 
-def pick(rows: dict[str, dict], within: float = WITHIN, groups: list[str] | None = None) -> str:
+def pick(rows: dict[str, dict], within: float = WITHIN, groups: list[str] | None = None, windows: str = "group") -> str:
     """The plan auto keeps: among those whose held-out mean ratio is within `within` of the lowest, the one with
-    the lowest worst group (step 4's rule); ties go to the earlier row. `groups`: score on these groups only."""
+    the lowest worst group (step 4's rule; `summary` with `windows`); ties go to the earlier row. A row's ratios
+    are its "held" (every text domain and self-written window), else its "ratio". `groups`: these groups only
+    (text domains; SELF_GROUP for the self-written windows)."""
     if not rows:
         raise ValueError("no plans to choose from")
-    scores = {label: summary({g: r for g, r in row["ratio"].items() if groups is None or g in groups})
+    def kept(g: str) -> bool:
+        return groups is None or g in groups or (g.startswith(SELF_GROUP) and SELF_GROUP in groups)
+    scores = {label: summary({g: r for g, r in row.get("held", row["ratio"]).items() if kept(g)}, windows)
               for label, row in rows.items()}
     best = min(s["mean"] for s in scores.values())
     eligible = [label for label, s in scores.items() if s["mean"] <= (1 + within) * best]
@@ -206,11 +230,11 @@ def held_out_evaluation(tokenizer, config, held: dict[str, list[str]], held_own,
     texts = {d: docs for d, docs in held.items()}
     evaluation = Evaluation(tokenizer, config, tasks=[], texts=texts, seq_len=seq_len, batch_size=batch_size,
                             max_tokens=max_tokens)
-    own = Evaluation(tokenizer, config, tasks=[], texts={SELF_GROUP: held_own.flatten()}, seq_len=held_own.shape[1],
-                     batch_size=batch_size)
+    own = Evaluation(tokenizer, config, tasks=[], texts={f"{SELF_GROUP} {k + 1}": w for k, w in enumerate(held_own)},
+                     seq_len=held_own.shape[1], batch_size=batch_size)
     for ids, owner in zip(own.batches, own._owner):
         evaluation._add(ids, owner)
-    evaluation.domains.append(SELF_GROUP)
+    evaluation.domains += own.domains
     return evaluation
 
 
@@ -230,7 +254,7 @@ def auto_stats(model, tokenizer, spec: str, samples: int = 64, seq_len: int = 25
 
 
 def auto_choose(model, tokenizer, measured: dict, keep: int, seed: int = 0, held_tokens: int = AUTO_HELD_TOKENS,
-                visit: Callable | None = None) -> dict:
+                visit: Callable | None = None, windows: str = AUTO_PICK) -> dict:
     """`auto` for a model in memory, from auto_stats' `measured`: eight plans, each scored on the held-out windows;
     returns {"chosen", "rows": {label: held-out summary}, "plans"}. `visit(label, pruned model)` is called on
     each pruned copy (a benchmark scores it on more text)."""
@@ -246,11 +270,12 @@ def auto_choose(model, tokenizer, measured: dict, keep: int, seed: int = 0, held
         pruned = copy.deepcopy(model)
         apply_plan(pruned, moe_layout(pruned), plan, mixed if label.endswith(f"({AUTO_STATS[1]})") else text)
         ppl = evaluation.run(pruned, progress=False)["perplexity"]
-        rows[label] = summary({d: math.exp(ppl[d]["nll"] - base[d]["nll"]) for d in base})
+        held = {d: math.exp(ppl[d]["nll"] - base[d]["nll"]) for d in base}
+        rows[label] = {**summary(held, windows), "held": held}
         if visit is not None:
             visit(label, pruned)
         del pruned
-    return {"chosen": pick(rows), "rows": rows, "plans": plans}
+    return {"chosen": pick(rows, windows=windows), "rows": rows, "plans": plans}
 
 
 class Auto(Tradeoff):
@@ -263,7 +288,7 @@ class Auto(Tradeoff):
     name = "auto"
 
     def __init__(self, spec: str, tokenizer, config, layout: Layout, keep: int, seed: int, share: float, samples: int,
-                 seq_len: int, batch_size: int, max_tokens: int = AUTO_HELD_TOKENS):
+                 seq_len: int, batch_size: int, max_tokens: int = AUTO_HELD_TOKENS, windows: str = AUTO_PICK):
         from .selfcalib import windows_for
         if spec == "random" or tokenizer is None:
             raise MoePruneError("--method auto scores its plans on held-out calibration text: give text with --calib "
@@ -284,7 +309,7 @@ class Auto(Tradeoff):
         self.plans = {label: {} for label in self.methods}
         self.kept: dict[str, dict] = {kind: {} for kind in self.kinds}
         self.chosen: str | None = None
-        self.held, self.alt = None, {}
+        self.held, self.alt, self.window_rule = None, {}, windows
 
     def windows(self, text: Callable[[int, list[str]], torch.Tensor],
                 written: Callable[[int], torch.Tensor] | None) -> torch.Tensor:
@@ -347,8 +372,22 @@ class Auto(Tradeoff):
         """Score every plan on the held-out windows (the original model's too) and pick (`pick`)."""
         from .engine import score
         score(source, self.streams())
-        self.chosen = pick(self.result(None)["rows"])
+        self.chosen = pick(self.result(None)["rows"], windows=self.window_rule)
         return self.chosen
+
+    def result(self, folder: Path | None) -> dict:
+        """Tradeoff's result, each row's ratios shown as `summary` gives them (text domains, the self-written windows
+        as a group and their worst window) and all of them under "held"."""
+        out = super().result(folder)
+        for row in out["rows"].values():
+            held = row["ratio"]
+            row.update(summary(held, self.window_rule), held=held)
+        tokens = out["held_out_tokens"]
+        own = [d for d in tokens if d.startswith(SELF_GROUP)]
+        out["held_out_tokens"] = {**{d: t for d, t in tokens.items() if d not in own},
+                                  **({SELF_GROUP: sum(tokens[d] for d in own)} if own else {})}
+        out["chosen"], out["rule"] = self.chosen, {"within": WITHIN, "windows": self.window_rule}
+        return out
 
     def chosen_plan(self, seconds: float) -> Plan:
         """The chosen plan as plan.json holds it: method "auto", the chosen candidate and its method's options."""
