@@ -30,17 +30,18 @@ class Record(Step):
         self.hidden.append(torch.cat([h for h, _ in self.ev.before]))
 
 
-def assert_engine_matches(source, ids: torch.Tensor, want) -> None:
+def assert_engine_matches(source, ids: torch.Tensor, want, rows: int | None = None) -> None:
     """The engine's stream after each decoder layer equals the model's own output_hidden_states, and its logits
-    the model's. hidden_states[i + 1] is layer i's output for every layer but the last (after the final norm)."""
-    ev = Evaluate([ids])
+    the model's. hidden_states[i + 1] is layer i's output for every layer but the last (after the final norm).
+    `rows`: the engine's batches hold that many of ids' rows (default: one batch)."""
+    ev = Evaluate(list(ids.split(rows or ids.shape[0])))
     record = Record(ev)
     run(source, [ev, record], progress=False)
     for i, h in enumerate(record.hidden[:-1]):
         assert torch.allclose(h, want.hidden_states[i + 1], atol=1e-5), f"layer {i}"
     got = []
     score(source, [(ev.before, lambda k, logits: got.append(logits))])
-    assert torch.allclose(got[0], want.logits, atol=1e-4)
+    assert torch.allclose(torch.cat(got), want.logits, atol=1e-4)
 
 
 def gpt_oss():
@@ -147,3 +148,26 @@ def test_streamed_engine_equals_the_forward_of_newer_families(model_type, tmp_pa
     source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
     source.model.config._attn_implementation = "eager"
     assert_engine_matches(source, ids, want)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
+def test_deepseek_v4_engine_equals_its_forward(streamed, tmp_path):
+    """DeepSeek-V4: sliding, heavily compressed and compressed sparse attention (windows of 8, compressed every 8 / 4
+    tokens, indexer top-k 4) at 40 tokens; hyper-connection streams [B, T, 4, d] between layers and the hc_head
+    before the final norm; hash layers that choose experts by token id, each of the engine's two batches run with
+    its own input_ids. Layer by layer and in the logits, in memory and streamed from a folder."""
+    model = test_layer_inputs.build("deepseek_v4", attn="eager")
+    config = model.config
+    assert T > max(config.sliding_window, *config.compress_rates.values()) and "hash_moe" in config.mlp_layer_types
+    ids = test_layer_inputs.tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    if streamed:
+        model.save_pretrained(tmp_path / "m")
+        source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
+        source.model.config._attn_implementation = "eager"
+        skeleton = source.model.model.layers[0].mlp.gate.tid2eid               # read from the folder with its layer
+        assert not torch.equal(skeleton, model.model.layers[0].mlp.gate.tid2eid)
+    else:
+        source = ModelSource(model)
+    assert_engine_matches(source, ids, want, rows=1)

@@ -43,12 +43,16 @@ class Family:
     read_router: Callable[[nn.Module, tuple], tuple] | None = None
     # experts of another call than (hidden, top_k_index, top_k_weights): (experts module, x [n, d], e) -> E_e(x)
     expert_fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
-    scoring: Literal["softmax", "sigmoid"] = "softmax"   # how router logits become probabilities
+    # how router logits become scores: softmax, sigmoid, or DeepSeek-V4's sqrt(softplus(logit))
+    scoring: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"
     # gate_up layout: "halves" = gate_up_proj [E, 2I, H], gate rows then up rows (down_proj [E, H, I]);
     # "interleaved" = gate and up rows alternating; "plain" = no gate, up_proj [E, I, H]; each with a "_t" form
     # stored [E, H, ...] (x @ W; down_proj [E, I, H]): GPT-OSS is "interleaved_t", Llama 4 "halves_t"
     gate_up: str = "halves"
     group_fields: tuple[str, str] | None = None          # (n_group, topk_group) config fields
+    # a router buffer [vocab, top_k] of expert ids: a router that holds it chooses its experts by token id (it is
+    # handed the batch's input_ids), not by its logits; surgery rewrites the ids (DeepSeek-V4's hash layers)
+    hash_table: str = ""
 
 
 def _llama4_router(router: nn.Module, output: tuple) -> tuple:
@@ -73,6 +77,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     *(Family(t, "num_local_experts", block="feed_forward", router="router", shared=("shared_expert",),
              scoring="sigmoid", gate_up="halves_t", read_router=_llama4_router, expert_fn=_llama4_expert)
       for t in ("llama4_text", "llama4")),
+    # DeepSeek-V4: the first layers (mlp_layer_types "hash_moe") choose experts by a token-id table, the others by
+    # top-k of sqrt(softplus(logits)) + a correction bias; the skeleton's first MoE layer shows neither the bias the
+    # later routers hold nor the scoring
+    Family("deepseek_v4", "n_routed_experts", shared=("shared_experts",), scoring="sqrtsoftplus",
+           router_tensors=(("weight", 0), ("e_score_correction_bias", 0)), hash_table="tid2eid"),
 ]}
 
 
@@ -93,11 +102,24 @@ class MoeLayer:
     def num_experts(self) -> int:
         return next(iter(self.experts.parameters())).shape[0]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def hash_table(self) -> torch.Tensor | None:
+        """The router's token-id -> expert-ids table [vocab, top_k] when it chooses its experts by token id
+        (DeepSeek-V4's hash layers), else None."""
+        name = self.family.hash_table if self.family is not None else ""
+        return get_tensor(self.router, name) if name else None
+
+    def route(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
         """The model's own routing of x [n, d]: (logits [n, E], top-k weights [n, k], top-k indices [n, k]).
-        Routers take [n, d] or, like AFMoE's, [1, n, d]; the statistics observer reads the router's decisions as
-        the block asks for them instead (moeprune.observer)."""
+        Routers take [n, d] or, like AFMoE's, [1, n, d]; a router that chooses by token id also takes the tokens'
+        ids [n]. The statistics observer reads the router's decisions as the block asks for them instead
+        (moeprune.observer)."""
         args = tuple(get_tensor(self.block, n) for n in (self.family.router_args if self.family else ()))
+        if self.hash_table is not None:
+            if input_ids is None:
+                raise MoePruneError(f"layer {self.index} chooses its experts by token id: route(x, input_ids)")
+            args = (input_ids.reshape(-1), *args)
         try:
             out = self.router(x, *args)
         except (ValueError, RuntimeError):
@@ -134,6 +156,9 @@ class Layout:
     # where `config` sits in config.json: "" (the top level), "text_config" (a multimodal wrapper's language model)
     config_key: str = ""
     layers_prefix: str = "model.layers."   # decoder layer i's state-dict keys start with this and "i."
+    # patterns of checkpoint tensors transformers' loader drops (the model class's _keys_to_ignore_on_load_unexpected:
+    # DeepSeek-V4's multi-token-prediction layers, mtp.*)
+    ignored_on_load: tuple[str, ...] = ()
 
     @property
     def top_k(self) -> int:
@@ -227,7 +252,8 @@ def moe_layout(model: nn.Module) -> Layout:
     """Find every MoE layer of a transformers causal LM; raise NotMoE if there is none."""
     family = family_of(model)
     config = model.config.get_text_config()
-    layout = Layout(family, config, config_key=text_config_key(model.config), layers_prefix=layers_prefix(model))
+    layout = Layout(family, config, config_key=text_config_key(model.config), layers_prefix=layers_prefix(model),
+                    ignored_on_load=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()))
     for i, decoder_layer in enumerate(decoder_layers(model)):
         block = get_tensor(decoder_layer, family.block)
         experts = get_tensor(block, family.experts) if block is not None else None

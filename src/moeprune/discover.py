@@ -15,7 +15,7 @@ entries spell out per family:
 What structure alone cannot tell (the gate/up layout of a fused projection, the scoring function) is
 probed on the live module when its weights are real (not on the meta device): zeroing half of a fused
 gate_up projection kills an expert's output exactly when that half is the gate, and the router's
-returned weights are proportional to softmax or sigmoid of its returned logits.
+returned weights are proportional to softmax, sigmoid or sqrt(softplus) of its returned logits (SCORINGS).
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ _TOP_K_NAME = ("per_tok", "top_k", "topk", "moe_k", "activated", "experts_per", 
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "moe_k", "k", "num_selected_experts")
 _GROUP_FIELDS = (("n_group", "topk_group"), ("num_expert_group", "topk_group"), ("moe_n_group", "moe_topk_group"))
 _NOT_TEXT = ("vision", "visual", "audio", "speech", "image", "talker", "code2wav", "mtp")
+
+# how routers turn logits into the scores that weight (and, with a correction bias, choose) their experts: softmax
+# over the experts, or one expert at a time (sigmoid; DeepSeek-V4's sqrt(softplus))
+SCORINGS = {"softmax": lambda logits: torch.softmax(logits, dim=-1), "sigmoid": torch.sigmoid,
+            "sqrtsoftplus": lambda logits: torch.nn.functional.softplus(logits).sqrt()}
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class MoeStructure:
     group_fields: tuple[str, str] | None    # (n_group, topk_group) config fields, when the config has both
     gate_up: str | None                     # "halves", "interleaved_t", "halves_t", "interleaved", "plain", "split"...
     gate_up_evidence: str                   # "probe" (measured on the module) or "shape" (from the shapes alone)
-    scoring: str | None                     # "softmax" / "sigmoid" (probed), else a guess from the router tensors
+    scoring: str | None                     # a SCORINGS name (probed), else a guess from the router tensors
     scoring_evidence: str                   # "probe", "guess" or "none"
     other_stacks: tuple[str, ...] = ()      # other ModuleLists holding experts (a vision tower's MoE, ...)
     notes: tuple[str, ...] = field(default=())
@@ -397,16 +402,17 @@ def _probe_gate_up(experts: nn.Module, tensors: tuple[ExpertTensor, ...], H: int
 
 @torch.no_grad()
 def _probe_scoring(router: nn.Module, H: int, E: int, extra: tuple = ()) -> str | None:
-    """"softmax" or "sigmoid" when the router's returned weights are proportional (per token, after an optional
-    renormalisation) to softmax / sigmoid of its returned logits at the chosen experts; None otherwise."""
+    """The SCORINGS name ("softmax", "sigmoid", "sqrtsoftplus") whose scores of the router's returned logits at the
+    chosen experts its returned weights are proportional to (per token, after an optional renormalisation); None
+    when none is."""
     out = _call_router(router, torch.randn(16, H, dtype=next(router.parameters()).dtype) * 3, extra=extra)
     if out is None:
         return None
     logits, weights, index = out
     logits = logits.reshape(-1, E).double()
     weights, index = weights.reshape(logits.shape[0], -1).double(), index.reshape(logits.shape[0], -1)
-    for name, probs in (("softmax", torch.softmax(logits, -1)), ("sigmoid", torch.sigmoid(logits))):
-        picked = probs.gather(-1, index)
+    for name, scores in SCORINGS.items():
+        picked = scores(logits).gather(-1, index)
         for cand in (picked, picked / picked.sum(-1, keepdim=True)):
             ratio = weights / cand
             if torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4, atol=1e-6):

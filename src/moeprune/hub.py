@@ -49,16 +49,19 @@ def _pruned_prefixes(layout: Layout) -> dict[int, tuple[str, ...]]:
             for m in layout.layers}
 
 
-def extra_layer_tensors(ckpt: Checkpoint, layout: Layout) -> list[str]:
+def extra_layer_tensors(ckpt: Checkpoint, layout: Layout, hub: HubMap | None = None) -> list[str]:
     """The file tensors of decoder layers past the model's num_hidden_layers: the multi-token-prediction (MTP)
-    layers DeepSeek-V3, Kimi-K2 and GLM-4.5 ship for speculative decoding, which transformers does not load.
+    layers DeepSeek-V3, Kimi-K2 and GLM-4.5 ship for speculative decoding, which transformers does not load; and,
+    given the key map, the file tensors outside it that transformers' loader drops by name (DeepSeek-V4's mtp.*).
     Their routers were never calibrated and their experts would no longer match the pruned count, so the output
     leaves them out and says num_nextn_predict_layers 0 (CheckpointWriter.finish)."""
     n = getattr(layout.config, "num_hidden_layers", None)
     pattern = re.compile(re.escape(layout.layers_prefix) + r"(\d+)\.")
-    if not isinstance(n, int):
-        return []
-    return [name for name in ckpt.tensors if (m := pattern.match(name)) and int(m.group(1)) >= n]
+    past = [name for name in ckpt.tensors if isinstance(n, int) and (m := pattern.match(name)) and int(m.group(1)) >= n]
+    dropped = [re.compile(p) for p in layout.ignored_on_load] if hub is not None else []
+    unmapped = [name for name in ckpt.tensors if name not in past and name not in hub.files
+                and any(p.search(name) for p in dropped)] if dropped else []
+    return past + unmapped
 
 
 @dataclass
@@ -84,7 +87,7 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
     shards: dict[str, list[Slot]] = {f: [] for f in ckpt.files}
     touched = set()
     plain: dict[str, tuple[int, ...]] = {}
-    left_out = extra_layer_tensors(ckpt, layout)
+    left_out = extra_layer_tensors(ckpt, layout, hub)
     extra = set(left_out)
     for t in sorted(ckpt.tensors.values(), key=lambda t: (ckpt.files.index(t.file.name), t.start)):
         if t.name in extra:
@@ -239,9 +242,9 @@ class CheckpointWriter:
         extra = self.out.left_out
         if extra:
             warnings.warn(f"the checkpoint's {len(extra)} tensors of layers past num_hidden_layers "
-                          f"({layout.config.num_hidden_layers}; multi-token prediction, {extra[0]}, ...) are left out "
-                          "of the output: transformers does not load them and their experts were not pruned; the "
-                          "output says num_nextn_predict_layers 0")
+                          f"({layout.config.num_hidden_layers}) or that transformers does not load (multi-token "
+                          f"prediction, {extra[0]}, ...) are left out of the output: their experts were not pruned; "
+                          "the output says num_nextn_predict_layers 0")
         self.hub = pruned_map(source.model, layout, changes, self.out)
         self.dtypes = {s.name: s.dtype for ss in self.out.shards.values() for s in ss}
         self.shards = ShardWriter(self.folder, self.out.shards, source.ckpt.metadata,

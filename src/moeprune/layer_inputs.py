@@ -36,7 +36,10 @@ and again with every module but the embeddings and rotary tables on the meta dev
     qwen3_5_moe_text, minimax, kimi_linear, bailing_hybrid (linear / full attention), lara_mini (linear /
     sliding / full), jamba, granitemoehybrid, nemotron_h (mamba / attention / MoE / MLP blocks), lfm2_moe (short
     convolution / attention), gemma4_text (sliding / full, per-layer inputs, KV-shared layers), bamba (a dense
-    hybrid whose layers return tuples), and every hand-set tiny family (moeprune.tiny.TINY_FAMILIES).
+    hybrid whose layers return tuples), deepseek_v4 (sliding / heavily compressed / compressed sparse attention,
+    hyper-connection streams [B, T, hc_mult, d]), and every hand-set tiny family (moeprune.tiny.TINY_FAMILIES).
+Arguments that differ from batch to batch are recorded per batch: DeepSeek-V4's decoder layers take the batch's
+input_ids (its hash layers choose experts by token id), and each batch's layers get its own.
 gemma4's (and kolibri1_1's) KV-shared layers read the keys and values an earlier layer wrote into
 `shared_kv_states`, a mapping in every layer's kwargs of one batch: run each batch's layers in order with
 `advance`, which gives each stream its own copy of the mapping.

@@ -12,7 +12,8 @@ import torch
 
 from .arch import Layout, MoeLayer, MoePruneError
 from .layer_inputs import advance
-from .routing import inferred_rule, routing_rule
+from .discover import SCORINGS
+from .routing import hash_rule, inferred_rule, routing_rule
 from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats
 
@@ -23,8 +24,8 @@ def expert_output(layer: MoeLayer, x: torch.Tensor, expert: int) -> torch.Tensor
 
 
 def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    logits = logits.double()
-    return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+    """The router's scores of its logits (float64): softmax, sigmoid or sqrt(softplus) (discover.SCORINGS)."""
+    return SCORINGS[scoring](logits.double())
 
 
 class Observer:
@@ -40,9 +41,9 @@ class Observer:
         self.tokens = 0
         z = lambda: torch.zeros(E, dtype=torch.float64)   # noqa: E731
         self.counts, self.weight_sum, self.reap_sum = z(), z(), z()
-        # summed router probabilities under both scorings: a family found on the meta skeleton may have guessed
+        # summed router probabilities under every scoring: a family found on the meta skeleton may have guessed
         # its scoring, and the routing rule read off the router's own decisions settles it (observe_layer)
-        self.prob_sums = {"softmax": z(), "sigmoid": z()}
+        self.prob_sums = {name: z() for name in SCORINGS}
         self.inputs, self.logits, self.outputs = [], [], []
         self.chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # the sample's (top-k weights, indices)
 
@@ -128,7 +129,9 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     ls.routing = routing_rule(moe, layout.family)
     if not ls.routing and observer.chosen:             # a family found by structure: read off its router
         w, i = (torch.cat(parts) for parts in zip(*observer.chosen))
-        ls.routing = inferred_rule(moe, ls.logits.double(), w, i, layout.top_k)
+        # a router that chooses by token id (DeepSeek-V4's hash layers): its recorded choices, not a rule of logits
+        ls.routing = hash_rule(ls.logits, w, i) if moe.hash_table is not None else \
+            inferred_rule(moe, ls.logits.double(), w, i, layout.top_k)
     if ls.routing and ls.routing["scoring"] != observer.scoring:         # the guess was wrong: the router's own
         ls.prob_sum = observer.prob_sums[ls.routing["scoring"]]
     if weight_similarity:

@@ -19,6 +19,13 @@ The rule, per family (transformers 5.x router code):
                             experts within 2 x jitter_eps (relative) of it
     gpt_oss                 top-k of the logits, softmax over those k
     llama4                  top-k of the logits, weights = sigmoid (scaling the experts' input, not output)
+    deepseek_v4 (inferred)  sqrt(softplus), choice on the scores + correction bias, renormalise,
+                            x routed_scaling_factor; its first layers ("hash_moe") choose by a token-id table
+
+A layer that chooses its experts by token id (DeepSeek-V4's hash layers: tid2eid[input_ids]) cannot be replayed
+from logits: its rule ("select": "hash") holds the sample's recorded choices instead, and pruning sends the tokens
+of a dropped expert to the kept expert whose output is nearest to its own on the calibration sample (`stand_ins`:
+what surgery writes into the table and what the replay of a subset routes to).
 
 Group-limited routing of a subset follows what surgery does to the pruned model: the kept experts, in
 id order, form n_group consecutive groups when n_group divides their number; otherwise routing falls
@@ -30,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from .arch import Family, MoeLayer, MoePruneError, get_tensor
+from .discover import SCORINGS
 
 SELECT = ("topk", "sparsemixer")
 
@@ -91,14 +99,15 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
     """The routing rule of a family moeprune has no entry for, read off the router's own decisions on calibration
     tokens: the candidate (softmax or sigmoid scores, plus the router's correction bias if it has one; top-k of the
     scores or softmax over the top-k logits; renormalised or not; a constant scale) that reproduces every token's
-    chosen experts and their weights. {} when none does (then NAEE, which replays routing, refuses the layer)."""
+    chosen experts and their weights. {} when none does (then NAEE, which replays routing, refuses the layer).
+    A layer that chooses by token id is read by `hash_rule` instead."""
     if logits.numel() == 0:
         return {}
     bias = correction_bias(layer)
     bias = bias.detach().float().flatten().tolist() if torch.is_tensor(bias) and not bias.is_meta else None
     want = weights.double()
     chosen = indices.sort(dim=-1).values
-    for scoring in ("softmax", "sigmoid"):
+    for scoring in SCORINGS:
         for topk_softmax in (False, True):
             for renormalize in (True, False):
                 rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
@@ -113,6 +122,55 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
                 if torch.allclose(got * scale, mine, rtol=1e-3, atol=1e-6):
                     return {**rule, "scale": round(scale, 6)}
     return {}
+
+
+def hash_rule(logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> dict:
+    """The rule of a layer that chooses its experts by token id (DeepSeek-V4's tid2eid): the sample's recorded
+    choices [n, k] ("chosen"), weighted by the scoring, renormalisation and constant scale that reproduce the
+    router's weights from its logits at them. {} when none does."""
+    if logits.numel() == 0:
+        return {}
+    logits, want = logits.double(), weights.double()
+    for scoring, fn in SCORINGS.items():
+        picked = fn(logits).gather(-1, indices)
+        for renormalize in (True, False):
+            got = picked / picked.sum(-1, keepdim=True).clamp_min(1e-20) if renormalize else picked
+            scale = float(want.sum() / got.sum().clamp_min(1e-30))
+            if torch.allclose(got * scale, want, rtol=1e-3, atol=1e-6):
+                return {**_base_rule(scoring), "select": "hash", "renormalize": renormalize, "scale": round(scale, 6),
+                        "chosen": indices.tolist()}
+    return {}
+
+
+@torch.no_grad()
+def output_distance(chunks) -> torch.Tensor:
+    """[E, E] float64: the mean over the sample of ||E_i(x) - E_j(x)||^2, from every expert's outputs [E, c, d] on
+    the sample, a chunk of tokens at a time (`ls.outputs.split(64, dim=1)`): no float64 copy of all outputs."""
+    gram, n = None, 0
+    for o in chunks:
+        o2 = o.reshape(o.shape[0], -1).double()
+        gram = o2 @ o2.T if gram is None else gram + o2 @ o2.T
+        n += o.shape[1]
+    sq = gram.diagonal()
+    return ((sq[:, None] + sq[None, :] - 2 * gram) / max(n, 1)).clamp_min(0.0)
+
+
+def stand_ins(distance: torch.Tensor | None, kept: torch.Tensor, E: int) -> torch.Tensor:
+    """For each subset of the E expert ids kept [B, K]: [B, E], the expert every original expert's tokens go to in
+    a layer that chooses by token id: itself when kept, else the kept expert of least output distance to it (the
+    lowest id on ties)."""
+    B, K = kept.shape
+    out = torch.arange(E).expand(B, E).clone()
+    is_kept = torch.zeros(B, E, dtype=torch.bool).scatter_(1, kept, True)
+    if bool(is_kept.all()):
+        return out
+    if distance is None:
+        raise MoePruneError("the layer chooses its experts by token id (a hash table): where a dropped expert's "
+                            "tokens go is chosen from the experts' outputs on the calibration sample, which these "
+                            "statistics do not hold; recollect them with expert outputs")
+    d = distance.double()[:, kept].permute(1, 0, 2)                      # [B, E, K]
+    nearest = kept.gather(1, d.argmin(dim=-1))                           # argmin: the first (lowest id) on ties
+    return torch.where(is_kept, out, nearest)
 
 
 def group_routing_after(keep: int, n_group: int, topk_group: int) -> tuple[int, int]:
@@ -154,13 +212,16 @@ def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
     return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
 
 
-def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
+                       distance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing of a layer pruned to `subset`, replayed on its router logits [n, E] (float64).
 
     `subset`: expert ids (any order), or a LongTensor [B, K] of B subsets at once.
     Returns (weights [n, k], indices [n, k]), or [B, n, k] each for B subsets, with indices in the
     original expert ids and k = min(top_k, K) (2 for PhiMoE's sparsemixer). Column order within a row
-    is not meaningful (some routers use unsorted top-k).
+    is not meaningful (some routers use unsorted top-k). A layer that chooses by token id (select "hash") routes
+    the recorded choices, a dropped expert's to its stand-in (`stand_ins`, from `distance`, output_distance of the
+    sample: needed once a chosen expert is dropped); an index may then repeat (its weights add, as in the model).
     """
     if not routing:
         raise MoePruneError("these statistics carry no routing rule; recollect them with this version of moeprune")
@@ -176,6 +237,19 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int) 
         indices = ids.unsqueeze(1).expand(B, n, K).gather(-1, local)
         return (weights, indices) if batched else (weights[0], indices[0])
 
+    if routing["select"] == "hash":
+        chosen = torch.as_tensor(routing["chosen"], dtype=torch.long)
+        if chosen.dim() != 2 or chosen.shape[0] != n:
+            raise MoePruneError(f"the layer chooses its experts by token id and its rule records the choices of "
+                                f"{chosen.shape[0]} sample tokens, but the statistics hold {n}: they were joined "
+                                "without joining the recorded choices (routing['chosen'])")
+        go = stand_ins(distance, ids, logits.shape[1]).gather(1, chosen.reshape(1, -1).expand(B, -1))
+        local = torch.searchsorted(ids, go).reshape(B, n, chosen.shape[1])        # positions in the (sorted) subset
+        scores = SCORINGS[routing["scoring"]](x)
+        weights = scores.gather(-1, local)
+        if routing["renormalize"]:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(routing["norm_min"])
+        return done(weights * routing["scale"], local)
     if routing["select"] == "sparsemixer":
         if K < 2:
             raise MoePruneError("PhiMoE's sparsemixer routes every token to 2 experts; keep at least 2")
@@ -183,7 +257,7 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int) 
     if routing["topk_softmax"]:                                           # GPT-OSS
         top, local = x.topk(k, dim=-1)
         return done(torch.softmax(top, dim=-1), local)
-    scores = torch.sigmoid(x) if routing["scoring"] == "sigmoid" else torch.softmax(x, dim=-1)
+    scores = SCORINGS[routing["scoring"]](x)
     choice = scores
     if routing["correction_bias"] is not None:
         choice = scores + torch.tensor(routing["correction_bias"], dtype=torch.float64)[ids].unsqueeze(1)

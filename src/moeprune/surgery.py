@@ -2,7 +2,9 @@
 
 Every tensor of the fused experts module carries the expert index on axis 0, and the family lists
 the router tensors with their expert axis, so one weighted sum serves every family. Merging is done
-in float32 (float64 accumulation for the weights) and cast back to the model's dtype.
+in float32 (float64 accumulation for the weights) and cast back to the model's dtype. A router that
+chooses its experts by token id (DeepSeek-V4's tid2eid table) keeps its table's shape with the ids
+rewritten to the new slots (`hash_slots`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .align import align_to, neuron_activations
 from .arch import Layout, MoeLayer, MoePruneError, get_tensor
 from .observer import probabilities
 from .plan import LayerPlan, Plan
-from .routing import group_routing_after
+from .routing import group_routing_after, output_distance, stand_ins
 from .stats import LayerStats, Stats
 
 FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
@@ -68,6 +70,54 @@ def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int],
     return d.T if stored_t else d
 
 
+@torch.no_grad()
+def _distance(layer: MoeLayer, ls: LayerStats, chunk: int = 64) -> torch.Tensor:
+    """output_distance of the layer's experts on the calibration sample: the recorded outputs, else the experts run
+    on the recorded inputs (a method that needs no outputs), a chunk of tokens at a time."""
+    if ls.outputs.numel():
+        return output_distance(ls.outputs.split(chunk, dim=1))
+    p = next(layer.experts.parameters())
+    xs = ls.inputs.to(p.device, p.dtype).split(chunk)
+    return output_distance(torch.stack([layer.expert(x, e).float().cpu() for e in range(layer.num_experts)])
+                           for x in xs)
+
+
+def hash_slots(layer: MoeLayer, lp: LayerPlan, ls: LayerStats | None) -> list[int] | None:
+    """For a layer that chooses its experts by token id (DeepSeek-V4's tid2eid): the output slot that each original
+    expert's tokens go to, None for any other layer. A grouped expert's tokens go to its group's slot; a dropped
+    expert's to the slot of the grouped expert whose output is nearest its own on the calibration sample
+    (routing.stand_ins, what NAEE's replay routes to). Recorded in the plan (info["hash_slots"]), so the saved plan
+    applies again without statistics and gives the same table."""
+    if layer.hash_table is None:
+        return None
+    E = lp.num_experts
+    slots = [-1] * E
+    for j, group in enumerate(lp.groups):
+        for e in group:
+            slots[e] = j
+    dropped = [e for e in range(E) if slots[e] < 0]
+    recorded = lp.info.get("hash_slots")
+    if recorded is not None:
+        if not (isinstance(recorded, list) and len(recorded) == E and all(
+                isinstance(s, int) and 0 <= s < lp.keep and (slots[e] < 0 or s == slots[e])
+                for e, s in enumerate(recorded))):
+            raise MoePruneError(f"plan layer {layer.index}: info.hash_slots must list, for each of the {E} experts, "
+                                f"its group's slot (0..{lp.keep - 1}); it is {recorded}")
+        return recorded
+    if dropped:
+        if ls is None or not (ls.outputs.numel() or ls.inputs.numel()):
+            raise MoePruneError(
+                f"layer {layer.index} chooses its experts by token id (a hash table) and the plan drops experts "
+                f"{dropped}: their tokens go to the kept expert of nearest output on the calibration sample, which "
+                "this run has not collected and the plan does not record (info.hash_slots); plan the model again "
+                "(a plan written by this version records it)")
+        grouped = torch.tensor([[e for e in range(E) if slots[e] >= 0]])
+        stand_in = stand_ins(_distance(layer, ls), grouped, E)[0].tolist()
+        slots = [slots[stand_in[e]] for e in range(E)]
+    lp.info["hash_slots"] = slots
+    return slots
+
+
 def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: LayerStats | None) -> None:
     """Replace the layer's experts by one per group, and the router rows likewise.
 
@@ -79,6 +129,7 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
     if lp.num_experts != layer.num_experts:
         raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
                             f"{layer.num_experts}: the plan was made for another model")
+    slots = hash_slots(layer, lp, ls)            # before the experts change: a dropped expert's stand-in
     # every per-expert parameter ([E, ...]), nested ones too (Ergo's post_expert_norm.weight [E, H]); a parameter
     # the experts share (Muse Spark's post_expert_norm.weight [H]) is left as it is
     original = {n: p.detach() for n, p in layer.experts.named_parameters() if p.dim() and p.shape[0] == lp.num_experts}
@@ -110,6 +161,10 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
         else:
             rows = [_merge([t.select(axis, e) for e in g], w) for g, w in zip(lp.groups, lp.weights)]
         _set_tensor(module, name, torch.stack(rows, dim=axis).contiguous())
+    if slots is not None:                        # the token-id table names the new slots: same shape, ids < keep
+        table = layer.hash_table
+        _set_tensor(layer.router, family.hash_table, torch.as_tensor(slots, dtype=table.dtype,
+                                                                     device=table.device)[table.long()])
 
 
 def config_changes(layout: Layout, keep: int) -> dict[str, int]:

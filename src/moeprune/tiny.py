@@ -47,7 +47,25 @@ _COUNTS: dict[str, tuple[str, str]] = {
     "phimoe": ("num_local_experts", "num_experts_per_tok"), "gpt_oss": ("num_local_experts", "num_experts_per_tok"),
 }
 # the model types with a hand-set tiny model (`tiny:<name>`) or an arch entry: what the test-suite runs every method on
-TINY_FAMILIES = sorted({*_EXTRA, *FAMILIES})
+# (with routing pinned by the router rows: not a family whose routers choose by token id, tests/test_hash_routing.py)
+TINY_FAMILIES = sorted({*_EXTRA, *(t for t, f in FAMILIES.items() if not f.hash_table)})
+
+
+@torch.no_grad()
+def plant_hash_tables(model, seed: int = 0):
+    """A router's token-id -> expert-ids table (DeepSeek-V4's tid2eid) is zero when built (its values come from the
+    checkpoint: every token on expert 0): a seeded table of distinct experts per token instead, as trained ones
+    have. Returns the model."""
+    family = FAMILIES.get(getattr(model.config, "model_type", ""))
+    if family is None or not family.hash_table:
+        return model
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        table = getattr(module, family.hash_table, None)
+        if isinstance(table, torch.Tensor) and not table.is_meta:
+            E = module.num_experts
+            table.copy_(torch.stack([torch.randperm(E, generator=g)[:table.shape[1]] for _ in range(table.shape[0])]))
+    return model
 
 
 def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
@@ -80,7 +98,7 @@ def tiny_model(model_type: str, num_experts: int = 8, top_k: int = 2, seed: int 
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
-    return model.eval()
+    return plant_hash_tables(model, seed).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,4 +363,4 @@ def tiny_model_any(model_type: str, seed: int = 0, device: str | None = None, co
     if device == "meta":
         with torch.device("meta"):
             return cls.from_config(config, dtype=torch.float32).eval()
-    return cls.from_config(config, dtype=torch.float32).eval()
+    return plant_hash_tables(cls.from_config(config, dtype=torch.float32), seed).eval()

@@ -33,7 +33,7 @@ import torch
 
 from ..arch import MoePruneError
 from ..plan import LayerPlan
-from ..routing import restricted_routing
+from ..routing import output_distance, restricted_routing
 from ..stats import LayerStats
 from .registry import Method, register
 
@@ -62,7 +62,10 @@ class Reconstruction:
         for lo in range(0, n, chunk):
             o = ls.outputs[:, lo:lo + chunk].double().transpose(0, 1)     # [c, E, d]
             self.gram[lo:lo + chunk] = o @ o.transpose(1, 2)
-        w, idx = restricted_routing(ls.logits, range(E), ls.routing, ls.top_k)
+        # a layer that chooses by token id (DeepSeek-V4's hash layers) replays its recorded choices, a dropped expert's
+        # going to the kept expert of nearest output, as surgery rewrites the table (moeprune.routing.stand_ins)
+        self.distance = output_distance(ls.outputs.split(64, dim=1)) if ls.routing.get("select") == "hash" else None
+        w, idx = restricted_routing(ls.logits, range(E), ls.routing, ls.top_k, self.distance)
         t = torch.arange(n).unsqueeze(1)
         self.cross = torch.einsum("tj,tje->te", w, self.gram[t, idx])      # <y_full(x_t), E_e(x_t)>, [n, E]
         self.norm = float((w * self.cross.gather(1, idx)).sum())          # sum_t ||y_full(x_t)||^2
@@ -70,7 +73,7 @@ class Reconstruction:
 
     def _errors(self, subsets: torch.Tensor) -> torch.Tensor:
         """[B] errors of B subsets [B, K]."""
-        w, idx = restricted_routing(self.ls.logits, subsets, self.ls.routing, self.ls.top_k)   # [B, n, k]
+        w, idx = restricted_routing(self.ls.logits, subsets, self.ls.routing, self.ls.top_k, self.distance)  # [B, n, k]
         t = torch.arange(idx.shape[1]).view(1, -1, 1, 1)
         gram = self.gram[t, idx.unsqueeze(3), idx.unsqueeze(2)]                                # [B, n, k, k]
         own = torch.einsum("btj,btjl,btl->b", w, gram, w)
