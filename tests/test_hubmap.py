@@ -359,3 +359,46 @@ def test_padded_vocabulary(tmp_path):
     noisy[name] = files[name].clone()
     noisy[name][-6:] = 1.0                          # the padding is never read
     assert torch.equal(hub.to_module("lm_head.weight", head.shape, noisy.__getitem__, torch.float32), head)
+
+
+def test_experts_stored_transposed_are_written_as_stored(tmp_path):
+    """Qwen3-VL-MoE's published checkpoints store the fused experts [E, H, 2I] / [E, I, H]; transformers 5 builds
+    [E, 2I, H] and transposes what it reads (Transpose(check_dims=True)), and save_pretrained writes its own
+    orientation. The pruned output keeps the input's: the experts cut to K in the stored orientation (what
+    transformers 4.57 reads), a keep-all prune byte for byte the input, a half prune the in-memory prune's logits."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from moeprune.cli import main
+    from moeprune.plan import Plan
+    from moeprune.arch import moe_layout
+    from moeprune.surgery import apply_plan
+    from moeprune.tiny import tiny_model_any
+
+    model = tiny_model_any("qwen3_vl_moe")
+    src = tmp_path / "in"
+    model.save_pretrained(src)
+    weights = load_file(src / "model.safetensors")
+    fused = [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused
+    save_file({k: (v.transpose(1, 2).contiguous() if k in fused else v) for k, v in weights.items()},
+              src / "model.safetensors", metadata={"format": "pt"})
+
+    def prune(out, keep):
+        argv = ["prune", str(src), "--method", "frequency", "--keep", str(keep), "--calib", "random", "--samples",
+                "2", "--seq-len", "16", "--self-calib", "0", "--no-eval", "--quiet", "--out", str(tmp_path / out)]
+        assert main(argv) == 0
+
+    prune("all", 8)
+    assert (tmp_path / "all" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    prune("half", 4)
+    with safe_open(str(tmp_path / "half" / "model.safetensors"), "pt") as f:
+        for k in fused:
+            E, a, b = weights[k].shape
+            assert tuple(f.get_slice(k).get_shape()) == (4, b, a), k
+    pruned, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "half", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    apply_plan(model, moe_layout(model), Plan.load(tmp_path / "half" / "plan.json"))
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, model(ids).logits, atol=1e-5)

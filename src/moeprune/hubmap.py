@@ -78,6 +78,18 @@ class FileTensor:
         return len(self.pieces) == 1 and not self.pieces[0].file_view
 
 
+def _stored_swapped(f: FileTensor, stored: tuple[int, ...] | None) -> FileTensor:
+    """`f` as a checkpoint stores it when that is with its `swapped` axes transposed: the stored shape, and each
+    piece's file view first transposing back."""
+    if f.swapped is None or stored is None or tuple(stored) == f.shape:
+        return f
+    a, b = f.swapped
+    if tuple(stored) != tuple(torch.empty(f.shape, device="meta").transpose(a, b).shape):
+        return f
+    pieces = tuple(Piece(p.module, p.module_view, (("transpose", (a, b)),) + p.file_view) for p in f.pieces)
+    return FileTensor(f.name, tuple(stored), pieces, None, f.zeros)
+
+
 class _Unsupported(Exception):
     """An operation (or a combination) the symbolic interpreter cannot describe as views."""
 
@@ -456,7 +468,9 @@ class HubMap:
         `file_names`: the tensor names a checkpoint actually holds. A module tensor whose converted file tensors are
         absent but that the checkpoint stores as it is in memory (already fused, as transformers 5 writes with
         `save_original_format=False`; renamings still apply) maps to that one file tensor instead, as transformers'
-        loader would read it; one found in neither layout raises MoePruneError."""
+        loader would read it; one found in neither layout raises MoePruneError. Given as {name: stored shape}, a
+        file tensor stored with the two axes of a `Transpose(check_dims=True)` swapped (Qwen3-VL-MoE's published
+        [E, H, 2I] experts; save_pretrained writes [E, 2I, H]) is read and written in that stored orientation."""
         model_type = getattr(model.config, "model_type", type(model).__name__)
         state = model.state_dict()
         shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -468,6 +482,8 @@ class HubMap:
         files, plain = cls._reverse(model, model_type, stored)
         if file_names is not None:
             files = cls._as_stored(model_type, stored, files, plain, set(file_names))
+            if isinstance(file_names, Mapping):
+                files = {name: _stored_swapped(f, file_names.get(name)) for name, f in files.items()}
         return cls(model_type, shapes, files, tied, _module_expert_axes(stored, _expert_count(model.config)))
 
     @staticmethod

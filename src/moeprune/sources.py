@@ -154,8 +154,9 @@ class CheckpointSource(ModelSource):
             for name, buf in module.named_buffers(recurse=False):
                 if not buf.is_meta:
                     setattr(module, name, buf.to(self.device))
-        names = self.quant.names() if self.quant is not None else self.ckpt.tensors
-        self.hub = HubMap.for_model(self.model, file_names=names)   # files <-> modules
+        names = self.quant.names() if self.quant is not None else \
+            {name: tuple(t.shape) for name, t in self.ckpt.tensors.items()}
+        self.hub = HubMap.for_model(self.model, file_names=names)   # files <-> modules, as the files store them
         self._prefixes = {id(m): name + "." for name, m in self.model.named_modules()}
         self.experts = ExpertIndex(self.quant, self.hub) if self.quant is not None else None
 
