@@ -314,7 +314,8 @@ def write_page(rows: list[dict], path: Path) -> None:
         lines.append("| " + " | ".join(_cell(x) for x in (
             row["model_type"], _status(row), ", ".join(row.get("checkpoints") or []) or "-", keys,
             ", ".join(row.get("top_k_keys") or []) or "-", layers, where, gu, pruned(row))) + " |")
-    lines += ["", "Evidence: *probe* = measured on the tiny model (zeroing half of the fused gate_up kills an "
+    lines += ["", "Evidence: *entry* = stated by its arch.FAMILIES entry; *probe* = measured on the tiny model "
+              "(zeroing half of the fused gate_up kills an "
               "expert's output exactly when that half is the gate; the router's weights are proportional to "
               "softmax/sigmoid of its logits); *shape* / *guess* = from the tensor shapes / router tensors alone.",
               "", "The raw survey, one JSON object per model type: docs/data/families.json.", ""]
@@ -350,6 +351,11 @@ def main() -> None:
         row = done[model_type]
         row["checkpoints"] = CHECKPOINTS.get(model_type) or [c for c in [docstring_checkpoint(model_type)] if c]
         row["family"] = model_type if model_type in FAMILIES else None
+        if row["family"]:                       # what the entry states wins over discovery's guess
+            entry = FAMILIES[model_type]
+            for key in ("gate_up", "scoring"):
+                if row.get(key) != getattr(entry, key):
+                    row[key], row[f"{key}_evidence"] = getattr(entry, key), "entry"
         if row["family"] and row["status"] == "needs a family entry":     # the entry adapts what differs
             row["status"] = "works with its family entry"
         rows.append(row)
