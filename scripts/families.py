@@ -167,7 +167,8 @@ def survey_one(model_type: str) -> dict:
         router_tensors=[list(t) for t in s.router_tensors], gate_up=s.gate_up, gate_up_evidence=s.gate_up_evidence,
         scoring=s.scoring, scoring_evidence=s.scoring_evidence, axis0=s.axis0, other_stacks=list(s.other_stacks),
         experts_class=first.experts_class, router_class=first.router_class,
-        expert_tensors=[f"{t.name} {list(t.shape)}" for t in first.expert_tensors], notes=list(s.notes))
+        expert_tensors=[f"{t.name} {list(t.shape)}" for t in first.expert_tensors], notes=list(s.notes),
+        identity_key=s.identity_key, identity_slots=first.identity_slots)
     row["stage"] = "contract"
     c = check_contract(s, model)
     row.update(router_returns=c.router_returns, experts_signature=c.experts_signature, contract=list(c.differences))
@@ -301,6 +302,8 @@ def write_page(rows: list[dict], path: Path) -> None:
         keys = ", ".join(row.get("n_experts_keys") or []) or "-"
         if row.get("n_experts_aliases"):
             keys += f" (alias {', '.join(row['n_experts_aliases'])})"
+        if row.get("identity_key"):             # LongCat-Flash: the routers also score identity experts
+            keys += f"; the routers also score {row['identity_key']} = {row['identity_slots']} identity experts"
         where = "-"
         if row.get("experts"):
             where = f"`{row.get('block')}.{row.get('router')}` / `{row.get('experts')}`"

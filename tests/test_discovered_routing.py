@@ -1,7 +1,8 @@
 """Families found by structure route as their own routers do: the routing rule read off the router's decisions on
 calibration tokens (routing.inferred_rule) replays them, and replays the router of a model pruned to a subset, which
 is what NAEE's search scores. Routers handed the block's per-expert correction bias (MiniMax-M2, AFMoE, HY-V3,
-LFM2-MoE) and a router wrapped in a *Gate (Hunyuan-A13B) included, each with a live (non-zero) bias."""
+LFM2-MoE) and a router wrapped in a *Gate (Hunyuan-A13B) included, each with a live (non-zero) bias; LongCat-Flash's
+router, which also scores identity experts after the real ones (kept in every subset, ids E .. E + Z - 1)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from moeprune.routing import correction_bias, restricted_routing
 from moeprune.surgery import apply_plan
 from moeprune.tiny import tiny_model_any
 
-TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe", "muse_spark", "llama4_text", "ergo"]
+TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe", "muse_spark", "llama4_text",
+         "ergo", "longcat_flash"]
 KEPT = [0, 2, 3, 5, 6, 7]
 
 
@@ -28,9 +30,12 @@ def live_model(model_type: str):
     model = tiny_model_any(model_type)
     with torch.no_grad():
         for layer in moe_layout(model).layers:
-            bias = correction_bias(layer)
+            bias, scale = correction_bias(layer), 0.1
+            if layer.identity_slots:          # LongCat: logits that spread the softmax over the E + Z rows, and a bias
+                layer.router.classifier.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(9))
+                scale = 0.02                  # of its scores' size (about 1 / 11), so both decide
             if bias is not None:              # zero at init: make the choice differ from the weights' order
-                bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(layer.index)) * 0.1)
+                bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(layer.index)) * scale)
     return model
 
 
@@ -46,7 +51,9 @@ def test_inferred_routing_replays_the_router_and_the_pruned_router(model_type):
     assert model_type not in ("minimax_m2", "afmoe", "hy_v3", "lfm2_moe") or layout.family.router_args
     ids = torch.randint(3, 200, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = collect(model, layout, ids, sample_tokens=96, progress=False, weight_similarity=False)
-    E, k = layout.layers[0].num_experts, layout.top_k
+    E, k, Z = layout.layers[0].num_experts, layout.top_k, layout.layers[0].identity_slots
+    assert (model_type == "longcat_flash") == (Z > 0)
+    slots = torch.tensor(KEPT + list(range(E, E + Z)))        # the pruned router's rows: kept experts, identity slots
     pruned = copy.deepcopy(model)
     plan = Plan("test", {}, {m.index: LayerPlan.selection(E, KEPT) for m in layout.layers})
     with warnings.catch_warnings():
@@ -58,11 +65,14 @@ def test_inferred_routing_replays_the_router_and_the_pruned_router(model_type):
         assert ls.routing, f"layer {layer.index}: no routing rule reproduces the router"
         x = ls.inputs
         logits, w, i = layer.route(x)
+        assert logits.shape[1] == E + Z
+        logits = logits[:, :E]          # what statistics hold: the real experts' (the rule holds the identity slots')
         w2, i2 = restricted_routing(logits, range(E), ls.routing, k)
         (w, i), (w2, i2) = by_expert(w, i), by_expert(w2, i2)
         assert torch.equal(i, i2) and torch.allclose(w, w2, rtol=1e-3, atol=1e-5)
+        assert not Z or bool((i >= E).any())                      # identity slots chosen on the sample
         _, w, local = pruned_layers[layer.index].route(x)
-        w, i = by_expert(w, torch.tensor(KEPT)[local])
+        w, i = by_expert(w, slots[local])
         w2, i2 = by_expert(*restricted_routing(logits, KEPT, ls.routing, k))
         assert torch.equal(i, i2) and torch.allclose(w, w2, rtol=1e-3, atol=1e-5)
 

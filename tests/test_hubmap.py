@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from moeprune.arch import FAMILIES, MoePruneError
+from moeprune.discover import identity_experts
 from moeprune.hubmap import HubMap, _expert_count
 
 torch.set_num_threads(1)
@@ -174,8 +175,9 @@ def test_hubmap_matches_save_and_load(model_type, saved):
         assert ft.dtype == files[file_name].dtype and torch.equal(ft, files[file_name]), file_name
 
     # routed experts: per layer, the per-expert file tensors name every expert 0..E-1 equally often, and an
-    # expert axis has the expert count's length
+    # expert axis has the expert count's length (a router's, plus the identity experts it also scores: LongCat's)
     n_experts = _expert_count(config)
+    identity = identity_experts(config)[1]
     per_layer: dict = {}
     for file_name in files:
         e = hub.expert_of(file_name)
@@ -184,7 +186,7 @@ def test_hubmap_matches_save_and_load(model_type, saved):
         if e is not None:
             per_layer.setdefault(e[0], []).append(e[1])
         if axis is not None:
-            assert files[file_name].shape[axis] == n_experts, file_name
+            assert files[file_name].shape[axis] in (n_experts, n_experts + identity), file_name
     for layer, experts in per_layer.items():
         counts = {e: experts.count(e) for e in experts}
         assert sorted(counts) == list(range(n_experts)) and len(set(counts.values())) == 1, (layer, counts)
@@ -208,6 +210,10 @@ HUB_NAMES = {
                                                          "model.layers.{i}.mlp.gate.e_score_correction_bias": 0}),
     "ernie4_5_moe": ("model.layers.{i}.mlp.experts.1.", _W, {"model.layers.{i}.mlp.gate.weight": 0,
                                                              "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": 1}),
+    # LongCat-Flash: its router's rows (and correction bias) are the experts' then the zero (identity) experts'
+    "longcat_flash": ("model.layers.{i}.mlp.experts.1.", _W,
+                      {"model.layers.{i}.mlp.router.classifier.weight": 0,
+                       "model.layers.{i}.mlp.router.e_score_correction_bias": 0}),
     "gpt_oss": (None, (), {"model.layers.{i}.mlp.router.weight": 0, "model.layers.{i}.mlp.router.bias": 0,
                            "model.layers.{i}.mlp.experts.gate_up_proj": 0, "model.layers.{i}.mlp.experts.down_proj": 0}),
     **{t: (None, (), {f"{p}layers.{{i}}.feed_forward.{n}": 0 for n in ("router.weight", "experts.gate_up_proj",

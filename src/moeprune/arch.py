@@ -53,6 +53,10 @@ class Family:
     # a router buffer [vocab, top_k] of expert ids: a router that holds it chooses its experts by token id (it is
     # handed the batch's input_ids), not by its logits; surgery rewrites the ids (DeepSeek-V4's hash layers)
     hash_table: str = ""
+    # a config field counting identity (zero-computation) experts that the router scores after the real ones: its
+    # tensors have E + that many rows, a token routed to one gets w * x from the block (LongCat-Flash's
+    # zero_expert_num). Pruning keeps those rows after the kept experts'; they are not experts to keep or drop
+    identity_experts: str = ""
 
 
 def _llama4_router(router: nn.Module, output: tuple) -> tuple:
@@ -101,6 +105,15 @@ class MoeLayer:
     @property
     def num_experts(self) -> int:
         return next(iter(self.experts.parameters())).shape[0]
+
+    @property
+    def identity_slots(self) -> int:
+        """How many identity (zero-computation) experts the router scores after the real ones (LongCat-Flash): its
+        rows beyond the experts module's count; 0 for a family without them."""
+        if self.family is None or not self.family.identity_experts:
+            return 0
+        name, axis = self.family.router_tensors[0]
+        return get_tensor(self.router, name).shape[axis] - self.num_experts
 
     @property
     def hash_table(self) -> torch.Tensor | None:
@@ -223,7 +236,8 @@ def discovered_family(s: MoeStructure) -> Family:
     return Family(s.model_type, s.n_experts_key.rpartition(".")[2], top_k_field=s.top_k_key.rpartition(".")[2],
                   block=s.block, router=s.router, experts=s.experts, shared=s.shared, router_tensors=s.router_tensors,
                   block_tensors=s.block_tensors, router_args=s.router_args,
-                  scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields)
+                  scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields,
+                  identity_experts=(s.identity_key or "").rpartition(".")[2])
 
 
 def family_of(model: nn.Module) -> Family:

@@ -33,6 +33,9 @@ _TOP_K_NAME = ("per_tok", "top_k", "topk", "moe_k", "activated", "experts_per", 
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "moe_k", "k", "num_selected_experts")
 _GROUP_FIELDS = (("n_group", "topk_group"), ("num_expert_group", "topk_group"), ("moe_n_group", "moe_topk_group"))
 _NOT_TEXT = ("vision", "visual", "audio", "speech", "image", "talker", "code2wav", "mtp")
+# a config int that counts zero-computation (identity) experts: the router scores them after the real ones and the
+# block adds w * x for a token routed to one (LongCat-Flash's zero_expert_num)
+_IDENTITY = re.compile(r"zero.*expert|expert.*zero")
 
 # how routers turn logits into the scores that weight (and, with a correction bias, choose) their experts: softmax
 # over the experts, or one expert at a time (sigmoid; DeepSeek-V4's sqrt(softplus))
@@ -73,6 +76,7 @@ class MoeLayerInfo:
     block_tensors: tuple[RouterTensor, ...] = ()   # expert-axis tensors held by the block itself
     top_k: int | None = None    # the router's (or block's) top-k attribute
     router_args: tuple[str, ...] = ()   # block tensors the router's forward takes after the hidden states
+    identity_slots: int = 0     # router rows after the E real experts' that are identity experts (LongCat)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class MoeStructure:
     scoring_evidence: str                   # "probe", "guess" or "none"
     other_stacks: tuple[str, ...] = ()      # other ModuleLists holding experts (a vision tower's MoE, ...)
     notes: tuple[str, ...] = field(default=())
+    # the config path of the count of identity (zero-computation) experts the routers score after the real ones
+    # (LongCat-Flash's "zero_expert_num"); None when the routers score the real experts only
+    identity_key: str | None = None
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -198,14 +205,31 @@ def _tensors(module: nn.Module):
     yield from ((n, b) for n, b in module.named_buffers() if b is not None)
 
 
-def _int_paths(d: dict, value: int, prefix: str = ""):
-    """Dotted paths of every int equal to `value` in a nested config dict."""
+def _int_paths(d: dict, value: int | None, prefix: str = ""):
+    """Dotted paths of every int equal to `value` (None: every int) in a nested config dict."""
     for key, v in d.items():
         path = f"{prefix}{key}"
         if isinstance(v, dict):
             yield from _int_paths(v, value, path + ".")
-        elif isinstance(v, int) and not isinstance(v, bool) and v == value:
+        elif isinstance(v, int) and not isinstance(v, bool) and (value is None or v == value):
             yield path
+
+
+def identity_experts(config) -> tuple[str | None, int]:
+    """(config path, count) of the zero-computation experts the routers score after the real ones (LongCat-Flash's
+    zero_expert_num: a token routed to one gets w * x, the identity, from the block); (None, 0) when the config
+    names none. Discovery accepts a router of E + count rows beside E experts only when this count says so."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    prefix = _text_prefix(config) if hasattr(config, "to_dict") else ""
+    paths = sorted((p for p in _int_paths(d, None) if _IDENTITY.search(p.rpartition(".")[2])),
+                   key=lambda p: _rank_key(p, ("zero",), prefix))
+    for path in paths:
+        value = d
+        for part in path.split("."):
+            value = value[part]
+        if value > 0:
+            return path, value
+    return None, 0
 
 
 def _rank_key(path: str, words: tuple[str, ...], text_prefix: str = "") -> tuple:
@@ -282,12 +306,14 @@ def _find_router(block: nn.Module, experts_rel: str, E: int, H: int | None):
     return path, _get(block, path)
 
 
-def _expert_axis_tensors(module: nn.Module, E: int, skip: tuple[str, ...] = ()) -> tuple[RouterTensor, ...]:
+def _expert_axis_tensors(module: nn.Module, E: int, skip: tuple[str, ...] = (),
+                         rows: tuple[int, ...] = ()) -> tuple[RouterTensor, ...]:
+    """The tensors of `module` with an axis of E entries (or of one of `rows`: E plus identity slots)."""
     out = []
     for name, t in _tensors(module):
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        axes = [a for a, n in enumerate(t.shape) if n == E]
+        axes = [a for a, n in enumerate(t.shape) if n == E or n in rows]
         if axes:
             out.append(RouterTensor(name, tuple(t.shape), axes[0]))
     return tuple(out)
@@ -506,6 +532,7 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
                     and "shared" not in p.rpartition(".")[2]]
     stack_path, per_layer, others = _decoder_stack(model, expert_paths)
     stack = _get(model, stack_path)
+    identity_key, Z = identity_experts(config)
     notes: list[str] = []
     layers = []
     for index in sorted(per_layer):
@@ -519,10 +546,13 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
             notes.append(f"layer {index}: cannot tell the expert count of {type(experts).__name__}")
             continue
         block_path = path.rpartition(".")[0]
-        router_path, router = None, None
+        router_path, router, identity = None, None, 0
         while True:                                     # the block: the innermost ancestor that holds a router
             block = _get(model, block_path)
             router_path, router = _find_router(block, _relative(path, block_path), E, H)
+            if router is None and 0 < Z <= E:           # E real experts and Z identity experts the config names
+                router_path, router = _find_router(block, _relative(path, block_path), E + Z, H)
+                identity = Z if router is not None else 0
             if router is not None or block_path == layer_prefix or not block_path.startswith(layer_prefix):
                 break
             block_path = block_path.rpartition(".")[0]
@@ -533,22 +563,25 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
                             if t.dim() == 2 and E < t.shape[0] <= 2 * E and not n.startswith(inside)
                             and (H is None or H in t.shape or "router" in n or "gate" in n)})
             extra = f" (a {wider[0]} weight: the router scores {wider[0][0] - E} more experts than the experts " \
-                    "module holds - shared, zero or no-op experts routed too)" if wider else ""
+                    "module holds - shared, zero or no-op experts routed too - and no config int names " \
+                    f"{wider[0][0] - E} zero-computation experts)" if wider else ""
             notes.append(f"layer {index}: no router with {E} rows next to {path}{extra}")
             continue
         experts_rel = _relative(path, block_path)
         head = {experts_rel.split(".")[0], router_path.split(".")[0]}
         shared = tuple(name for name, child in block.named_children()
                        if name not in head and any(True for _ in child.parameters()))
-        router_tensors = _expert_axis_tensors(router, E)
-        block_tensors = tuple(t for t in _expert_axis_tensors(block, E, skip=(experts_rel, router_path, *shared))
+        rows = (E + identity,) if identity else ()
+        router_tensors = _expert_axis_tensors(router, E, rows=rows)
+        block_tensors = tuple(t for t in _expert_axis_tensors(block, E, skip=(experts_rel, router_path, *shared),
+                                                              rows=rows)
                               if not t.name.startswith(router_path + "."))
         layers.append(MoeLayerInfo(
             index=index, block=_relative(block_path, layer_prefix), router=router_path, experts=experts_rel,
             router_class=type(router).__name__, experts_class=type(experts).__name__, num_experts=E,
             router_tensors=router_tensors, expert_tensors=_expert_tensors(experts, E, H), shared=shared,
             block_tensors=block_tensors, top_k=_module_top_k(router, block, experts),
-            router_args=_router_args(router, block_tensors)))
+            router_args=_router_args(router, block_tensors), identity_slots=identity))
     if not layers:
         raise MoePruneError(f"no MoE layer with a router found in {type(model).__name__}: " + "; ".join(notes))
     counts = {layer.num_experts for layer in layers}
@@ -559,7 +592,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     d = config.to_dict()
     prefix = _text_prefix(config)
     n_keys = tuple(sorted((p for p in _int_paths(d, E) if "expert" in p.rpartition(".")[2]
-                           and not re.search(r"size|dim|per_tok|top|capacity", p.rpartition(".")[2])),
+                           and not re.search(r"size|dim|per_tok|top|capacity", p.rpartition(".")[2])
+                           and not _IDENTITY.search(p.rpartition(".")[2])),
                           key=lambda p: _rank_key(p, ("expert",), prefix)))
     k_keys = ()
     if top_k is not None:
@@ -585,7 +619,7 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
         if probed is not None:
             fused = next(t for t in first.expert_tensors if t.role == "gate_up")
             gate_up, gate_up_evidence = probed + ("_t" if fused.transposed else ""), "probe"
-        scoring = _probe_scoring(router0, H, E, extra0)
+        scoring = _probe_scoring(router0, H, E + first.identity_slots, extra0)
         scoring_evidence = "probe" if scoring else "none"
     if scoring is None:
         # a correction bias on the router goes with sigmoid scoring (DeepSeek-V3 style); else softmax
@@ -596,7 +630,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
         num_layers=len(stack), num_experts=E, top_k=top_k, layers=tuple(layers), n_experts_keys=n_keys,
         n_experts_aliases=_aliases(config, n_keys), top_k_keys=k_keys, group_fields=group_fields,
         gate_up=gate_up, gate_up_evidence=gate_up_evidence, scoring=scoring, scoring_evidence=scoring_evidence,
-        other_stacks=tuple(others), notes=tuple(notes))
+        other_stacks=tuple(others), notes=tuple(notes),
+        identity_key=identity_key if any(layer.identity_slots for layer in layers) else None)
 
 
 # ------------------------------------------------------------------------------------------------ contract
@@ -637,8 +672,9 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
         else:
             logits, weights, index = out
             returns = f"({list(logits.shape)}, {list(weights.shape)}, {list(index.shape)} {str(index.dtype)[6:]})"
-            if logits.shape[-1] != E or logits.numel() != n * E:
-                diffs.append(f"router logits have shape {list(logits.shape)}, not [{n}, {E}]")
+            R = E + first.identity_slots                # the real experts, then the identity experts
+            if logits.shape[-1] != R or logits.numel() != n * R:
+                diffs.append(f"router logits have shape {list(logits.shape)}, not [{n}, {R}]")
             if index.dtype not in (torch.int64, torch.int32) or weights.shape != index.shape \
                     or index.shape[-1] != k:
                 diffs.append(f"router returns weights {list(weights.shape)} / indices {list(index.shape)} "

@@ -78,7 +78,8 @@ class OutputLayout:
 def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quant=None,
                   dequantize: bool = False) -> OutputLayout:
     """Per input file tensor of a MoE layer's router or experts: an expert >= keep is dropped, an expert axis
-    cut to keep; every other tensor is the input's.
+    cut to keep (a router's identity slots after the experts, LongCat's, kept: K + Z rows); every other tensor is
+    the input's.
 
     `quant` (a moeprune.quant.Scheme): the input's quantized tensors are decided by their plain names; each keeps
     its stored parts (weight and scale, blocks and scales) with shapes following the cut, or, `dequantize`, is one
@@ -100,8 +101,9 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
             if expert is not None and expert[1] >= keep:
                 continue
             axis = hub.expert_axis(name)
-            if axis is not None:
-                shape = shape[:axis] + (keep,) + shape[axis + 1:]
+            if axis is not None:          # less the dropped experts: a router's identity slots (LongCat) stay
+                cut = shape[axis] - (hub.num_experts - keep) if hub.num_experts else keep
+                shape = shape[:axis] + (cut,) + shape[axis + 1:]
             touched.add(name)
         plain[name] = shape
         if q is None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import MoePruneError
+from .discover import identity_experts
 
 View = tuple[str, tuple]          # ("select", (dim, i)) | ("narrow", (dim, start, length)) | ("transpose", (a, b))
                                   # | ("unflatten", (dim, sizes))
@@ -352,12 +353,14 @@ def _expert_count(config) -> int | None:
     return None
 
 
-def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | None) -> dict[str, int]:
+def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | None, identity: int = 0) \
+        -> dict[str, int]:
     """Module tensor -> the axis of its expert index: the tensors of a module holding fused experts (3-D, experts
-    first) and, in the MoE block around it, router tensors with exactly one axis of the expert count (shared
-    experts excluded)."""
+    first) and, in the MoE block around it, router tensors with exactly one axis of the expert count, or of the
+    expert count plus the `identity` slots a router scores after them (LongCat-Flash; shared experts excluded)."""
     if not n_experts:
         return {}
+    counts = {n_experts, n_experts + identity}
     parent = lambda n: n.rpartition(".")[0]
 
     def block_of(n: str) -> str:
@@ -379,7 +382,7 @@ def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | 
         if (n in fused or parent(n) in holders) and s and s[0] == n_experts:
             axes[n] = 0
             continue
-        dims = [i for i, d in enumerate(s) if d == n_experts]
+        dims = [i for i, d in enumerate(s) if d in counts]
         if len(dims) == 1:
             axes[n] = dims[0]
     return axes
@@ -434,8 +437,9 @@ class HubMap:
     """Module tensor names/shapes <-> hub file tensor names/shapes, from transformers' conversion tables."""
 
     def __init__(self, model_type: str, shapes: dict[str, tuple[int, ...]], files: dict[str, FileTensor],
-                 tied: dict[str, str], expert_axes: dict[str, int]):
+                 tied: dict[str, str], expert_axes: dict[str, int], num_experts: int | None = None):
         self.model_type = model_type
+        self.num_experts = num_experts              # the routed experts per layer (the config's count)
         self.shapes = shapes                        # module name -> shape (the model's state dict)
         self.files = files                          # file name -> FileTensor
         self.tied = tied                            # tied module name -> the module name whose files hold it
@@ -484,7 +488,9 @@ class HubMap:
             files = cls._as_stored(model_type, stored, files, plain, set(file_names))
             if isinstance(file_names, Mapping):
                 files = {name: _stored_swapped(f, file_names.get(name)) for name, f in files.items()}
-        return cls(model_type, shapes, files, tied, _module_expert_axes(stored, _expert_count(model.config)))
+        E = _expert_count(model.config)
+        axes = _module_expert_axes(stored, E, identity_experts(model.config)[1])
+        return cls(model_type, shapes, files, tied, axes, E)
 
     @staticmethod
     def _as_stored(model_type: str, shapes: dict[str, tuple[int, ...]], files: dict[str, FileTensor],

@@ -77,12 +77,17 @@ class Observer:
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        """One batch's decisions. A router that also scores identity experts (LongCat-Flash: logits [n, E + Z], an
+        index >= E names one) is counted for its E real experts only: the identity slots are not experts to keep or
+        drop; its sample keeps every logit (the routing rule replays all of them)."""
         E = self.counts.numel()
-        self.counts += torch.bincount(indices.flatten().cpu(), minlength=E).double()
+        real = indices < E
+        chosen, chosen_w = indices[real].cpu(), weights[real].double().cpu()
+        self.counts += torch.bincount(chosen, minlength=E).double()
         for scoring, total in self.prob_sums.items():
-            total += probabilities(logits, scoring).sum(0).cpu()
-        self.weight_sum.index_add_(0, indices.flatten().cpu(), weights.flatten().double().cpu())
-        for e in indices.unique().tolist():
+            total += probabilities(logits, scoring)[:, :E].sum(0).cpu()
+        self.weight_sum.index_add_(0, chosen, chosen_w)
+        for e in chosen.unique().tolist():
             tok, slot = torch.where(indices == e)
             norms = expert_output(self.layer, x[tok], e).double().norm(dim=-1)
             self.reap_sum[e] += (weights[tok, slot].double() * norms).sum().cpu()
@@ -103,12 +108,23 @@ class Observer:
         self.tokens += x.shape[0]
 
     def result(self) -> LayerStats:
+        """The layer's statistics; the sample's logits of the real experts ([n, E]: the logits of identity slots,
+        `all_logits()[:, E:]`, go into the routing rule)."""
         self._check_consumed()
-        def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
+        E = self.counts.numel()
+        logits = self.all_logits()
         return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
                           prob_sum=self.prob_sums[self.scoring], weight_sum=self.weight_sum, reap_sum=self.reap_sum,
-                          inputs=cat(self.inputs), logits=cat(self.logits), outputs=cat(self.outputs, dim=1))
+                          inputs=_cat(self.inputs), logits=logits[:, :E].contiguous() if logits.numel() else logits,
+                          outputs=_cat(self.outputs, dim=1))
+
+    def all_logits(self) -> torch.Tensor:
+        """The sample's router logits, every row the router scores (identity slots included)."""
+        return _cat(self.logits)
+
+
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim) if parts else torch.empty(0)
 
 
 @torch.no_grad()
@@ -131,7 +147,7 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
         w, i = (torch.cat(parts) for parts in zip(*observer.chosen))
         # a router that chooses by token id (DeepSeek-V4's hash layers): its recorded choices, not a rule of logits
         ls.routing = hash_rule(ls.logits, w, i) if moe.hash_table is not None else \
-            inferred_rule(moe, ls.logits.double(), w, i, layout.top_k)
+            inferred_rule(moe, observer.all_logits().double(), w, i, layout.top_k)
     if ls.routing and ls.routing["scoring"] != observer.scoring:         # the guess was wrong: the router's own
         ls.prob_sum = observer.prob_sums[ls.routing["scoring"]]
     if weight_similarity:

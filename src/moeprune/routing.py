@@ -27,6 +27,12 @@ from logits: its rule ("select": "hash") holds the sample's recorded choices ins
 of a dropped expert to the kept expert whose output is nearest to its own on the calibration sample (`stand_ins`:
 what surgery writes into the table and what the replay of a subset routes to).
 
+A router that also scores identity (zero-computation) experts after the real ones (LongCat-Flash: logits [n, E + Z];
+a token routed to one gets w * x from the block) keeps them in every subset: its rule holds their count
+("identity_slots") and the sample's logits for them ("identity_logits" [n, Z]; the statistics' logits are the real
+experts'), and the replay of a subset S scores S and the Z identity slots together, returning the slots as ids
+E .. E + Z - 1 (what the pruned router, K + Z rows, does).
+
 Group-limited routing of a subset follows what surgery does to the pruned model: the kept experts, in
 id order, form n_group consecutive groups when n_group divides their number; otherwise routing falls
 back to one group (surgery._group_routing).
@@ -107,12 +113,17 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
     bias = bias.detach().float().flatten().tolist() if torch.is_tensor(bias) and not bias.is_meta else None
     want = weights.double()
     chosen = indices.sort(dim=-1).values
+    E = layer.num_experts
+    identity = {}
+    if logits.shape[1] > E:                # identity slots scored after the real experts (LongCat-Flash)
+        identity = {"identity_slots": logits.shape[1] - E, "identity_logits": logits[:, E:].tolist()}
+        logits = logits[:, :E]
     for scoring in SCORINGS:
         for topk_softmax in (False, True):
             for renormalize in (True, False):
                 rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
-                        "correction_bias": bias}
-                w, idx = restricted_routing(logits, range(logits.shape[1]), rule, top_k)
+                        "correction_bias": bias, **identity}
+                w, idx = restricted_routing(logits, range(E), rule, top_k)
                 order = idx.sort(dim=-1)
                 if not torch.equal(order.values, chosen):
                     continue
@@ -140,6 +151,22 @@ def hash_rule(logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
                 return {**_base_rule(scoring), "select": "hash", "renormalize": renormalize, "scale": round(scale, 6),
                         "chosen": indices.tolist()}
     return {}
+
+
+# the entries of a rule that record one value per sample token, in the sample's order
+PER_TOKEN = ("chosen", "identity_logits")
+
+
+def join_rules(first: dict, second: dict) -> dict:
+    """The rule of two token samples joined, `first`'s tokens then `second`'s (statistics combined from two passes,
+    their logits concatenated likewise): the per-token records (PER_TOKEN) are concatenated, the rest is `first`'s."""
+    if not first or not second:
+        return first or second
+    out = dict(first)
+    for key in PER_TOKEN:
+        if key in first or key in second:
+            out[key] = list(first.get(key, [])) + list(second.get(key, []))
+    return out
 
 
 @torch.no_grad()
@@ -218,7 +245,8 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
 
     `subset`: expert ids (any order), or a LongTensor [B, K] of B subsets at once.
     Returns (weights [n, k], indices [n, k]), or [B, n, k] each for B subsets, with indices in the
-    original expert ids and k = min(top_k, K) (2 for PhiMoE's sparsemixer). Column order within a row
+    original expert ids and k = min(top_k, K) (2 for PhiMoE's sparsemixer); identity slots (`identity_slots` in the
+    rule: LongCat-Flash) are in every subset, as ids E .. E + Z - 1. Column order within a row
     is not meaningful (some routers use unsorted top-k). A layer that chooses by token id (select "hash") routes
     the recorded choices, a dropped expert's to its stand-in (`stand_ins`, from `distance`, output_distance of the
     sample: needed once a chosen expert is dropped); an index may then repeat (its weights add, as in the model).
@@ -229,6 +257,18 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
     ids = (subset if batched else torch.as_tensor([int(e) for e in subset], dtype=torch.long)[None]).sort(-1).values
     B, K = ids.shape
     n = logits.shape[0]
+    real_k = K
+    Z = int(routing.get("identity_slots") or 0)
+    if Z:                                       # identity experts after the real ones: in every subset, ids E ..
+        extra = torch.as_tensor(routing["identity_logits"], dtype=torch.float64).reshape(-1, Z)
+        if extra.shape[0] != n:
+            raise MoePruneError(f"the layer's router scores {Z} identity experts and its rule records their logits on "
+                                f"{extra.shape[0]} sample tokens, but the statistics hold {n}: they were joined "
+                                "without joining the rule's identity_logits (routing.join_rules)")
+        E = logits.shape[1]
+        logits = torch.cat([logits.double(), extra], dim=1)
+        ids = torch.cat([ids, torch.arange(E, E + Z).expand(B, Z)], dim=1)
+        K += Z
     k = min(top_k, K)
     x = logits.double().T[ids].transpose(1, 2)                           # [B, n, K]
 
@@ -261,7 +301,9 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
     choice = scores
     if routing["correction_bias"] is not None:
         choice = scores + torch.tensor(routing["correction_bias"], dtype=torch.float64)[ids].unsqueeze(1)
-    n_group, topk_group = group_routing_after(K, routing["n_group"], routing["topk_group"])
+    n_group, topk_group = group_routing_after(real_k, routing["n_group"], routing["topk_group"])
+    if n_group > 1 and Z:
+        raise MoePruneError("group-limited routing beside identity experts is not a router moeprune knows")
     if n_group > 1:
         keep = _group_mask(choice, n_group, topk_group, routing["group_score"])
         # DeepSeek-V2 masks with 0 (softmax scores are >= 0), DeepSeek-V3/GLM with -inf

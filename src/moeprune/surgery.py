@@ -23,7 +23,7 @@ from .stats import LayerStats, Stats
 
 FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts")
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
@@ -130,6 +130,7 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
         raise MoePruneError(f"plan layer {layer.index} is for {lp.num_experts} experts, the model has "
                             f"{layer.num_experts}: the plan was made for another model")
     slots = hash_slots(layer, lp, ls)            # before the experts change: a dropped expert's stand-in
+    identity = layer.identity_slots              # router rows after the experts' (LongCat's zero experts): kept
     # every per-expert parameter ([E, ...]), nested ones too (Ergo's post_expert_norm.weight [E, H]); a parameter
     # the experts share (Muse Spark's post_expert_norm.weight [H]) is left as it is
     original = {n: p.detach() for n, p in layer.experts.named_parameters() if p.dim() and p.shape[0] == lp.num_experts}
@@ -160,6 +161,11 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
             rows = [t.select(axis, r) for r in lp.representatives]
         else:
             rows = [_merge([t.select(axis, e) for e in g], w) for g, w in zip(lp.groups, lp.weights)]
+        extra = t.shape[axis] - lp.num_experts
+        if extra not in (0, identity):
+            raise MoePruneError(f"layer {layer.index}: {name} has {t.shape[axis]} entries along its expert axis, "
+                                f"not the {lp.num_experts} experts (and {identity} identity slots) of the layer")
+        rows += [t.select(axis, r) for r in range(lp.num_experts, t.shape[axis])]   # identity slots, after the kept
         _set_tensor(module, name, torch.stack(rows, dim=axis).contiguous())
     if slots is not None:                        # the token-id table names the new slots: same shape, ids < keep
         table = layer.hash_table
@@ -188,13 +194,23 @@ def _ungrouped(layout: Layout, changes: dict[str, int]) -> bool:
     return fields is not None and all(changes.get(f) == 1 for f in fields)
 
 
-def _update_attributes(root: nn.Module, before: int, keep: int) -> None:
+def _update_attributes(root: nn.Module, before: int, keep: int, identity: int = 0, skip: set[int] = frozenset()) \
+        -> None:
     """Every module attribute under `root` that holds the expert count or top-k (MoE blocks, routers,
-    experts, and the causal-LM head's load-balancing loss) follows the new expert count."""
+    experts, and the causal-LM head's load-balancing loss) follows the new expert count; a count of the experts and
+    `identity` slots together (LongCat's router.n_routed_experts) follows too. Modules whose id is in `skip` (the
+    pruned MoE blocks' own, already updated) are left alone."""
     for module in root.modules():
+        if id(module) in skip:
+            continue
         for attr in _COUNT_ATTRS:
-            if getattr(module, attr, None) == before and isinstance(getattr(module, attr), int):
+            value = getattr(module, attr, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value == before:
                 setattr(module, attr, keep)
+            elif identity and value == before + identity:
+                setattr(module, attr, keep + identity)
         for attr in ("top_k", "num_experts_per_tok"):
             value = getattr(module, attr, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > keep:
@@ -206,8 +222,9 @@ def apply_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
     """Prune/merge one MoE layer in place: its experts, router rows and module attributes (the engine's step)."""
     if plan.needs_stats and ls is None:
         raise MoePruneError("this plan (activation alignment or fitted merge) needs the calibration statistics")
+    identity = layer.identity_slots
     merge_layer(layer, lp, plan, layout, ls)
-    _update_attributes(layer.block, lp.num_experts, lp.keep)
+    _update_attributes(layer.block, lp.num_experts, lp.keep, identity)
     if _ungrouped(layout, config_changes(layout, lp.keep)):      # group-limited routing falls back to one group
         for attr in ("num_group", "topk_group", "n_group"):
             if isinstance(getattr(layer.router, attr, None), int):
@@ -221,7 +238,10 @@ def update_config(model: nn.Module, layout: Layout, before: int, keep: int) -> d
         n_field, topk_field = layout.family.group_fields
         warnings.warn(f"{keep} experts per layer cannot form {n_field}={getattr(layout.config, n_field)} groups of "
                       f"at least 2: group-limited routing falls back to {n_field}={topk_field}=1", stacklevel=3)
-    _update_attributes(model, before, keep)
+    # the blocks apply_layer pruned are done: their router's count of experts and identity slots (LongCat) may now
+    # equal the old expert count
+    done = {id(m) for layer in layout.layers if layer.num_experts == keep for m in layer.block.modules()}
+    _update_attributes(model, before, keep, layout.layers[0].identity_slots, skip=done)
     for attr, value in changes.items():
         setattr(layout.config, attr, value)
     return changes

@@ -153,6 +153,9 @@ _SIZES: dict[str, object] = {
     "depth": 2, "encoder_layers": 2, "decoder_layers": 2, "n_layers": 2,
     # decoder layers per block of Inkling-2's attention residuals: two blocks in the tiny layers, as real ones have
     "n_layers_per_attn_res_block": 2,
+    # LongCat-Flash's identity (zero-computation) experts, scored after the routed ones: 3 beside the 8 (256 beside
+    # 512 in the real one), a count no other field holds (8, the top-k 2, the edited 4)
+    "zero_expert_num": 3,
 }
 # fields holding the number of decoder layers (set to TINY_LAYERS; per-layer lists follow)
 _LAYER_FIELDS = ("num_hidden_layers", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers")
@@ -160,7 +163,7 @@ _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_t
                  "n_activated_experts", "num_activated_experts", "experts_per_token", "num_selected_experts")
 _EXPERT_FIELD = re.compile(r"expert")
 _NOT_COUNT = re.compile(r"per_tok|per_token|shared|size|dim|capacity|layer|top|group|coef|factor|loss|"
-                        r"interval|start|end|index|offset|period|freq|norm|bias|scale|noise|jitter|drop|type")
+                        r"interval|start|end|index|offset|period|freq|norm|bias|scale|noise|jitter|drop|type|zero")
 _SHARED_COUNT = re.compile(r"shared_experts?$|shared_experts?_num$|^n_shared|num_shared_experts")
 # sizes a family ties together: (a, b) -> a follows b's tiny value where the defaults have them equal
 _TIED = (("num_key_value_heads", "num_attention_heads"), ("head_dim", "qk_rope_head_dim"))

@@ -58,22 +58,34 @@ class Reconstruction:
     def __init__(self, ls: LayerStats, chunk: int = 256):
         self.ls = ls
         E, n, _ = ls.outputs.shape
-        self.gram = torch.empty(n, E, E, dtype=torch.float64)            # G_t[i, j] = <E_i(x_t), E_j(x_t)>
+        outputs = ls.outputs
+        # a router that also scores identity experts (LongCat-Flash): every one of them outputs the layer's input,
+        # one more "expert" E in the Gram matrices, whatever slot the replay names (ids E ..)
+        self.identity = bool(ls.routing.get("identity_slots"))
+        if self.identity:
+            outputs = torch.cat([outputs, ls.inputs.to(outputs.dtype)[None]])
+        width = outputs.shape[0]
+        self.gram = torch.empty(n, width, width, dtype=torch.float64)    # G_t[i, j] = <E_i(x_t), E_j(x_t)>
         for lo in range(0, n, chunk):
-            o = ls.outputs[:, lo:lo + chunk].double().transpose(0, 1)     # [c, E, d]
+            o = outputs[:, lo:lo + chunk].double().transpose(0, 1)        # [c, E, d]
             self.gram[lo:lo + chunk] = o @ o.transpose(1, 2)
         # a layer that chooses by token id (DeepSeek-V4's hash layers) replays its recorded choices, a dropped expert's
         # going to the kept expert of nearest output, as surgery rewrites the table (moeprune.routing.stand_ins)
         self.distance = output_distance(ls.outputs.split(64, dim=1)) if ls.routing.get("select") == "hash" else None
-        w, idx = restricted_routing(ls.logits, range(E), ls.routing, ls.top_k, self.distance)
+        w, idx = self._routing(range(E))
         t = torch.arange(n).unsqueeze(1)
         self.cross = torch.einsum("tj,tje->te", w, self.gram[t, idx])      # <y_full(x_t), E_e(x_t)>, [n, E]
         self.norm = float((w * self.cross.gather(1, idx)).sum())          # sum_t ||y_full(x_t)||^2
         self.memo: dict[tuple[int, ...], float] = {}
 
+    def _routing(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replayed routing of a subset (or [B, K] subsets), identity slots as the one identity expert E."""
+        w, idx = restricted_routing(self.ls.logits, subset, self.ls.routing, self.ls.top_k, self.distance)
+        return (w, idx.clamp_max(self.ls.logits.shape[1])) if self.identity else (w, idx)
+
     def _errors(self, subsets: torch.Tensor) -> torch.Tensor:
         """[B] errors of B subsets [B, K]."""
-        w, idx = restricted_routing(self.ls.logits, subsets, self.ls.routing, self.ls.top_k, self.distance)  # [B, n, k]
+        w, idx = self._routing(subsets)                                                        # [B, n, k]
         t = torch.arange(idx.shape[1]).view(1, -1, 1, 1)
         gram = self.gram[t, idx.unsqueeze(3), idx.unsqueeze(2)]                                # [B, n, k, k]
         own = torch.einsum("btj,btjl,btl->b", w, gram, w)
