@@ -168,7 +168,8 @@ def survey_one(model_type: str) -> dict:
         scoring=s.scoring, scoring_evidence=s.scoring_evidence, axis0=s.axis0, other_stacks=list(s.other_stacks),
         experts_class=first.experts_class, router_class=first.router_class,
         expert_tensors=[f"{t.name} {list(t.shape)}" for t in first.expert_tensors], notes=list(s.notes),
-        identity_key=s.identity_key, identity_slots=first.identity_slots)
+        identity_key=s.identity_key, identity_slots=first.identity_slots,
+        folded=[t.name for t in first.expert_tensors if t.folded])
     row["stage"] = "contract"
     c = check_contract(s, model)
     row.update(router_returns=c.router_returns, experts_signature=c.experts_signature, contract=list(c.differences))
@@ -314,6 +315,8 @@ def write_page(rows: list[dict], path: Path) -> None:
         if row.get("experts"):
             gu = (f"{row.get('gate_up')} ({row.get('gate_up_evidence')}), "
                   f"{row.get('scoring')} ({row.get('scoring_evidence')})")
+            if row.get("folded"):                # DBRX: [E * I, H], the expert axis folded into axis 0
+                gu += f"; {', '.join(row['folded'])} fold the experts into axis 0 ([E * I, ...])"
         lines.append("| " + " | ".join(_cell(x) for x in (
             row["model_type"], _status(row), ", ".join(row.get("checkpoints") or []) or "-", keys,
             ", ".join(row.get("top_k_keys") or []) or "-", layers, where, gu, pruned(row))) + " |")

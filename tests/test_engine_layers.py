@@ -132,14 +132,15 @@ def test_streamed_rotary_scale_is_read(tmp_path):
     assert source.model.model.language_model.rotary_emb.alpha.is_meta        # released again
 
 
-@pytest.mark.parametrize("model_type", ["muse_spark", "llama4", "kolibri1_1", "afmoe", "minimax_m2", "longcat_flash"])
+@pytest.mark.parametrize("model_type", ["muse_spark", "llama4", "kolibri1_1", "afmoe", "minimax_m2", "longcat_flash",
+                                        "dbrx"])
 def test_streamed_engine_equals_the_forward_of_newer_families(model_type, tmp_path):
     """Families pruned since the router/experts hooks and the head run through the model's own forward: Muse Spark
     (experts on a projected input; logits times output_multiplier under a tanh cap), Llama 4's wrapper (its forward
     calls a causal LM), Kolibri-1.1 (indexed attention sharing keys and values), AFMoE and MiniMax-M2 (routers
     handed the block's correction bias), LongCat-Flash (two attention and two dense MLP sublayers per decoder layer
-    beside a shortcut MoE whose router also scores identity experts): layer by layer and in the logits, in memory
-    and streamed."""
+    beside a shortcut MoE whose router also scores identity experts), DBRX (transformer.blocks, experts folded
+    [E * I, H], the block choosing the experts): layer by layer and in the logits, in memory and streamed."""
     model = tiny_model_any(model_type)
     model.config._attn_implementation = "eager"
     ids = torch.randint(3, 200, (2, T), generator=torch.Generator().manual_seed(0))

@@ -186,7 +186,9 @@ def test_hubmap_matches_save_and_load(model_type, saved):
         if e is not None:
             per_layer.setdefault(e[0], []).append(e[1])
         if axis is not None:
-            assert files[file_name].shape[axis] in (n_experts, n_experts + identity), file_name
+            # (a folded one holds I rows per expert: DBRX's [E * I, H])
+            rows = hub.expert_rows(file_name)
+            assert files[file_name].shape[axis] in (n_experts * rows, n_experts + identity), file_name
     for layer, experts in per_layer.items():
         counts = {e: experts.count(e) for e in experts}
         assert sorted(counts) == list(range(n_experts)) and len(set(counts.values())) == 1, (layer, counts)
@@ -210,6 +212,9 @@ HUB_NAMES = {
                                                          "model.layers.{i}.mlp.gate.e_score_correction_bias": 0}),
     "ernie4_5_moe": ("model.layers.{i}.mlp.experts.1.", _W, {"model.layers.{i}.mlp.gate.weight": 0,
                                                              "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": 1}),
+    # DBRX: experts folded [E * I, H] under their module names (no conversion), the expert axis 0
+    "dbrx": (None, (), {f"transformer.blocks.{{i}}.ffn.{n}": 0 for n in ("router.layer.weight", "experts.mlp.w1",
+                                                                          "experts.mlp.v1", "experts.mlp.w2")}),
     # LongCat-Flash: its router's rows (and correction bias) are the experts' then the zero (identity) experts'
     "longcat_flash": ("model.layers.{i}.mlp.experts.1.", _W,
                       {"model.layers.{i}.mlp.router.classifier.weight": 0,

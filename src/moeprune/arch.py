@@ -5,7 +5,8 @@ index on axis 0, and a router whose forward returns `(router_logits, topk_weight
 that by structure (moeprune.discover), on a built model or the meta-device skeleton of a checkpoint, so a model
 type needs no entry here when nothing about it is special. The entries below are the exceptions, each for a fact
 the skeleton does not show: GPT-OSS interleaves gate and up columns (same shapes as halves), ERNIE-4.5 scores by
-softmax although its router carries a correction bias, Llama 4's router and experts have another contract. How
+softmax although its router carries a correction bias, Llama 4's router and experts have another contract, DBRX's
+router returns its logits only (the block chooses the experts). How
 each known family routes (renormalised or not, group-limited, sparsemixer) is in moeprune.routing; the tests
 check every entry against discovery.
 
@@ -15,6 +16,7 @@ check every entry against discovery.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Literal
 
 import torch
@@ -28,7 +30,9 @@ from .errors import MoePruneError, NotMoE
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    n_experts_field: str                 # config field holding the routed expert count
+    # config fields holding the routed expert count and the top-k, dotted when nested in a sub-config of the language
+    # model's config (DBRX's "ffn_config.moe_num_experts")
+    n_experts_field: str
     top_k_field: str = "num_experts_per_tok"
     block: str = "mlp"                   # decoder-layer attribute holding the MoE block
     router: str = "gate"                 # MoE-block attribute holding the router
@@ -39,8 +43,9 @@ class Family:
     # per-expert tensors the MoE block holds itself (MiniMax-M2's e_score_correction_bias), cut like router rows
     block_tensors: tuple[tuple[str, int], ...] = ()
     router_args: tuple[str, ...] = ()    # block tensors the router's forward takes after the hidden states
-    # a router of another contract: (router module, its output) -> (logits [n, E], weights [n, k], indices [n, k])
-    read_router: Callable[[nn.Module, tuple], tuple] | None = None
+    # a router of another contract: (the MoeLayer, its router's output) -> (logits [n, E], weights [n, k],
+    # indices [n, k])
+    read_router: Callable[[MoeLayer, tuple], tuple] | None = None
     # experts of another call than (hidden, top_k_index, top_k_weights): (experts module, x [n, d], e) -> E_e(x)
     expert_fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
     # how router logits become scores: softmax, sigmoid, or DeepSeek-V4's sqrt(softplus(logit))
@@ -49,6 +54,12 @@ class Family:
     # "interleaved" = gate and up rows alternating; "plain" = no gate, up_proj [E, I, H]; each with a "_t" form
     # stored [E, H, ...] (x @ W; down_proj [E, I, H]): GPT-OSS is "interleaved_t", Llama 4 "halves_t"
     gate_up: str = "halves"
+    # "split" experts (gate, up and down stored apart, e.g. DBRX's w1, v1, w2): the tensors stored x @ W per expert
+    # ([in, out], DBRX's w2); the others are nn.Linear's [out, in]
+    transposed: tuple[str, ...] = ()
+    # experts tensors that fold the expert axis into axis 0: [E * I, ...], expert e's rows e*I .. (e+1)*I (DBRX's
+    # w1, v1, w2 [E * I, H]); read and written through the view [E, I, ...]
+    folded: tuple[str, ...] = ()
     group_fields: tuple[str, str] | None = None          # (n_group, topk_group) config fields
     # a router buffer [vocab, top_k] of expert ids: a router that holds it chooses its experts by token id (it is
     # handed the batch's input_ids), not by its logits; surgery rewrites the ids (DeepSeek-V4's hash layers)
@@ -59,11 +70,19 @@ class Family:
     identity_experts: str = ""
 
 
-def _llama4_router(router: nn.Module, output: tuple) -> tuple:
+def _llama4_router(layer: MoeLayer, output: tuple) -> tuple:
     """Llama 4's router returns (scores [n, E]: sigmoid of the top-k logits, 0 elsewhere; logits [n, E])."""
     scores, logits = output
-    indices = logits.topk(router.top_k, dim=-1).indices
+    indices = logits.topk(layer.router.top_k, dim=-1).indices
     return logits, scores.gather(-1, indices), indices
+
+
+def _block_router(layer: MoeLayer, output: torch.Tensor) -> tuple:
+    """A router that returns its logits only, the block choosing the experts (DBRX: DbrxFFN.route_tokens_to_experts,
+    softmax, top-k, divided by a p-norm): the block's own code turns them into weights and indices."""
+    logits = output.reshape(-1, output.shape[-1])
+    weights, indices = layer.block.route_tokens_to_experts(logits)
+    return logits, weights, indices
 
 
 def _llama4_expert(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -86,6 +105,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     # later routers hold nor the scoring
     Family("deepseek_v4", "n_routed_experts", shared=("shared_experts",), scoring="sqrtsoftplus",
            router_tensors=(("weight", 0), ("e_score_correction_bias", 0)), hash_table="tid2eid"),
+    # DBRX: the router returns logits only (the block computes top-k); the rest is what structure finds: experts
+    # folded [E * I, H] (w1 gate, v1 up, w2 down stored x @ W), counts nested in ffn_config
+    Family("dbrx", "ffn_config.moe_num_experts", top_k_field="ffn_config.moe_top_k", block="ffn", router="router",
+           router_tensors=(("layer.weight", 0),), read_router=_block_router, gate_up="split", transposed=("mlp.w2",),
+           folded=("mlp.w1", "mlp.v1", "mlp.w2")),
 ]}
 
 
@@ -104,7 +128,63 @@ class MoeLayer:
 
     @property
     def num_experts(self) -> int:
+        if self.family is not None and self.family.folded:          # [E * I, ...]: the router's rows say E
+            name, axis = self.family.router_tensors[0]
+            return get_tensor(self.router, name).shape[axis]
         return next(iter(self.experts.parameters())).shape[0]
+
+    def expert_params(self) -> dict[str, torch.Tensor]:
+        """Every per-expert parameter of the experts module as [E, ...] (nested ones too: Ergo's
+        post_expert_norm.weight [E, H]); a folded one ([E * I, ...], DBRX) as its view [E, I, ...]. A parameter the
+        experts share (Muse Spark's post_expert_norm.weight [H]) is not one."""
+        E, folded = self.num_experts, set(self.family.folded if self.family is not None else ())
+        out = {}
+        for name, p in self.experts.named_parameters():
+            if name in folded:
+                out[name] = p.unflatten(0, (E, p.shape[0] // E))
+            elif p.dim() and p.shape[0] == E:
+                out[name] = p
+        return out
+
+    def stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A per-expert parameter [K, ...] as the experts module stores it: folded back to [K * I, ...]."""
+        folded = self.family.folded if self.family is not None else ()
+        return t.flatten(0, 1) if name in folded else t
+
+    def canonical(self, tensors: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+        """Experts tensors (`tensors`: the expert_params() names, [E, ...] or one expert's; default expert_params())
+        in a layout moeprune's alignment, fitted merge and weight similarity read, with that layout's name: as they
+        are, except "split" experts (gate, up, down stored apart: DBRX), given as "halves" (gate_up_proj [.., 2I, H],
+        gate rows first; down_proj [.., H, I]); `native` reverses it."""
+        tensors = self.expert_params() if tensors is None else tensors
+        family = self.family
+        if family is None or family.gate_up != "split":
+            return tensors, family.gate_up if family is not None else "halves"
+        roles = _split_roles(tensors)
+        linear = lambda n: tensors[n].transpose(-1, -2) if n in family.transposed else tensors[n]   # noqa: E731
+        return {"gate_up_proj": torch.cat([linear(roles["gate"]), linear(roles["up"])], dim=-2),
+                "down_proj": tensors[roles["down"]] if roles["down"] not in family.transposed
+                else tensors[roles["down"]].transpose(-1, -2)}, "halves"
+
+    def native(self, canonical: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`canonical` (from `canonical(like)`) back under the names and orientations of `like`."""
+        family = self.family
+        if family is None or family.gate_up != "split":
+            return canonical
+        roles = _split_roles(like)
+        gate, up = canonical["gate_up_proj"].chunk(2, dim=-2)
+        out = {roles["gate"]: gate, roles["up"]: up, roles["down"]: canonical["down_proj"]}
+        return {n: (t.transpose(-1, -2) if n in family.transposed else t).contiguous() for n, t in out.items()}
+
+    def canonical_view(self) -> tuple[object, str]:
+        """(an object with the experts' canonical tensors as attributes and their activation act_fn, its layout):
+        what weight similarity and alignment read of the experts module (moeprune.similarity, moeprune.align)."""
+        if self.family is None or self.family.gate_up != "split":
+            return self.experts, self.family.gate_up if self.family is not None else "halves"
+        tensors, layout = self.canonical({n: t.detach() for n, t in self.expert_params().items()})
+        act = next((getattr(m, a) for m in self.experts.modules() for a in ("act_fn", "activation_fn")
+                    if callable(getattr(m, a, None))), None)
+        return SimpleNamespace(**tensors, act_fn=act), layout
 
     @property
     def identity_slots(self) -> int:
@@ -142,7 +222,7 @@ class MoeLayer:
     def decisions(self, output: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [n, E], top-k weights [n, k], top-k indices [n, k]) from what the router returned."""
         read = self.family.read_router if self.family else None
-        out = read(self.router, output) if read is not None else output[:3]
+        out = read(self, output) if read is not None else output[:3]
         return tuple(t.reshape(-1, t.shape[-1]) for t in out)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -151,7 +231,8 @@ class MoeLayer:
             return self.family.expert_fn(self.experts, x, e)
         n = x.shape[0]
         index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
-        return self.experts(x, index, torch.ones((n, 1), dtype=x.dtype, device=x.device))
+        # [n, d] (DBRX's experts return [n, 1, d] for a 2-D input)
+        return self.experts(x, index, torch.ones((n, 1), dtype=x.dtype, device=x.device)).reshape(n, -1)
 
     def per_expert_tensors(self, family: Family) -> list[tuple[nn.Module, str, int]]:
         """(module, dotted name, expert axis) of every tensor outside the experts with one entry per expert: the
@@ -175,10 +256,34 @@ class Layout:
 
     @property
     def top_k(self) -> int:
-        return int(getattr(self.config, self.family.top_k_field))
+        return int(config_value(self.config, self.family.top_k_field))
 
     def by_index(self) -> dict[int, MoeLayer]:
         return {layer.index: layer for layer in self.layers}
+
+
+def _split_roles(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{"gate", "up", "down"} -> the name of that projection among split experts' tensors (discover's roles)."""
+    from .discover import _role
+    roles = {_role(n): n for n in tensors}
+    missing = [r for r in ("gate", "up", "down") if r not in roles]
+    if missing:
+        raise MoePruneError(f"split experts {sorted(tensors)}: no {missing[0]} projection among them")
+    return roles
+
+
+def config_value(config, dotted: str, default=None):
+    """A config field by its dotted name ("ffn_config.moe_top_k": nested in a sub-config)."""
+    for part in dotted.split("."):
+        config = getattr(config, part, default) if config is not None else default
+    return config
+
+
+def set_config_value(config, dotted: str, value) -> None:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        config = getattr(config, part)
+    setattr(config, leaf, value)
 
 
 def get_tensor(module: nn.Module, dotted: str) -> torch.Tensor | None:
@@ -191,30 +296,39 @@ def get_tensor(module: nn.Module, dotted: str) -> torch.Tensor | None:
     return getattr(module, name, None)
 
 
+# the attribute of the decoder that holds its layers: "layers", DBRX's "blocks" (transformer.blocks)
+LAYER_STACKS = ("layers", "blocks")
+
+
+def _stack(base) -> str | None:
+    return next((n for n in LAYER_STACKS if isinstance(getattr(base, n, None), nn.ModuleList)), None)
+
+
 def text_model(model: nn.Module) -> nn.Module:
     """The language model's decoder (embeddings, decoder layers, final norm): `model.model` of a causal LM, the
     `language_model` of a multimodal wrapper (Qwen3-VL-MoE, GLM-4.5V, ...), as transformers' get_decoder says."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     for _ in range(3):                  # Llama 4's wrapper: get_decoder() is a causal LM, its .model the decoder
-        if isinstance(getattr(base, "layers", None), nn.ModuleList):
+        if _stack(base) is not None:
             return base
         base = getattr(base, "model", None)
     return getattr(model, "model", model)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(text_model(model), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    name = _stack(text_model(model))
+    if name is None:
         raise MoePruneError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
-    return layers
+    return getattr(text_model(model), name)
 
 
 def layers_prefix(model: nn.Module) -> str:
     """The state-dict prefix of the decoder layers: "model.layers." ("model.language_model.layers." in a
-    multimodal wrapper); decoder layer i's keys start with it followed by "i."."""
+    multimodal wrapper, "transformer.blocks." in DBRX); decoder layer i's keys start with it followed by "i."."""
     base = text_model(model)
     name = next((n for n, m in model.named_modules() if m is base), "")
-    return f"{name}.layers." if name else "layers."
+    stack = _stack(base) or "layers"
+    return f"{name}.{stack}." if name else f"{stack}."
 
 
 def text_config_key(config) -> str:
@@ -233,11 +347,21 @@ def discovered_family(s: MoeStructure) -> Family:
     if problems:
         raise MoePruneError(f"model type {s.model_type!r}: its MoE layers differ in {', '.join(problems)}; moeprune "
                             "prunes models whose MoE layers share one layout (docs/FAMILIES.md)")
-    return Family(s.model_type, s.n_experts_key.rpartition(".")[2], top_k_field=s.top_k_key.rpartition(".")[2],
+    def field(key: str) -> str:
+        """The key relative to the language model's config: "num_experts" for "text_config.num_experts", a nested
+        one as it is ("ffn_config.moe_num_experts" in a config that is its own language model's)."""
+        prefix = s.text_prefix
+        if prefix:
+            return key[len(prefix) + 1:] if key.startswith(prefix + ".") else key.rpartition(".")[2]
+        return key
+    first = s.layers[0].expert_tensors
+    return Family(s.model_type, field(s.n_experts_key), top_k_field=field(s.top_k_key),
                   block=s.block, router=s.router, experts=s.experts, shared=s.shared, router_tensors=s.router_tensors,
                   block_tensors=s.block_tensors, router_args=s.router_args,
                   scoring=s.scoring or "softmax", gate_up=s.gate_up or "halves", group_fields=s.group_fields,
-                  identity_experts=(s.identity_key or "").rpartition(".")[2])
+                  identity_experts=(s.identity_key or "").rpartition(".")[2],
+                  folded=tuple(t.name for t in first if t.folded),
+                  transposed=tuple(t.name for t in first if t.transposed) if s.gate_up == "split" else ())
 
 
 def family_of(model: nn.Module) -> Family:

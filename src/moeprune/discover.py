@@ -48,9 +48,18 @@ class ExpertTensor:
     """One parameter of the routed-experts module."""
     name: str                   # under the experts module, e.g. "gate_up_proj" or "mlp.w1"
     shape: tuple[int, ...]
-    expert_axis: int | None     # the axis of length E (None: no such axis, e.g. DBRX's [E*I, H])
+    expert_axis: int | None     # the axis of length E (None: no such axis); 0 for a folded one
     role: str                   # "gate_up", "gate", "up", "down", "bias" or "other"
     transposed: bool = False    # the hidden size on axis 1 ([E, H, out]) instead of the last axis
+    folded: int = 0             # rows per expert of a projection that folds the expert axis into axis 0 (DBRX's
+                                # [E * I, H]: I), read as [E, I, H]; 0 when not folded
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The shape with the expert axis first: [E, I, ...] for a folded tensor."""
+        if not self.folded:
+            return self.shape
+        return (self.shape[0] // self.folded, self.folded, *self.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class MoeStructure:
     # the config path of the count of identity (zero-computation) experts the routers score after the real ones
     # (LongCat-Flash's "zero_expert_num"); None when the routers score the real experts only
     identity_key: str | None = None
+    text_prefix: str = ""                   # where the language model's config sits ("text_config"; "" itself)
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -343,15 +353,20 @@ def _expert_tensors(experts: nn.Module, E: int, H: int | None) -> tuple[ExpertTe
         axes = [a for a, n in enumerate(p.shape) if n == E]
         axis = 0 if p.shape and p.shape[0] == E else (axes[0] if axes else None)
         role = _role(name)
+        folded = 0
+        shape = tuple(p.shape)
+        if axis is None and p.dim() == 2 and p.shape[0] % E == 0 and role in ("gate_up", "gate", "up", "down"):
+            folded, axis = p.shape[0] // E, 0           # [E * I, H]: the experts' rows one after another (DBRX)
+            shape = (E, folded, p.shape[1])
         transposed = None
-        if p.dim() == 3 and H is not None and (p.shape[1] == H) != (p.shape[2] == H):
-            hidden_in = p.shape[1] == H if role != "down" else p.shape[2] == H
+        if len(shape) == 3 and H is not None and (shape[1] == H) != (shape[2] == H):
+            hidden_in = shape[1] == H if role != "down" else shape[2] == H
             transposed = hidden_in
-        rows.append((name, tuple(p.shape), axis, role, transposed))
-    known = [t for *_, t in rows if t is not None]
+        rows.append((name, tuple(p.shape), axis, role, transposed, folded))
+    known = [t for *_, t, _ in rows if t is not None]
     default = bool(known) and sum(known) * 2 >= len(known)
-    return tuple(ExpertTensor(name, shape, axis, role, default if t is None else t)
-                 for name, shape, axis, role, t in rows)
+    return tuple(ExpertTensor(name, shape, axis, role, default if t is None else t, folded)
+                 for name, shape, axis, role, t, folded in rows)
 
 
 def _gate_up_shape(tensors: tuple[ExpertTensor, ...]) -> str | None:
@@ -370,8 +385,8 @@ def experts_width(tensors: tuple[ExpertTensor, ...], H: int | None) -> int | Non
     """The width of the experts' input: the hidden size, or what the block projects it to first (Muse Spark's
     moe_hidden_size), read off the input side of the first [E, out, in] (or transposed [E, in, out]) projection."""
     for t in tensors:
-        if t.role in ("gate_up", "gate", "up") and t.expert_axis == 0 and len(t.shape) == 3:
-            return t.shape[1] if t.transposed else t.shape[2]
+        if t.role in ("gate_up", "gate", "up") and t.expert_axis == 0 and len(t.view_shape) == 3:
+            return t.view_shape[1] if t.transposed else t.view_shape[2]
     return H
 
 
@@ -631,7 +646,7 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
         n_experts_aliases=_aliases(config, n_keys), top_k_keys=k_keys, group_fields=group_fields,
         gate_up=gate_up, gate_up_evidence=gate_up_evidence, scoring=scoring, scoring_evidence=scoring_evidence,
         other_stacks=tuple(others), notes=tuple(notes),
-        identity_key=identity_key if any(layer.identity_slots for layer in layers) else None)
+        identity_key=identity_key if any(layer.identity_slots for layer in layers) else None, text_prefix=prefix)
 
 
 # ------------------------------------------------------------------------------------------------ contract

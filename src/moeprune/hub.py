@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from .arch import Layout, MoePruneError
+from .arch import Layout, MoePruneError, set_config_value
 from .hubmap import HubMap
 from .quant import config_text_without_quantization, role
 from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, Slot, tensor_bytes
@@ -101,8 +101,9 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
             if expert is not None and expert[1] >= keep:
                 continue
             axis = hub.expert_axis(name)
-            if axis is not None:          # less the dropped experts: a router's identity slots (LongCat) stay
-                cut = shape[axis] - (hub.num_experts - keep) if hub.num_experts else keep
+            if axis is not None:          # less the dropped experts' entries: a router's identity slots (LongCat)
+                # stay; an axis that folds I rows per expert ([E * I, H], DBRX) loses I per dropped expert
+                cut = shape[axis] - (hub.num_experts - keep) * hub.expert_rows(name) if hub.num_experts else keep
                 shape = shape[:axis] + (cut,) + shape[axis + 1:]
             touched.add(name)
         plain[name] = shape
@@ -132,7 +133,7 @@ def pruned_map(model, layout: Layout, changes: dict[str, int], out: OutputLayout
     layout than it planned."""
     config = copy.deepcopy(model.config)
     for attr, value in changes.items():
-        setattr(config.get_text_config(), attr, value)
+        set_config_value(config.get_text_config(), attr, value)
     with init_empty_weights(include_buffers=False):
         skeleton = type(model)._from_config(config)
     names = out.plain if out.plain is not None else {s.name: s.shape for slots in out.shards.values() for s in slots}
@@ -157,29 +158,53 @@ def _raw_keys(config, raw: dict, attr: str) -> list[str]:
 
 def edit_config(text: str, config, changes: dict[str, int], key: str = "") -> str:
     """config.json's text with only `changes` edited: same keys, spelling, order and formatting elsewhere.
-    `key` names the sub-config the changes belong to ("text_config" of a multimodal wrapper), "" the top level."""
+    `key` names the sub-config the changes belong to ("text_config" of a multimodal wrapper), "" the top level; a
+    dotted change edits a nested object of it (DBRX's "ffn_config.moe_num_experts")."""
     raw = json.loads(text)
     if key and not isinstance(raw.get(key), dict):
         raise MoePruneError(f"config.json has no {key!r} object, although its model keeps the language model's "
                             "config there; restore the file")
-    inner = raw[key] if key else raw
-    want = dict(inner)
+    groups: dict[tuple[str, ...], dict[str, int]] = {}
     for attr, value in changes.items():
-        for name in _raw_keys(config, inner, attr):
-            want[name] = value
-    new, start = text, (re.search(r'"%s"\s*:\s*\{' % re.escape(key), text).end() if key else 0)
-    for name, value in want.items():
-        if name in inner and inner[name] != value:
-            pattern = re.compile(r'("%s"\s*:\s*)%s' % (re.escape(name), re.escape(json.dumps(inner[name]))))
-            new = new[:start] + pattern.sub(lambda m: m.group(1) + json.dumps(value), new[start:], count=1)
-    edited = {k: want[k] for k in inner}
-    whole = {**raw, key: edited} if key else edited
+        *sub, leaf = attr.split(".")
+        groups.setdefault(tuple(sub), {})[leaf] = value
+    new, whole, added = text, copy.deepcopy(raw), []
+    for sub, leaves in groups.items():
+        path = ((key,) if key else ()) + sub
+        inner, obj = raw, config
+        for part in path:
+            inner = inner.get(part) if isinstance(inner, dict) else None
+        for part in sub:
+            obj = getattr(obj, part, None)
+        if not isinstance(inner, dict):
+            raise MoePruneError(f"config.json has no {'.'.join(path)!r} object, although its model keeps the expert "
+                                "count there; restore the file")
+        want = dict(inner)
+        for attr, value in leaves.items():
+            for name in _raw_keys(obj, inner, attr):
+                want[name] = value
+        start = 0
+        for part in path:                          # the nested object's text: after each of its keys in turn
+            found = re.compile(r'"%s"\s*:\s*\{' % re.escape(part)).search(new, start)
+            start = found.end() if found else start
+        for name, value in want.items():
+            if name in inner and inner[name] != value:
+                pattern = re.compile(r'("%s"\s*:\s*)%s' % (re.escape(name), re.escape(json.dumps(inner[name]))))
+                new = new[:start] + pattern.sub(lambda m: m.group(1) + json.dumps(value), new[start:], count=1)
+        target = whole
+        for part in path:
+            target = target[part]
+        target.update({k: want[k] for k in inner})
+        added += [(path, k, v) for k, v in want.items() if k not in inner]
     if json.loads(new) != whole:                                           # duplicates: edit structurally
         new = json.dumps(whole, indent=2) + "\n"
-    added = {k: v for k, v in want.items() if k not in inner}
     if added:                                                              # a default the file left out
         whole = json.loads(new)
-        (whole[key] if key else whole).update(added)
+        for path, k, v in added:
+            target = whole
+            for part in path:
+                target = target[part]
+            target[k] = v
         new = json.dumps(whole, indent=2) + "\n"
     return new
 

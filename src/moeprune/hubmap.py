@@ -38,7 +38,7 @@ from .discover import identity_experts
 
 View = tuple[str, tuple]          # ("select", (dim, i)) | ("narrow", (dim, start, length)) | ("transpose", (a, b))
                                   # | ("unflatten", (dim, sizes))
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")      # arch.LAYER_STACKS
 # config fields that hold the routed expert count, by family
 _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -354,13 +354,18 @@ def _expert_count(config) -> int | None:
 
 
 def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | None, identity: int = 0) \
-        -> dict[str, int]:
-    """Module tensor -> the axis of its expert index: the tensors of a module holding fused experts (3-D, experts
-    first) and, in the MoE block around it, router tensors with exactly one axis of the expert count, or of the
-    expert count plus the `identity` slots a router scores after them (LongCat-Flash; shared experts excluded)."""
+        -> tuple[dict[str, int], dict[str, int]]:
+    """(module tensor -> the axis of its expert index, module tensor -> rows per expert of a folded one): the tensors
+    of a module holding fused experts (3-D, experts first; or 2-D [E * I, H] under an `experts` module, the expert
+    axis folded into axis 0: DBRX) and, in the MoE block around it, router tensors with exactly one axis of the
+    expert count, or of the expert count plus the `identity` slots a router scores after them (LongCat-Flash;
+    shared experts excluded)."""
     if not n_experts:
-        return {}
+        return {}, {}
     counts = {n_experts, n_experts + identity}
+    rows = {n: s[0] // n_experts for n, s in shapes.items()
+            if len(s) == 2 and s[0] > n_experts and s[0] % n_experts == 0 and n_experts not in s
+            and "experts" in n.split(".")[:-1] and "shared" not in n}
     parent = lambda n: n.rpartition(".")[0]
 
     def block_of(n: str) -> str:
@@ -371,7 +376,7 @@ def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | 
         m = _LAYER.search(n)
         return n[:m.end()] + n[m.end():].split(".")[0] if m else parent(n)
 
-    fused = [n for n, s in shapes.items() if len(s) == 3 and s[0] == n_experts and "shared" not in n]
+    fused = [n for n, s in shapes.items() if len(s) == 3 and s[0] == n_experts and "shared" not in n] + list(rows)
     holders = {parent(n) for n in fused}
     blocks = {block_of(n) for n in fused}
     axes: dict[str, int] = {}
@@ -379,13 +384,13 @@ def _module_expert_axes(shapes: Mapping[str, tuple[int, ...]], n_experts: int | 
         block = next((b for b in blocks if n.startswith(b + ".")), None)
         if block is None or "shared" in n[len(block):]:
             continue
-        if (n in fused or parent(n) in holders) and s and s[0] == n_experts:
+        if n in rows or (n in fused or parent(n) in holders) and s and s[0] == n_experts:
             axes[n] = 0
             continue
         dims = [i for i, d in enumerate(s) if d in counts]
         if len(dims) == 1:
             axes[n] = dims[0]
-    return axes
+    return axes, rows
 
 
 def _axis_through(module_view: tuple[View, ...], file_view: tuple[View, ...], axis: int):
@@ -437,9 +442,11 @@ class HubMap:
     """Module tensor names/shapes <-> hub file tensor names/shapes, from transformers' conversion tables."""
 
     def __init__(self, model_type: str, shapes: dict[str, tuple[int, ...]], files: dict[str, FileTensor],
-                 tied: dict[str, str], expert_axes: dict[str, int], num_experts: int | None = None):
+                 tied: dict[str, str], expert_axes: dict[str, int], num_experts: int | None = None,
+                 expert_rows: dict[str, int] | None = None):
         self.model_type = model_type
         self.num_experts = num_experts              # the routed experts per layer (the config's count)
+        self._rows: dict[str, int] = {}             # file tensor -> rows per expert on its folded expert axis
         self.shapes = shapes                        # module name -> shape (the model's state dict)
         self.files = files                          # file name -> FileTensor
         self.tied = tied                            # tied module name -> the module name whose files hold it
@@ -457,6 +464,12 @@ class HubMap:
             kind, value = where.pop()
             if kind == "axis":
                 self._axis[f.name] = value
+                rows = (expert_rows or {}).get(f.pieces[0].module, 1)
+                if rows > 1:
+                    if not f.whole_view or f.pieces[0].module_view:
+                        raise MoePruneError(f"{f.name}: a folded expert axis ([E * I, ...]) stored other than as it "
+                                            f"is in memory; this {model_type} layout is not supported")
+                    self._rows[f.name] = rows
             else:
                 m = _LAYER.search(f.pieces[0].module)
                 self._expert[f.name] = (int(m.group(1)) if m else -1, value)
@@ -489,8 +502,8 @@ class HubMap:
             if isinstance(file_names, Mapping):
                 files = {name: _stored_swapped(f, file_names.get(name)) for name, f in files.items()}
         E = _expert_count(model.config)
-        axes = _module_expert_axes(stored, E, identity_experts(model.config)[1])
-        return cls(model_type, shapes, files, tied, axes, E)
+        axes, rows = _module_expert_axes(stored, E, identity_experts(model.config)[1])
+        return cls(model_type, shapes, files, tied, axes, E, rows)
 
     @staticmethod
     def _as_stored(model_type: str, shapes: dict[str, tuple[int, ...]], files: dict[str, FileTensor],
@@ -640,6 +653,12 @@ class HubMap:
         experts stored fused), else None."""
         self._file(file_name)
         return self._axis.get(file_name)
+
+    def expert_rows(self, file_name: str) -> int:
+        """Rows per expert along a file tensor's expert axis: 1, or I where it folds the experts' rows one after
+        another ([E * I, H], DBRX's w1 / v1 / w2)."""
+        self._file(file_name)
+        return self._rows.get(file_name, 1)
 
     def _file(self, file_name: str) -> FileTensor:
         f = self.files.get(file_name)

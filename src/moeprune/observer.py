@@ -152,7 +152,7 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
         ls.prob_sum = observer.prob_sums[ls.routing["scoring"]]
     if weight_similarity:
         # model-centric similarity needs the weights, which a method never sees: derive it now
-        reps = weight_representation(moe.experts, layout.family.gate_up)
+        reps = weight_representation(*moe.canonical_view())       # split experts (DBRX) as "halves"
         for name, fn in SIMILARITIES.items():
             ls.cache[f"similarity/{name}/weight"] = fn(reps).float()
     return ls, outputs

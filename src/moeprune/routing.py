@@ -19,6 +19,7 @@ The rule, per family (transformers 5.x router code):
                             experts within 2 x jitter_eps (relative) of it
     gpt_oss                 top-k of the logits, softmax over those k
     llama4                  top-k of the logits, weights = sigmoid (scaling the experts' input, not output)
+    dbrx                    softmax, top-k, divided by their p-norm (moe_normalize_expert_weights; None: not)
     deepseek_v4 (inferred)  sqrt(softplus), choice on the scores + correction bias, renormalise,
                             x routed_scaling_factor; its first layers ("hash_moe") choose by a token-id table
 
@@ -79,6 +80,10 @@ def routing_rule(layer: MoeLayer, family: Family) -> dict:
         rule["topk_softmax"] = True
     elif mt in ("llama4", "llama4_text"):
         pass                          # sigmoid of the top-k logits, not renormalised
+    elif mt == "dbrx":                # the block's route_tokens_to_experts
+        p = layer.block.moe_normalize_expert_weights
+        if p is not None:
+            rule.update(renormalize=True, norm_p=float(p), norm_min=0.0)
     else:
         return {}                     # a family found by structure: inferred from the router's own choices
     return rule
@@ -288,7 +293,7 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
         scores = SCORINGS[routing["scoring"]](x)
         weights = scores.gather(-1, local)
         if routing["renormalize"]:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(routing["norm_min"])
+            weights = _renormalised(weights, routing)
         return done(weights * routing["scale"], local)
     if routing["select"] == "sparsemixer":
         if K < 2:
@@ -311,5 +316,12 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
     local = choice.topk(k, dim=-1).indices
     weights = scores.gather(-1, local)
     if routing["renormalize"]:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(routing["norm_min"])
+        weights = _renormalised(weights, routing)
     return done(weights * routing["scale"], local)
+
+
+def _renormalised(weights: torch.Tensor, routing: dict) -> torch.Tensor:
+    """The top-k weights divided by their sum, or by their p-norm (DBRX's moe_normalize_expert_weights)."""
+    p = routing.get("norm_p", 1.0)
+    total = weights.sum(dim=-1, keepdim=True) if p == 1.0 else weights.norm(p=p, dim=-1, keepdim=True)
+    return weights / total.clamp_min(routing["norm_min"])

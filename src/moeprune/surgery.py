@@ -9,13 +9,14 @@ rewritten to the new slots (`hash_slots`).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 from torch import nn
 
 from .align import align_to, neuron_activations
-from .arch import Layout, MoeLayer, MoePruneError, get_tensor
+from .arch import Layout, MoeLayer, MoePruneError, config_value, get_tensor, set_config_value
 from .observer import probabilities
 from .plan import LayerPlan, Plan
 from .routing import group_routing_after, output_distance, stand_ins
@@ -23,7 +24,7 @@ from .stats import LayerStats, Stats
 
 FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts")
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts")
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
@@ -44,20 +45,22 @@ def _merge(rows: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 def fit_down(layer: MoeLayer, merged: dict[str, torch.Tensor], group: list[int], ls: LayerStats,
-             layout: Layout) -> torch.Tensor:
+             layout: Layout, gate_up: str | None = None) -> torch.Tensor:
     """Refit the merged expert's down projection to reproduce its group on the calibration sample.
 
     Gate and up stay the (aligned) average; the down projection D solves a ridge-regularised weighted
     least squares  min_D sum_t w_t ||D h_t - y_t||^2 + lam ||D - D_avg||^2, where h_t are the merged
     expert's intermediate activations, y_t the router-probability-weighted mean of the members'
     outputs and w_t the group's router probability on token t. No gradients, one solve per group.
+    `gate_up`: the layout of `merged` (default the family's; "halves" for split experts given canonically).
     """
+    gate_up = gate_up or layout.family.gate_up
     scoring = (ls.routing or {}).get("scoring", layout.family.scoring)            # read off the router when found
     probs = probabilities(ls.logits, scoring)[:, group]                           # [n, g]
     w = probs.sum(1)                                                              # [n]
     target = torch.einsum("tg,gtd->td", probs, ls.outputs[group].double()) / w.clamp_min(1e-12)[:, None]
-    h = neuron_activations(layer, merged, ls.inputs, layout.family.gate_up).T    # [n, I]
-    stored_t = layout.family.gate_up.endswith("_t")                              # down_proj stored [I, d]
+    h = neuron_activations(layer, merged, ls.inputs, gate_up).T                  # [n, I]
+    stored_t = gate_up.endswith("_t")                                            # down_proj stored [I, d]
     d0 = merged["down_proj"].double().T if stored_t else merged["down_proj"].double()   # [d, I]
     if "down_proj_bias" in merged:
         target = target - merged["down_proj_bias"].double()
@@ -131,9 +134,14 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
                             f"{layer.num_experts}: the plan was made for another model")
     slots = hash_slots(layer, lp, ls)            # before the experts change: a dropped expert's stand-in
     identity = layer.identity_slots              # router rows after the experts' (LongCat's zero experts): kept
-    # every per-expert parameter ([E, ...]), nested ones too (Ergo's post_expert_norm.weight [E, H]); a parameter
-    # the experts share (Muse Spark's post_expert_norm.weight [H]) is left as it is
-    original = {n: p.detach() for n, p in layer.experts.named_parameters() if p.dim() and p.shape[0] == lp.num_experts}
+    # every per-expert parameter ([E, ...]), nested ones too (Ergo's post_expert_norm.weight [E, H]), folded ones
+    # as [E, I, ...] (DBRX); a parameter the experts share (Muse Spark's post_expert_norm.weight [H]) is left as it
+    # is. Split experts (DBRX's gate, up, down apart) are merged, aligned and fitted as "halves" (MoeLayer.canonical)
+    # through a view of the layer whose experts carry those tensors and their activation (what align reads)
+    params = {n: p.detach() for n, p in layer.expert_params().items()}
+    view, gate_up = layer.canonical_view()
+    original = params if view is layer.experts else {n: getattr(view, n) for n in ("gate_up_proj", "down_proj")}
+    seen = dataclasses.replace(layer, experts=view)
     names = list(original)
     in_place = all(min(a) < min(b) for a, b in zip(lp.groups, lp.groups[1:]))
     out = original if in_place else {n: t.new_empty((lp.keep, *t.shape[1:])) for n, t in original.items()}
@@ -142,15 +150,16 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
     for j, (group, weights, rep) in enumerate(zip(lp.groups, lp.weights, lp.representatives)):
         members = [expert(e) for e in group]
         if plan.align != "none" and len(group) > 1:
-            members = [m if e == rep else align_to(layer, expert(rep), m, family.gate_up, plan.align, inputs)
+            members = [m if e == rep else align_to(seen, expert(rep), m, gate_up, plan.align, inputs)
                        for e, m in zip(group, members)]
         one = {n: _merge([m[n] for m in members], weights) for n in names}
         if plan.merge == "fit" and len(group) > 1:
-            one["down_proj"] = fit_down(layer, one, group, ls, layout)
+            one["down_proj"] = fit_down(seen, one, group, ls, layout, gate_up)
         for n in names:
             out[n][j] = one[n]
-    for n in names:
-        _set_tensor(layer.experts, n, out[n][:lp.keep])
+    kept = {n: out[n][:lp.keep] for n in names}
+    for n, t in (kept if original is params else layer.native(kept, params)).items():
+        _set_tensor(layer.experts, n, layer.stored(n, t).contiguous() if n in layer.family.folded else t)
 
     for module, name, axis in layer.per_expert_tensors(family):
         t = get_tensor(module, name)
@@ -179,7 +188,7 @@ def config_changes(layout: Layout, keep: int) -> dict[str, int]:
     cannot form its groups (routing.group_routing_after)."""
     family, config = layout.family, layout.config
     changes = {family.n_experts_field: keep}
-    if int(getattr(config, family.top_k_field)) > keep:
+    if int(config_value(config, family.top_k_field)) > keep:
         changes[family.top_k_field] = keep
     if family.group_fields is not None:
         n_field, topk_field = family.group_fields
@@ -243,7 +252,7 @@ def update_config(model: nn.Module, layout: Layout, before: int, keep: int) -> d
     done = {id(m) for layer in layout.layers if layer.num_experts == keep for m in layer.block.modules()}
     _update_attributes(model, before, keep, layout.layers[0].identity_slots, skip=done)
     for attr, value in changes.items():
-        setattr(layout.config, attr, value)
+        set_config_value(layout.config, attr, value)
     return changes
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import FAMILIES, MoePruneError
+from .arch import FAMILIES, MoePruneError, set_config_value
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
                head_dim=64, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
@@ -47,8 +47,10 @@ _COUNTS: dict[str, tuple[str, str]] = {
     "phimoe": ("num_local_experts", "num_experts_per_tok"), "gpt_oss": ("num_local_experts", "num_experts_per_tok"),
 }
 # the model types with a hand-set tiny model (`tiny:<name>`) or an arch entry: what the test-suite runs every method on
-# (with routing pinned by the router rows: not a family whose routers choose by token id, tests/test_hash_routing.py)
-TINY_FAMILIES = sorted({*_EXTRA, *(t for t, f in FAMILIES.items() if not f.hash_table)})
+# (with routing pinned by the router rows: not a family whose routers choose by token id, tests/test_hash_routing.py,
+# and the router's own weight rows, pin_routing's: not DBRX's, whose router holds them in router.layer)
+TINY_FAMILIES = sorted({*_EXTRA, *(t for t, f in FAMILIES.items()
+                                   if not f.hash_table and f.router_tensors[0][0] == "weight")})
 
 
 @torch.no_grad()
@@ -77,8 +79,8 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrid
             config = tiny_config_any(model_type, **overrides)
             if model_type in FAMILIES:          # an entry without hand-set fields (Llama 4): E and top-k as asked
                 family, text = FAMILIES[model_type], config.get_text_config()
-                setattr(text, family.n_experts_field, num_experts)
-                setattr(text, family.top_k_field, top_k)
+                set_config_value(text, family.n_experts_field, num_experts)
+                set_config_value(text, family.top_k_field, top_k)
             return config
         raise MoePruneError(f"no tiny model for {model_type!r}; choose one of {', '.join(sorted(_EXTRA))} "
                             "or any transformers model type")
@@ -173,8 +175,11 @@ _UNSET_PER_LAYER = {"mlp_layer_types": lambda n: ["dense"] + ["sparse"] * (n - 1
 
 # per model type: fields the table cannot give (applied last, to the top-level config)
 _TYPE_OVERRIDES: dict[str, dict] = {
-    # DbrxAttentionConfig declares no rope_theta, yet DbrxAttention reads attn_config.rope_theta
-    "dbrx": dict(attn_config=dict(kv_n_heads=1, rope_theta=10000.0)),
+    # DbrxAttentionConfig declares no rope_theta, yet DbrxAttention reads attn_config.rope_theta; its clamp needs a
+    # clip_qkv (the released configs' 8); the experts' width is ffn_config.ffn_hidden_size (16 against hidden 64,
+    # as 10752 against 6144, so the folded [E * I, H] projections show their orientation), top-k 2 as released 4
+    "dbrx": dict(attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
     # fields whose class default is None but that the modeling code reads
     "hunyuan_v1_moe": dict(head_dim=64, num_experts=8, moe_topk=2),   # its class defaults are dense (1 expert)
     # the modeling code's default mrope_section [8, 12, 12] needs head_dim 128: 2+3+3 = half of 32 x 0.5
