@@ -140,6 +140,24 @@ def test_contract_differences_are_reported():
     assert any("JetMoeParallelExperts.forward takes (inputs, expert_size)" in d for d in differences)
 
 
+def test_a_layer_with_two_experts_modules_is_refused_by_name():
+    """ERNIE-4.5-VL's decoder layers hold text_moe.experts and vision_moe.experts under one expert count: the vision
+    experts see image tokens only (mm_token_type_ids), so each would need its own plan; discovery says so, on the
+    skeleton and the live model, and moeprune refuses the model with that reason instead of pruning the text
+    experts alone (a config.json that no longer matches the vision experts)."""
+    from moeprune.arch import family_of
+    from moeprune.errors import MoePruneError
+    for device in ("meta", None):
+        model = tiny_model_any("ernie4_5_vl_moe", device=device)
+        s = find_moe(model)
+        assert s.layers[0].other_experts == ("mlp.vision_moe.experts",)
+        differences = " ".join(check_contract(s, model).differences)
+        assert "holds 2 routed-experts modules (mlp.text_moe.experts, mlp.vision_moe.experts)" in differences
+        assert "text_config.moe_num_experts" in differences
+        with pytest.raises(MoePruneError, match="mlp.vision_moe.experts"):
+            family_of(model)
+
+
 def test_layer_pattern_keeps_every_kind():
     kinds = ["sliding"] * 5 + ["full"] + ["sliding"] * 5 + ["full"]
     assert _layer_pattern(kinds, 4) == ["sliding", "sliding", "sliding", "full"]

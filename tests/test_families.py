@@ -29,8 +29,6 @@ NOT_YET = {
     "inkling2_loop": ATTN_RES + "; its looped layers run several times per forward",
     "inkling2_text": ATTN_RES,
     "inkling2_loop_text": ATTN_RES + "; its looped layers run several times per forward",
-    "ernie4_5_vl_moe": ("its text_moe and vision_moe blocks share one expert count (moe_num_experts): the vision "
-                        "experts must be cut to the same count, with a plan of their own"),
 }
 
 

@@ -86,6 +86,9 @@ class MoeLayerInfo:
     top_k: int | None = None    # the router's (or block's) top-k attribute
     router_args: tuple[str, ...] = ()   # block tensors the router's forward takes after the hidden states
     identity_slots: int = 0     # router rows after the E real experts' that are identity experts (LongCat)
+    # the decoder layer's other routed-experts modules, relative to it (ERNIE-4.5-VL's mlp.vision_moe.experts beside
+    # mlp.text_moe.experts): moeprune prunes one experts module per layer
+    other_experts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -553,7 +556,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     for index in sorted(per_layer):
         layer_prefix = f"{stack_path}.{index}"
         path = per_layer[index][0]
-        if len(per_layer[index]) > 1:
+        others = tuple(_relative(p, layer_prefix) for p in per_layer[index][1:])
+        if others:
             notes.append(f"layer {index} holds {len(per_layer[index])} experts modules: {per_layer[index]}")
         experts = _get(model, path)
         E = _expert_count(experts)
@@ -596,7 +600,7 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
             router_class=type(router).__name__, experts_class=type(experts).__name__, num_experts=E,
             router_tensors=router_tensors, expert_tensors=_expert_tensors(experts, E, H), shared=shared,
             block_tensors=block_tensors, top_k=_module_top_k(router, block, experts),
-            router_args=_router_args(router, block_tensors), identity_slots=identity))
+            router_args=_router_args(router, block_tensors), identity_slots=identity, other_experts=others))
     if not layers:
         raise MoePruneError(f"no MoE layer with a router found in {type(model).__name__}: " + "; ".join(notes))
     counts = {layer.num_experts for layer in layers}
@@ -673,6 +677,12 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
         diffs.append(f"experts tensors without the expert index on axis 0: {', '.join(odd)}")
     if structure.top_k is None:
         diffs.append("neither the router nor the block has a top-k attribute")
+    if first.other_experts:
+        held = ", ".join((f"{first.block}.{first.experts}" if first.block else first.experts, *first.other_experts))
+        vision = " (its vision experts see image tokens only)" if any(w in held for w in _NOT_TEXT) else ""
+        diffs.append(f"decoder layer {first.index} holds {1 + len(first.other_experts)} routed-experts modules ({held}) "
+                     f"under one expert count ({structure.n_experts_key}): each would need a plan of its own, from "
+                     f"the tokens routed to it{vision}, and moeprune prunes one experts module per layer")
     returns = "not run (meta device)"
     if not any(p.is_meta for p in router.parameters()):
         n = 6
