@@ -306,10 +306,12 @@ def test_strays_of_a_killed_run_are_removed_and_live_ones_kept(tmp_path):
 
 @pytest.fixture
 def default_sigint():
-    """Python's own SIGINT handler for the test (a background test run may start with SIGINT ignored)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Python's own SIGINT handler and the default SIGHUP for the test (a background test run may start with SIGINT
+    ignored, one under nohup with SIGHUP ignored, which AtomicFolder rightly leaves ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGHUP, previous[1])
 
 
 @pytest.mark.parametrize("signum,raised", [(signal.SIGTERM, Terminated), (signal.SIGHUP, Terminated),
