@@ -159,7 +159,7 @@ def merge_layer(layer: MoeLayer, lp: LayerPlan, plan: Plan, layout: Layout, ls: 
             out[n][j] = one[n]
     kept = {n: out[n][:lp.keep] for n in names}
     for n, t in (kept if original is params else layer.native(kept, params)).items():
-        _set_tensor(layer.experts, n, layer.stored(n, t).contiguous() if n in layer.family.folded else t)
+        _set_tensor(layer.experts, n, layer.stored(n, t))                  # folded back to [K * I, ...] (DBRX)
 
     for module, name, axis in layer.per_expert_tensors(family):
         t = get_tensor(module, name)
