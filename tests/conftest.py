@@ -59,6 +59,31 @@ def pin_routing(model, kept: list[int], scale: float = 20.0, level: float = 100.
     return layout
 
 
+def token_rows(rows: int = 2, seed: int = 0, length: int = 24) -> torch.Tensor:
+    """Seeded token ids [rows, length] of the tiny vocabulary."""
+    return torch.randint(3, 200, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def calibrated(model, ids: torch.Tensor):
+    """(layout, statistics) whose sample is every token, in order: sample token t is ids.flatten()[t]."""
+    from moeprune.calibration import collect
+    layout = moe_layout(model)
+    return layout, collect(model, layout, ids, sample_tokens=ids.numel(), progress=False, weight_similarity=True)
+
+
+def pruned_copy(model, plan, stats=None):
+    """A copy of the model with `plan` applied in memory (the group-routing fallback warning silenced)."""
+    import copy
+    import warnings
+
+    from moeprune.surgery import apply_plan
+    pruned = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_plan(pruned, moe_layout(pruned), plan, stats)
+    return pruned
+
+
 def hand_set_router(model, logits: dict[int, float]):
     """Every router scores expert e as logits[e] * x0 (x0 > 0 is the constant coordinate of pin_routing)
     and every other expert 0, so routing is known by hand for every token."""

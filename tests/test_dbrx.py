@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
+from conftest import calibrated, pruned_copy
+from conftest import token_rows as tokens
 
 import moeprune.methods  # noqa: F401  registers the methods
 from moeprune.arch import FAMILIES, discovered_family, moe_layout
-from moeprune.calibration import collect
 from moeprune.discover import check_contract, find_moe
 from moeprune.hub import edit_config
 from moeprune.methods.naee import Reconstruction
 from moeprune.methods.registry import METHODS
 from moeprune.plan import LayerPlan, Plan
 from moeprune.routing import restricted_routing
-from moeprune.surgery import apply_plan
 from moeprune.tiny import tiny_config, tiny_model_any
 
 torch.set_num_threads(1)
@@ -48,21 +47,7 @@ def dbrx(p: float | None = 1.0):
     return model
 
 
-def tokens(rows: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 200, (rows, 24), generator=torch.Generator().manual_seed(seed))
 
-
-def calibrated(model, ids: torch.Tensor):
-    layout = moe_layout(model)
-    return layout, collect(model, layout, ids, sample_tokens=ids.numel(), progress=False, weight_similarity=True)
-
-
-def pruned_copy(model, plan: Plan, stats=None):
-    pruned = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        apply_plan(pruned, moe_layout(pruned), plan, stats)
-    return pruned
 
 
 def experts_of(model, i: int = 0) -> dict[str, torch.Tensor]:

@@ -96,3 +96,25 @@ def test_a_wrong_scoring_guess_is_settled_by_the_router(model_type):
     with torch.device("meta"):                     # precondition: the skeleton does guess softmax
         skeleton = type(model)._from_config(copy.deepcopy(model.config))
     assert discovered_family(find_moe(skeleton)).scoring == "softmax"
+
+
+@pytest.mark.parametrize("model_type", ["longcat_flash", "deepseek_v4"])
+def test_statistics_of_two_samples_joined_keep_every_tokens_record(model_type):
+    """Self-calibration keeps the text and the self-written windows' sums apart and joins them (selfcalib.combine):
+    a rule that records something per sample token (DeepSeek-V4's hash choices, LongCat's identity-slot logits)
+    must cover both halves, or NAEE, which replays it, stops on the joined statistics."""
+    from conftest import calibrated, token_rows
+    from moeprune.methods import get_method
+    from moeprune.selfcalib import combine
+    import test_hash_routing
+    import test_longcat_flash
+    model = test_longcat_flash.longcat() if model_type == "longcat_flash" else test_hash_routing.deepseek_v4()
+    _, text = calibrated(model, token_rows(1, seed=1))
+    _, own = calibrated(model, token_rows(1, seed=2))
+    joined = combine(text, own)
+    per_token = [(ls, v) for ls in joined.layers.values() for k, v in ls.routing.items()
+                 if k in ("chosen", "identity_logits")]          # DeepSeek-V4: its hash layers only
+    assert per_token and all(len(v) == ls.logits.shape[0] for ls, v in per_token)
+    E = next(iter(joined.layers.values())).num_experts
+    plan = get_method("naee").plan(joined, keep=E // 2)
+    assert all(lp.keep == E // 2 for lp in plan.layers.values())

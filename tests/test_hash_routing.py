@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
+import test_layer_inputs  # the tiny DeepSeek-V4: hash layers 0, 1; top-k layers 2, 3; 4 experts
 import torch
+from conftest import calibrated, pruned_copy
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moeprune.methods  # noqa: F401  registers the methods
 from moeprune.arch import FAMILIES, MoePruneError, discovered_family, moe_layout
-from moeprune.calibration import collect
 from moeprune.cli import main
 from moeprune.discover import SCORINGS, _probe_scoring, check_contract, find_moe
 from moeprune.methods.naee import Reconstruction
 from moeprune.methods.registry import METHODS
 from moeprune.plan import LayerPlan, Plan
 from moeprune.routing import output_distance, restricted_routing
-from moeprune.surgery import apply_plan
-
-import test_layer_inputs                # the tiny DeepSeek-V4: hash layers 0, 1; top-k layers 2, 3; 4 experts
 
 torch.set_num_threads(1)
 KEPT = [0, 2, 3]
@@ -44,18 +41,6 @@ def deepseek_v4():
     return model
 
 
-def calibrated(model, ids: torch.Tensor):
-    """Statistics whose sample is every token, in order: sample token t is ids.flatten()[t]."""
-    layout = moe_layout(model)
-    return layout, collect(model, layout, ids, sample_tokens=ids.numel(), progress=False, weight_similarity=True)
-
-
-def pruned_copy(model, plan: Plan, stats=None):
-    pruned = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        apply_plan(pruned, moe_layout(pruned), plan, stats)
-    return pruned
 
 
 def by_expert(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import MoePruneError
+from .routing import join_rules
 from .sources import ModelSource
 from .stats import LayerStats, Stats
 from .text import calibration_tokens
@@ -174,7 +175,7 @@ def combine_layer(text: LayerStats, own: LayerStats) -> LayerStats:
                       inputs=torch.cat([text.inputs, own.inputs]), logits=torch.cat([text.logits, own.logits]),
                       outputs=torch.cat([text.outputs, own.outputs], dim=1),
                       cache={k: v for k, v in text.cache.items() if k.endswith("/weight")},
-                      routing=text.routing or own.routing)
+                      routing=join_rules(text.routing, own.routing))
 
 
 def combine(text: Stats, own: Stats) -> Stats:
