@@ -44,6 +44,22 @@ def assert_engine_matches(source, ids: torch.Tensor, want, rows: int | None = No
     assert torch.allclose(torch.cat(got), want.logits, atol=1e-4)
 
 
+def source_of(model, tmp_path, streamed: bool):
+    """The engine's source of `model`: itself in memory, or its folder read layer by layer (eager attention, so the
+    masks decide everything)."""
+    if not streamed:
+        return ModelSource(model)
+    model.save_pretrained(tmp_path / "m")
+    source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
+    source.model.config._attn_implementation = "eager"
+    return source
+
+
+def own_forward(model, ids: torch.Tensor):
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True, use_cache=False)
+
+
 def gpt_oss():
     model = tiny_model("gpt_oss", num_hidden_layers=4, sliding_window=WINDOW,
                        layer_types=["sliding_attention", "full_attention"] * 2)
@@ -55,15 +71,7 @@ def gpt_oss():
 def test_engine_hidden_states_equal_the_models_own_forward(tmp_path, streamed):
     model = gpt_oss()
     ids = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    if streamed:
-        model.save_pretrained(tmp_path / "m")
-        source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
-        source.model.config._attn_implementation = "eager"
-    else:
-        source = ModelSource(model)
-    assert_engine_matches(source, ids, want)
+    assert_engine_matches(source_of(model, tmp_path, streamed), ids, own_forward(model, ids))
 
 
 def test_full_attention_layers_see_past_the_window():
@@ -86,12 +94,7 @@ def test_streamed_hybrid_families_equal_their_own_forward(model_type, extra, tmp
     as the model's forward scales them (Cohere's logit_scale, Granite's logits_scaling)."""
     model = test_layer_inputs.build(model_type, attn="eager", **extra)
     ids = test_layer_inputs.tokens()
-    with torch.no_grad():
-        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    model.save_pretrained(tmp_path / "m")
-    source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
-    source.model.config._attn_implementation = "eager"
-    assert_engine_matches(source, ids, want)
+    assert_engine_matches(source_of(model, tmp_path, streamed=True), ids, own_forward(model, ids))
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
@@ -104,15 +107,7 @@ def test_top_k_indices_handed_from_layer_to_layer(model_type, streamed, tmp_path
     model = test_layer_inputs.build(model_type, attn="eager")
     assert "shared" in model.config.indexer_types and model.config.index_topk < test_layer_inputs.SEQ
     ids = test_layer_inputs.tokens()
-    with torch.no_grad():
-        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    if streamed:
-        model.save_pretrained(tmp_path / "m")
-        source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
-        source.model.config._attn_implementation = "eager"
-    else:
-        source = ModelSource(model)
-    assert_engine_matches(source, ids, want)
+    assert_engine_matches(source_of(model, tmp_path, streamed), ids, own_forward(model, ids))
 
 
 def test_streamed_rotary_scale_is_read(tmp_path):
@@ -144,13 +139,9 @@ def test_streamed_engine_equals_the_forward_of_newer_families(model_type, tmp_pa
     model = tiny_model_any(model_type)
     model.config._attn_implementation = "eager"
     ids = torch.randint(3, 200, (2, T), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    assert_engine_matches(ModelSource(model), ids, want)
-    model.save_pretrained(tmp_path / "m")
-    source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
-    source.model.config._attn_implementation = "eager"
-    assert_engine_matches(source, ids, want)
+    want = own_forward(model, ids)
+    for streamed in (False, True):
+        assert_engine_matches(source_of(model, tmp_path, streamed), ids, want)
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
@@ -163,14 +154,9 @@ def test_deepseek_v4_engine_equals_its_forward(streamed, tmp_path):
     config = model.config
     assert T > max(config.sliding_window, *config.compress_rates.values()) and "hash_moe" in config.mlp_layer_types
     ids = test_layer_inputs.tokens()
-    with torch.no_grad():
-        want = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    want = own_forward(model, ids)
+    source = source_of(model, tmp_path, streamed)
     if streamed:
-        model.save_pretrained(tmp_path / "m")
-        source = CheckpointSource(tmp_path / "m", "cpu", torch.float32)
-        source.model.config._attn_implementation = "eager"
         skeleton = source.model.model.layers[0].mlp.gate.tid2eid               # read from the folder with its layer
         assert not torch.equal(skeleton, model.model.layers[0].mlp.gate.tid2eid)
-    else:
-        source = ModelSource(model)
     assert_engine_matches(source, ids, want, rows=1)
