@@ -168,3 +168,23 @@ def test_auto_refuses_what_it_cannot_do(calib, given, options, message):
            "quiet": True, "no_eval": True, **given}
     with pytest.raises(MoePruneError, match=message):
         api.prune(api.PruneConfig(**cfg), **options)
+
+
+def test_the_default_is_auto_where_it_can_run(calib, tmp_path):
+    """No --method: auto when there is calibration text to hold some of out; diverse where auto cannot run (random
+    tokens, a model without a tokenizer) or the options name another method's world (method options,
+    --stats-cache, --report-tradeoff); --method auto where it cannot run is an error, not a fallback."""
+    folder = tmp_path / "model"
+    own_text_model().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    common = {"keep": 4, "samples": 16, "seq_len": 32, "sample_tokens": 128, "quiet": True, "no_eval": True}
+    chosen = api.prune(api.PruneConfig(model=str(folder), calib=str(calib), **common))
+    assert chosen.plan.method == "auto" and RARE in chosen.plan.layers[0].representatives
+    for given, options in (({"calib": "random"}, {}), ({"calib": str(calib)}, {"diversity": 0.5}),
+                           ({"calib": str(calib), "stats_cache": str(tmp_path / "cache")}, {}),
+                           ({"calib": str(calib), "report_tradeoff": True}, {})):
+        result = api.prune(api.PruneConfig(model=str(folder), **given, **common), **options)
+        assert result.plan.method == "diverse", given
+    assert api.prune(api.PruneConfig(model="tiny:mixtral", **common)).plan.method == "diverse"    # no tokenizer
+    with pytest.raises(MoePruneError, match="held-out calibration text"):
+        api.prune(api.PruneConfig(model="tiny:mixtral", method="auto", **common))

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 class PruneConfig:
     """Options of `moeprune prune`; the CLI flags are generated from these fields."""
     model: str | None = field(default=None, metadata={"help": "model name or path (default: demo-mixtral)"})
-    method: str = field(default="diverse", metadata={
+    method: str | None = field(default=None, metadata={
         "help": "pruning method, see `moeprune methods`; or auto: plan diverse, naee, reap and frequency from the text "
-                "and from text + self-written statistics and write the plan held-out windows prefer"})
+                "and from text + self-written statistics and write the plan held-out windows prefer (default: auto "
+                "when there is calibration text to hold some of out and no --stats-cache, --report-tradeoff or method "
+                "option; else diverse)"})
     keep: int | None = field(default=None, metadata={"help": "routed experts to keep per MoE layer"})
     ratio: float | None = field(default=None, metadata={"help": "fraction of routed experts to keep (instead of --keep)"})
     out: str | None = field(default=None, metadata={"help": "output folder for the pruned checkpoint"})

@@ -38,8 +38,10 @@ from .sources import CheckpointSource, ModelSource, open_source
 from .stats import LayerStats, Stats, check_cache, layer_file
 from .steps import Apply, Decide, Evaluate, EvaluatePruned, KeepStats, Observe, Write
 from .surgery import apply_layer, check_plan, update_config
-from .text import calibration_tokens, check_spec
+from .text import LAZY_BYTES, calibration_tokens, check_spec, source_files, split_held_out, text_domains
 from .tradeoff import AUTO, HELD_OUT, Auto, Tradeoff
+
+FALLBACK = "diverse"      # the default method where auto cannot run (docs/ABLATION.md, step 6)
 
 
 class Stages:
@@ -148,6 +150,9 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
             raise MoePruneError(f"{flag} {value} must be an integer of at least {least}"
                                 + (" (0: all)" if least == 0 else ""))
     method = options = None
+    if cfg.plan is None and cfg.method is None:         # the default: auto, unless the options rule it out
+        cfg.method = FALLBACK if method_options or cfg.report_tradeoff or cfg.stats_cache or cfg.calib == "random" \
+            else AUTO
     if cfg.plan is None and cfg.method == AUTO:
         for bad, why in ((method_options, "method options"), (cfg.report_tradeoff, "--report-tradeoff"),
                          (cfg.stats_cache, "--stats-cache")):
@@ -161,7 +166,7 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
         options = method.make_options(**method_options)
     elif method_options:
         raise MoePruneError("method options do not apply with --plan (the plan already fixes them)")
-    elif cfg.keep is not None or cfg.ratio is not None or cfg.method != PruneConfig.method:
+    elif cfg.keep is not None or cfg.ratio is not None or cfg.method is not None:
         raise MoePruneError("--keep, --ratio and --method do not apply with --plan: the plan fixes what is kept and "
                             "how; leave them out, or plan again without --plan")
     if cfg.plan is not None and cfg.report_tradeoff:
@@ -179,6 +184,21 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
     return method, options
 
 
+def _auto_can_run(cfg: PruneConfig, tokenizer) -> bool:
+    """Whether auto, the default, can run: a tokenizer, and calibration text (read whole: at most LAZY_BYTES) of which
+    some documents can be held out."""
+    spec = calibration_spec(cfg, tokenizer)
+    if tokenizer is None or spec == "random":
+        return False
+    files = source_files(spec)
+    if files is not None and sum(f.stat().st_size for f in files) > LAZY_BYTES:
+        return False
+    try:
+        return bool(split_held_out(text_domains(spec), HELD_OUT, cfg.seed)[1])
+    except MoePruneError:
+        return False
+
+
 def prepare(cfg: PruneConfig, method_options: dict) -> Run:
     """Every check of options, paths, plan and cache, then the source opened (a checkpoint: headers only)."""
     _, folder = resolve(cfg.model)
@@ -187,6 +207,7 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
         cfg.plan_out = str(check_side_path("--plan-out", cfg.plan_out, folder, out, folder_ok=False))
     if cfg.stats_cache is not None:
         cfg.stats_cache = str(check_side_path("--stats-cache", cfg.stats_cache, folder, out, folder_ok=True))
+    defaulted = cfg.plan is None and cfg.method is None
     method, options = _check_options(cfg, method_options)
     if cfg.quiet:
         transformers.utils.logging.disable_progress_bar()
@@ -205,8 +226,11 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
     keep = check_plan(saved_plan, layout) if saved_plan is not None else \
         resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
     needs_stats = saved_plan is None or saved_plan.needs_stats
-    # the alternatives of the trade-off include diverse
     auto = cfg.plan is None and cfg.method == AUTO
+    if auto and defaulted and not _auto_can_run(cfg, tokenizer):
+        cfg.method, auto = FALLBACK, False              # no text to hold out: the default falls back, quietly
+        method, options = get_method(FALLBACK), get_method(FALLBACK).make_options()
+    # the alternatives of the trade-off include diverse
     expert_outputs = auto or cfg.report_tradeoff or (method.needs_outputs if saved_plan is None
                                                      else saved_plan.merge == "fit")
     if cfg.self_text is not None and tokenizer is None:

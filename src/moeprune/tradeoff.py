@@ -144,7 +144,7 @@ HELD_SELF = 0.5                      # held-out self-written windows, as a share
 # also every window on its own, so that a domain the model writes in one window of sixteen is not averaged away
 # (step 6b)
 WINDOWS = ("group", "worst")
-AUTO_PICK = "group"                  # auto's `windows`
+AUTO_PICK = "worst"                  # auto's `windows`: step 6b's rule, chosen by step 6 (docs/ABLATION.md)
 
 
 def auto_label(method: str, stats: str) -> str:
