@@ -30,12 +30,14 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def load(paths: list[str]) -> dict:
+def load(paths: list[str], seeds: list[int] | None = None) -> dict:
     """(model, keep) -> candidate -> seed -> {"valid": (mean, worst), "eval": (mean, worst), "picked"}."""
     out = defaultdict(lambda: defaultdict(dict))
     experts = {}
     for path in paths:
         res = json.loads(Path(path).read_text())
+        if seeds is not None and res["seed"] not in seeds:
+            continue
         experts[res["model"]] = res["experts"]
         for row in res["rows"]:
             cell = {k: (statistics.fmean(row[k].values()), max(row[k].values())) for k in ("valid", "eval")}
@@ -69,6 +71,8 @@ def add_pick_rules(data: dict, paths: list[str]) -> list[str]:
     """Rows of the post-hoc pick rules, from benchmarks.auto_held files; returns their names."""
     for path in paths:
         res = json.loads(Path(path).read_text())
+        if (res["model"], min(r["keep"] for r in res["rows"])) not in data:
+            continue
         for keep in sorted({r["keep"] for r in res["rows"]}):
             rows = [r for r in res["rows"] if r["keep"] == keep]
             setting = data[(res["model"], keep)]
@@ -219,10 +223,11 @@ def main() -> int:
     ap.add_argument("paths", nargs="+", metavar="JSON", help="benchmarks.defaults runs: MODEL-sSEED.json")
     ap.add_argument("--held", nargs="*", default=[], metavar="JSON",
                     help="benchmarks.auto_held runs: add step 6b's post-hoc pick rules as candidates")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="these calibration seeds only")
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    data, experts = load(args.paths)
+    data, experts = load(args.paths, args.seeds)
     if args.held:
         CANDIDATES.extend(add_pick_rules(data, args.held))
     agg = table(data)
