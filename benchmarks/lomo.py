@@ -1,6 +1,7 @@
 """Step 6 of docs/ABLATION.md: the leave-one-model-out choice of the default, from benchmarks.defaults' runs.
 
-    python -m benchmarks.lomo docs/data/defaults/*.json --md docs/data/defaults.md --json docs/data/defaults-summary.json
+    python -m benchmarks.lomo docs/data/defaults/*-s?.json --held docs/data/defaults/held/*.json \
+        --md docs/data/defaults.md --json docs/data/defaults-summary.json
 
 Per setting (model, keep) and candidate: the mean and the worst domain ratio on `validation` and on `evaluation`,
 each averaged over the seeds, with the seed standard deviation. The rule (fixed before the runs): regret(c, s) =
@@ -162,7 +163,8 @@ def render(data: dict, agg: dict, experts: dict) -> tuple[str, dict]:
             lines += [f"## {model}, keep {keep} of {experts[model]} (seeds {', '.join(map(str, seeds))})", "",
                       "| candidate | evaluation | validation | auto's pick per seed |", "| --- | --- | --- | --- |"]
             for c in sorted(CANDIDATES, key=lambda c: cands[c]["eval_mean"]):
-                picks = ", ".join(str(data[(model, keep)][c][s]["picked"]) for s in seeds) if c.startswith("auto") else ""
+                picks = ", ".join(str(data[(model, keep)][c][s]["picked"]) for s in seeds) \
+                    if c.startswith("auto") else ""
                 lines.append(f"| {c} | {fmt(cands[c], 'eval')} | {fmt(cands[c], 'valid')} | {picks} |")
             oracle = []
             for s in seeds:
@@ -213,7 +215,8 @@ def render(data: dict, agg: dict, experts: dict) -> tuple[str, dict]:
     lines.append("")
     reg = regrets(agg, "eval")
     lines += ["Largest *evaluation* regret over all settings (for reference, never used to choose): "
-              + ", ".join(f"{c} {max(v.values()):.3f}" for c, v in sorted(reg.items(), key=lambda kv: max(kv[1].values())))
+              + ", ".join(f"{c} {max(v.values()):.3f}"
+                          for c, v in sorted(reg.items(), key=lambda kv: max(kv[1].values())))
               , ""]
     return "\n".join(lines), summary
 
