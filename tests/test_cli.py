@@ -100,7 +100,7 @@ def test_info_and_methods(tiny_dir, capsys):
     p = info["parameters"]
     assert p["active_per_token"] == p["total"] - p["routed_experts"] + p["routed_experts"] * 2 // 8
     code, out, _ = run(capsys, "methods")
-    assert code == 0 and "frequency" in out and "random" in out
+    assert code == 0 and "frequency" in out and "random" in out and out.startswith("auto ")   # the default first
 
 
 def test_plan_out_and_replan_from_stats_cache(tiny_dir, tmp_path):

@@ -171,8 +171,9 @@ def test_auto_refuses_what_it_cannot_do(calib, given, options, message):
 
 
 def test_the_default_is_auto_where_it_can_run(calib, tmp_path):
-    """No --method: auto when there is calibration text to hold some of out; diverse where auto cannot run (random
-    tokens, a model without a tokenizer) or the options name another method's world (method options,
+    """No --method: auto when there is calibration text to hold some of out and the model writes windows of its own;
+    diverse where auto cannot run (random tokens, a model without a tokenizer), where the model writes none
+    (--self-calib 0, or too large to sample here) or the options name another method's world (method options,
     --stats-cache, --report-tradeoff); --method auto where it cannot run is an error, not a fallback."""
     folder = tmp_path / "model"
     own_text_model().save_pretrained(folder)
@@ -181,6 +182,7 @@ def test_the_default_is_auto_where_it_can_run(calib, tmp_path):
     chosen = api.prune(api.PruneConfig(model=str(folder), calib=str(calib), **common))
     assert chosen.plan.method == "auto" and RARE in chosen.plan.layers[0].representatives
     for given, options in (({"calib": "random"}, {}), ({"calib": str(calib)}, {"diversity": 0.5}),
+                           ({"calib": str(calib), "self_calib": 0.0}, {}),      # no self-written windows to score on
                            ({"calib": str(calib), "stats_cache": str(tmp_path / "cache")}, {}),
                            ({"calib": str(calib), "report_tradeoff": True}, {})):
         result = api.prune(api.PruneConfig(model=str(folder), **given, **common), **options)

@@ -144,7 +144,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    from .tradeoff import AUTO, AUTO_METHODS
     width = max(map(len, METHODS))
+    names = ", ".join(name for name, _ in AUTO_METHODS)
+    print(f"{AUTO:<{width}}  the default: plans {names} from the calibration text's statistics and from the text\n"
+          f"{'':<{width}}  and the model's own windows', scores the eight on held-out windows and writes the best\n"
+          f"{'':<{width}}  (diverse where the model writes no windows of its own); source: docs/ABLATION.md, step 6")
     for m in METHODS.values():
         print(f"{m.name:<{width}}  {m.summary}")
         if m.paper:

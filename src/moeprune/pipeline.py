@@ -227,16 +227,19 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
         resolve_keep(E, layout.top_k, cfg.keep, cfg.ratio)
     needs_stats = saved_plan is None or saved_plan.needs_stats
     auto = cfg.plan is None and cfg.method == AUTO
-    if auto and defaulted and not _auto_can_run(cfg, tokenizer):
-        cfg.method, auto = FALLBACK, False              # no text to hold out: the default falls back, quietly
-        method, options = get_method(FALLBACK), get_method(FALLBACK).make_options()
-    # the alternatives of the trade-off include diverse
-    expert_outputs = auto or cfg.report_tradeoff or (method.needs_outputs if saved_plan is None
-                                                     else saved_plan.merge == "fit")
     if cfg.self_text is not None and tokenizer is None:
         raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
     share, note = resolve_share(cfg.self_calib, source, start_token(layout.config, tokenizer),
                                 cfg.self_text is not None) if needs_stats else (0.0, None)
+    if auto and defaulted and (not _auto_can_run(cfg, tokenizer) or share == 0):
+        # no text to hold out, or no windows written by the model (too large to sample here, or --self-calib 0):
+        # auto was chosen for scoring its plans on those windows (docs/ABLATION.md step 6), and it reads a
+        # checkpoint twice; without them the default is diverse
+        cfg.method, auto = FALLBACK, False
+        method, options = get_method(FALLBACK), get_method(FALLBACK).make_options()
+    # the alternatives of the trade-off include diverse
+    expert_outputs = auto or cfg.report_tradeoff or (method.needs_outputs if saved_plan is None
+                                                     else saved_plan.merge == "fit")
     meta = {"spec": calibration_spec(cfg, tokenizer), "samples": cfg.samples, "self_calib": share,
             "self_text": cfg.self_text, "seq_len": cfg.seq_len, "seed": cfg.seed, "sample_tokens": cfg.sample_tokens,
             "model": name, "expert_outputs": expert_outputs,
