@@ -22,7 +22,7 @@ from moeprune.surgery import apply_plan
 from moeprune.tiny import tiny_model_any
 
 TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe", "muse_spark", "llama4_text",
-         "ergo", "longcat_flash"]
+         "ergo", "longcat_flash", "inkling2_text"]
 KEPT = [0, 2, 3, 5, 6, 7]
 
 

@@ -160,3 +160,37 @@ def test_deepseek_v4_engine_equals_its_forward(streamed, tmp_path):
         skeleton = source.model.model.layers[0].mlp.gate.tid2eid               # read from the folder with its layer
         assert not torch.equal(skeleton, model.model.layers[0].mlp.gate.tid2eid)
     assert_engine_matches(source, ids, want, rows=1)
+
+
+def _inkling2(model_type: str):
+    """A tiny Inkling-2 with sliding and full-attention layers, two attention-residual blocks of two layers, and its
+    residual queries random (they are built as zeros: every block state weighed the same)."""
+    model = tiny_model_any(model_type)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_input.query"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["inkling2_text", "inkling2"])
+def test_inkling2_block_states_are_carried_per_stream(model_type, tmp_path):
+    """Inkling-2's attention residuals: each decoder layer attends over block_states, the hidden states entering
+    every earlier block's first layer, and final_input attends over them all before the final norm. The engine
+    carries them per stream (layer_inputs.InputsOf) and hands them to final_input in the logits: layer by layer and
+    in the logits at 40 tokens against a window of 16, sliding and full layers, in memory and streamed (the
+    multimodal wrapper too)."""
+    model = _inkling2(model_type)
+    config = model.config.get_text_config()
+    assert {"hybrid", "hybrid_sliding"} <= set(config.layer_types) and config.sliding_window < T
+    assert config.n_layers_per_attn_res_block < config.num_hidden_layers
+    ids = torch.randint(3, 200, (2, T), generator=torch.Generator().manual_seed(0))
+    want = own_forward(model, ids)
+    for streamed in (False, True):
+        assert_engine_matches(source_of(model, tmp_path, streamed), ids, want, rows=1)
+    # the block states matter: zeroing final_input's query (every block state weighed the same) moves the logits
+    base = model.model.language_model if model_type == "inkling2" else model.model
+    with torch.no_grad():
+        base.final_input.query.zero_()
+        assert not torch.allclose(model(input_ids=ids, use_cache=False).logits, want.logits, atol=1e-3)

@@ -17,7 +17,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from moeprune.tiny import TINY_FAMILIES as SUPPORTED
 from moeprune.arch import MoePruneError
-from moeprune.layer_inputs import FromPrevious, advance, capture, run_layer
+from moeprune.layer_inputs import FromPrevious, InputsOf, advance, capture, head_arguments, run_layer
+from moeprune.sources import head_logits
 from moeprune.tiny import plant_hash_tables, tiny_model, tiny_model_any
 
 torch.set_num_threads(1)
@@ -361,3 +362,72 @@ def test_two_streams_advanced_from_one_capture(model_type):
         for name, m in (("original", model), ("changed", changed)):
             streams[name] = advance(m.model.layers[i], i, streams[name])
             assert (streams[name][0][0] - refs[name][i + 1]).abs().max().item() < 1e-5, (name, i)
+
+
+def _inkling2():
+    """Tiny Inkling-2 (sliding and full layers, blocks of two layers) with random attention-residual queries."""
+    model = tiny_model_any("inkling2_text")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_input.query"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+def test_block_states_are_stacked_from_each_streams_layer_inputs():
+    """Inkling-2's forward builds each layer's block_states from the hidden states entering every block's first
+    layer (0 and 2 here) and hands them, with the last output, to final_input before the final norm: capture leaves
+    InputsOf placeholders (and the head's entry after the layers'), run_layer refuses one not yet filled, and two
+    streams advanced from one capture (the original and a copy with layer 0 changed, as the engine's original and
+    pruned streams part) each stack their own inputs: each equals its own model's forward, layer by layer and in
+    the logits."""
+    model = _inkling2()
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in changed.model.layers[0].parameters():
+            p.mul_(1.5)
+    ids = tokens()
+    [(hidden, kwargs_list)] = capture(model, [ids], "cpu")
+    n = len(model.model.layers)
+    assert [kw.get("block_states").layers if isinstance(kw.get("block_states"), InputsOf) else None
+            for kw in kwargs_list] == [None, (0,), (0,), (0, 2), (0, 2)]
+    assert kwargs_list[0]["block_states"].shape[-2] == 0              # layer 0: no block before it
+    assert head_arguments(kwargs_list[:n], n) is None and len(kwargs_list) == n + 1
+    with pytest.raises(MoePruneError, match="advance"):
+        run_layer(model.model.layers[3], hidden, kwargs_list[3])
+    streams = {"original": [(hidden, kwargs_list)], "changed": [(hidden, kwargs_list)]}
+    for name, m in (("original", model), ("changed", changed)):
+        with torch.no_grad():
+            want = m(input_ids=ids, use_cache=False, output_hidden_states=True)
+        for i, layer in enumerate(m.model.layers):
+            streams[name] = advance(layer, i, streams[name])
+            if i < n - 1:
+                assert (streams[name][0][0] - want.hidden_states[i + 1]).abs().max().item() < 1e-5, (name, i)
+        [(last, kw)] = streams[name]
+        with torch.no_grad():
+            logits = head_logits(m, last, head_arguments(kw, n))
+        assert (logits - want.logits).abs().max().item() < 1e-4, name
+    assert not kwargs_list[3]["block_states"].filled                    # the captured list is unchanged
+    # the stacked inputs matter: the original's last layer given the changed stream's block_states differs
+    own, other = streams["original"][0][1][3], streams["changed"][0][1][3]
+    assert not torch.equal(own["block_states"].value(), other["block_states"].value())
+
+
+def test_looped_layers_are_refused():
+    """Inkling-2-Loop runs decoder layers 2-3 three times per forward, message_input feeding each later pass: the
+    engine runs each layer once, so capture says what it found instead of running one pass."""
+    model = tiny_model_any("inkling2_loop_text")
+    with pytest.raises(MoePruneError, match=r"runs decoder layers 2-3 3 times .*message_input.*looped block"):
+        capture(model, [tokens()], "cpu")
+    assert all("forward" not in m.__dict__ for m in model.modules())        # every forward put back
+
+
+def test_a_module_called_between_layers_is_refused():
+    """A forward that calls a module of the language model between two decoder layers (here layer 2's pre-hook
+    calling the final norm) computes more than the layers: refused, naming it."""
+    model = build("gpt_oss")
+    handle = model.model.layers[2].register_forward_pre_hook(lambda m, args: (model.model.norm(args[0]), *args[1:]))
+    with pytest.raises(MoePruneError, match="calls norm between its decoder layers .after decoder layer 1"):
+        capture(model, [tokens()], "cpu")
+    handle.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())

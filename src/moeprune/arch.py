@@ -322,6 +322,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return getattr(text_model(model), name)
 
 
+# the final norm's attribute on the base model, by family (Llama-style "norm" first; Qwen4-Exp's
+# hyper_connection_mixer normalises and folds its hyper-connection streams into one)
+FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "final_norm", "ln_f", "embedding_norm", "hyper_connection_mixer")
+# modules of the base model that its forward applies to the last decoder layer's output before the final norm, in
+# order: Inkling-2's attention residual over the hidden states entering each block (`self.final_input(block_states,
+# hidden_states)[0]`: the engine hands it the stream's block_states, moeprune.layer_inputs), the hyper-connection head
+# folding the hc_mult residual streams into one (DeepSeek-V4, Hy-V4, GLM-5-Next: `self.norm(self.hc_head(hidden))`)
+BEFORE_NORM = ("final_input", "hc_head")
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """What turns the last decoder layer's hidden states into logits, in the order a causal LM's forward applies
+    them: the modules before the final norm (BEFORE_NORM) it has, the final norm, lm_head."""
+    base = text_model(model)
+    norm = next((getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+    if norm is None:
+        raise MoePruneError(f"cannot find the final norm of {type(model).__name__} "
+                            f"(looked for {', '.join(FINAL_NORMS)})")
+    before = [m for m in (getattr(base, n, None) for n in BEFORE_NORM) if isinstance(m, nn.Module)]
+    return [*before, norm, model.get_output_embeddings()]
+
+
 def layers_prefix(model: nn.Module) -> str:
     """The state-dict prefix of the decoder layers: "model.layers." ("model.language_model.layers." in a
     multimodal wrapper, "transformer.blocks." in DBRX); decoder layer i's keys start with it followed by "i."."""

@@ -14,8 +14,9 @@ plan, so one statistics pass (or a --stats-cache) serves every method and every 
 
 Every layer runs with the arguments the model's own forward gives that layer (moeprune.layer_inputs: the
 sliding or full mask of its type, its position embeddings, a linear-attention or mamba mask), not layer 0's, and
-with what the forward hands from one layer to the next (GLM-MoE-DSA's sparse-attention top-k indices), carried
-by each stream on its own.
+with what the forward hands from one layer to the next (GLM-MoE-DSA's sparse-attention top-k indices) or stacks
+from earlier layers' inputs (Inkling-2's block_states, which its final_input also takes before the norm), carried by
+each stream on its own.
 
 Memory at any time: one decoder layer in the compute dtype, the cached hidden states of the steps' batches,
 one layer's statistics, and the embeddings / lm_head while they are in use.
@@ -95,10 +96,11 @@ def run(source: ModelSource, steps: list[Step], progress: bool = True) -> dict[s
 
 @torch.no_grad()
 def score(source: ModelSource, streams: list[tuple[list[LayerInputs], Callable[[int, torch.Tensor], None]]]) -> None:
-    """score(k, logits) for every batch k of every stream: the final norm and lm_head, one batch at a time."""
+    """score(k, logits) for every batch k of every stream: the final norm and lm_head, one batch at a time (with the
+    stream's head arguments where the forward hands the head more than the hidden states: Inkling-2's block_states)."""
     try:
         for stream, fn in streams:
-            for k, (hidden, _) in enumerate(stream):
-                fn(k, source.logits(hidden))
+            for k, (hidden, kwargs) in enumerate(stream):
+                fn(k, source.logits(hidden, kwargs))
     finally:
         source.release_head()

@@ -3,7 +3,7 @@
     source = ModelSource(model) | CheckpointSource(folder, device, dtype)
     batches = source.embed(token batches)       # hidden states entering decoder layer 0, with its kwargs
     layer = source.layer(i); ...; source.release(i)
-    logits = source.logits(hidden); source.release_head()
+    logits = source.logits(hidden, kwargs); source.release_head()
 
 The engine (moeprune.engine) sees only this interface, so the in-memory API and a checkpoint larger than
 memory run the same loop.
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .arch import Layout, MoePruneError, decoder_layers, moe_layout, text_model
+from .arch import Layout, MoePruneError, decoder_layers, head_modules, moe_layout, text_model
 from .checkpoint import (CONFIG_ERRORS, torch_dtype, build_skeleton, check_weights, compute_dtype, load,
                          load_config, load_tokenizer, resolve, resolve_device)
-from .layer_inputs import LayerInputs, capture
+from .layer_inputs import HEAD_HIDDEN, HEAD_MODULE, LayerInputs, capture, head_arguments
 from .hub import check_shapes
 from .hubmap import HubMap
 from .preflight import check_finite
@@ -54,26 +54,6 @@ def unload(module: nn.Module) -> None:
                 m._buffers[name] = b.to("meta")
 
 
-# the final norm's attribute on the base model, by family (Llama-style "norm" first; Qwen4-Exp's
-# hyper_connection_mixer normalises and folds its hyper-connection streams into one)
-FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "final_norm", "ln_f", "embedding_norm", "hyper_connection_mixer")
-# modules of the base model that its forward applies to the last decoder layer's output before the final norm, in
-# order: the hyper-connection head folding the hc_mult residual streams into one (DeepSeek-V4, Hy-V4, GLM-5-Next:
-# `self.norm(self.hc_head(hidden_states))`)
-BEFORE_NORM = ("hc_head",)
-
-
-def head_modules(model: nn.Module) -> list[nn.Module]:
-    """What turns the last decoder layer's hidden states into logits, in the order a causal LM's forward applies
-    them: the modules before the final norm (BEFORE_NORM) it has, the final norm, lm_head."""
-    base = text_model(model)
-    norm = next((getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
-    if norm is None:
-        raise MoePruneError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORMS)})")
-    before = [m for m in (getattr(base, n, None) for n in BEFORE_NORM) if isinstance(m, nn.Module)]
-    return [*before, norm, model.get_output_embeddings()]
-
-
 class _DecoderOutput(BaseModelOutputWithPast):
     """The decoder's output as a causal LM's forward reads it; any other field it asks for is None."""
 
@@ -83,14 +63,25 @@ class _DecoderOutput(BaseModelOutputWithPast):
         return None
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(model: nn.Module, hidden: torch.Tensor, head: dict | None = None) -> torch.Tensor:
     """Logits from the last decoder layer's output, computed by the causal LM's own forward with its decoder
     answered by `hidden` after the final norm: whatever the forward does to lm_head's output (Cohere's
     logit_scale, Granite's logits_scaling, Muse Spark's output_multiplier before a tanh cap, Gemma's softcapping)
-    is done by transformers' code, not copied here."""
+    is done by transformers' code, not copied here. `head`: the stream's arguments of the first head module where
+    the forward hands it more than the hidden states (layer_inputs.head_arguments: Inkling-2's final_input takes
+    the block_states; its output's first element, cast to the hidden states' dtype after the norm as the forward
+    casts it, goes on)."""
     *before, lm_head = head_modules(model)
+    base, dtype = text_model(model), hidden.dtype
     for module in before:
-        hidden = module(hidden)
+        if head is not None and module is getattr(base, head[HEAD_MODULE]):
+            args = {k: v for k, v in head.items() if k not in (HEAD_MODULE, HEAD_HIDDEN)}
+            out = module(**{head[HEAD_HIDDEN]: hidden, **args})
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        else:
+            hidden = module(hidden)
+    if head is not None:
+        hidden = hidden.to(dtype)
     inner = getattr(model, "model", None) or text_model(model)   # what the forward calls first (Llama 4's wrapper
                                                                  # calls its causal LM, whose decoder this is)
     inner.forward = lambda *args, **kwargs: _DecoderOutput(last_hidden_state=hidden)
@@ -119,8 +110,11 @@ class ModelSource:
     def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
         return capture(self.model, batches, self.device)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(self.model, hidden)
+    def logits(self, hidden: torch.Tensor, kwargs: list[dict] | None = None) -> torch.Tensor:
+        """Logits of a stream's last hidden states; `kwargs`: the stream's kwargs list as the last layer left it
+        (the head's arguments, where the forward hands the head more than the hidden states, are in it)."""
+        head = head_arguments(kwargs, len(decoder_layers(self.model))) if kwargs is not None else None
+        return head_logits(self.model, hidden, head)
 
     def release_head(self) -> None:
         pass
@@ -221,11 +215,11 @@ class CheckpointSource(ModelSource):
                 unload(module)
             _return_memory()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, kwargs: list[dict] | None = None) -> torch.Tensor:
         for module in head_modules(self.model):
             if any(t.is_meta for t in module.state_dict().values()):
                 self.materialise(module, self.prefix(module))
-        return super().logits(hidden)
+        return super().logits(hidden, kwargs)
 
     def release_head(self) -> None:
         for module in head_modules(self.model):

@@ -188,6 +188,8 @@ _TYPE_OVERRIDES: dict[str, dict] = {
     # the modeling code's default mrope_section [22, 22, 20] needs head_dim 128: 6+6+4 = half of 64 / 2
     "ernie4_5_vl_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0,
                                                       mrope_section=[6, 6, 4])),
+    # sliding and full-attention layers (the default pattern has a full one every sixth layer, none in four)
+    "inkling2_text": dict(layer_types=["hybrid_sliding", "hybrid"] * 2),
     # its looped layers (run loop_num_passes times per forward) within the tiny layers, on block boundaries
     "inkling2_loop_text": dict(loop_layer_index_start=2, loop_layer_index_end=4),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
