@@ -22,14 +22,13 @@ import test_layer_inputs                 # explicit tiny configs that keep every
 
 SURVEY = Path(__file__).resolve().parents[1] / "docs" / "data" / "families.json"
 WORKING = [r["model_type"] for r in json.loads(SURVEY.read_text()) if r["status"].startswith("works")]
-ATTN_RES = ("its attention residuals: the forward builds each layer's block_states from earlier layers' outputs and "
-            "applies final_input to them after the last layer (layer_inputs refuses)")
-NOT_YET = {
-    "inkling2": ATTN_RES,
-    "inkling2_loop": ATTN_RES + "; its looped layers run several times per forward",
-    "inkling2_text": ATTN_RES,
-    "inkling2_loop_text": ATTN_RES + "; its looped layers run several times per forward",
-}
+LOOPED = ("its looped layers: the forward runs decoder layers loop_layer_index_start..end-1 loop_num_passes times, "
+          "each later pass restarting from the pre-loop states and fed by message_input from the pass before; the "
+          "engine runs each decoder layer once, in order (layer_inputs refuses a layer called again), and its "
+          "statistics and plan see one pass. Running them as the forward does needs the loop's layers resident "
+          "together (or read once per pass) and statistics over every pass before a plan: steps that run a segment "
+          "of layers several times, not one layer at a time")
+NOT_YET = {"inkling2_loop": LOOPED, "inkling2_loop_text": LOOPED}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
