@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from benchmarks.quantize_fp8 import BLOCK, quantized as fp8_quantized
 from moeprune.quant import fp8_quantize, mxfp4_quantize
 from moeprune.shards import INDEX, Checkpoint
-from moeprune.tiny import tiny_config, tiny_model_any
+from moeprune.tiny import spread_weights, tiny_config, tiny_model_any
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "src/moeprune/demo/models/demo-mixtral"
 VOCAB = 8192
@@ -59,14 +59,7 @@ def tiny(model_type: str, seed: int = 0, **fields) -> torch.nn.Module:
     else:                                                # a wrapper: the language model's config
         for key, value in {"vocab_size": VOCAB, **fields}.items():
             setattr(text, key, value)
-    model = tiny_model_any(model_type, seed=seed, config=config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-    return model.to(torch.bfloat16)
+    return spread_weights(tiny_model_any(model_type, seed=seed, config=config)).to(torch.bfloat16)
 
 
 def save(model, out: Path) -> None:

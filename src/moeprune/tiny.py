@@ -7,6 +7,7 @@ They back the test-suite and the `tiny:<family>` model names of the CLI, e.g.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .arch import FAMILIES, MoePruneError, set_config_value
@@ -30,7 +31,8 @@ _EXTRA: dict[str, dict] = {
                         head_dim=32,
                         n_group=2, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True),
     "glm4_moe": dict(intermediate_size=64, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0,
-                     n_group=2, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, partial_rotary_factor=0.5),
+                     n_group=2, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+                     partial_rotary_factor=0.5),
     "ernie4_5_moe": dict(intermediate_size=64, moe_intermediate_size=32, moe_num_shared_experts=1,
                          moe_layer_start_index=0, moe_layer_end_index=-1, moe_layer_interval=1, use_bias=False),
     "phimoe": dict(intermediate_size=32, router_jitter_noise=0.0, input_jitter_noise=0.0),
@@ -94,13 +96,19 @@ def tiny_model(model_type: str, num_experts: int = 8, top_k: int = 2, seed: int 
     config = tiny_config(model_type, num_experts, top_k, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-    return plant_hash_tables(model, seed).eval()
+    return plant_hash_tables(spread_weights(model), seed).eval()
+
+
+@torch.no_grad()
+def spread_weights(model: nn.Module) -> nn.Module:
+    """Matrices ~ N(0, 0.08) and biases ~ N(0, 0.02), drawn from torch's global generator: a larger scale than
+    transformers' init, so routing and attention are far from uniform and a wrong mask or expert shows."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.08)
+        elif name.endswith("bias"):
+            p.normal_(0.0, 0.02)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
