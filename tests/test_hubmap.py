@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeprune.arch import FAMILIES, MoePruneError
+from moeprune.arch import MoePruneError
 from moeprune.discover import identity_experts
 from moeprune.hubmap import HubMap, _expert_count
 
