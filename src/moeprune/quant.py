@@ -12,12 +12,19 @@ load them):
 - MXFP4 (`quant_method == "mxfp4"`, gpt-oss): the routed experts' `X_blocks` uint8 [E, R, K/32, 16] (two
   FP4 e2m1 codes a byte, the low nibble first) beside `X_scales` uint8 e8m0 [E, R, K/32] (2^(byte - 127)
   per 32 values); the model's tensor `X` [E, K, R] is their product, transposed.
+- FP8 with FP4 experts (`quant_method == "fp8"`, `expert_dtype == "fp4"`: DeepSeek-V4-Flash/Pro; older V4 configs
+  carry `expert_dtype` at the top level, transformers' DeepseekV4Config moves it into quantization_config): the
+  dense linears are FP8 as above with `scale_fmt` "ue8m0" (e8m0 scales), and every scale of this layout is named
+  `X.scale` beside `X.weight` (transformers renames it to `X.weight_scale_inv` when it loads). The routed experts'
+  `X.weight` is I8 [..., N, K/2] (two e2m1 codes a byte, the low nibble first) beside `X.scale` e8m0 [..., N, K/32]:
+  MXFP4's arithmetic (`fp4_dequantize`, `fp4_quantize` are the MXFP4 functions on this layout), not transposed,
+  the model's tensor being [..., N, K] (transformers' FP8Experts with expert_dtype "fp4").
 
 `Scheme` maps the stored tensors to the plain (dequantized) tensors the model reads, under the names a plain
 checkpoint would give them (`names()`), so the model skeleton is built without its quantization_config and
 the engine never sees a quantized tensor. A tensor is dequantized when it is read (`read`), one at a time,
-into the compute dtype; `quantize` goes the other way with fresh scales (FP8: amax / 448 per block; MXFP4:
-the per-32 power of two of lower error), for a merged expert the writer must store in the input's scheme.
+into the compute dtype; `quantize` goes the other way with fresh scales (FP8: amax / 448 per block; MXFP4 and FP4
+experts: the per-32 power of two of lower error), for a merged expert the writer must store in the input's scheme.
 
 `ExpertIndex` tells the writer which input expert a pruned expert's tensor still is, bit for bit (a kept,
 unmerged expert), so that its stored bytes and scales are copied as they are instead of quantized again.
@@ -46,6 +53,8 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 MX_GROUP = 32                                    # values sharing one e8m0 scale
 E8M0_BIAS = 127
 SCALE_DTYPES = ("F32", "BF16", "U8", "F8_E8M0")  # FP8 block scales: float, or e8m0 exponents (bytes or torch's)
+E8M0_DTYPES = ("U8", "F8_E8M0")                  # FP4 experts' scales: e8m0 exponents only
+EXPERT_DTYPES = ("fp8", "fp4")                   # quantization_config.expert_dtype
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
 _SAMPLE = 1 << 14                                # values a fingerprint samples
 
@@ -91,12 +100,12 @@ def plain_config(config):
 
 
 def config_text_without_quantization(text: str) -> str:
-    """config.json's text without quantization_config (a dequantized output); every other key as it was."""
+    """config.json's text without quantization_config, and without the top-level expert_dtype older DeepSeek-V4
+    configs carry (a dequantized output); every other key as it was."""
     raw = json.loads(text)
-    raw.pop("quantization_config", None)
-    for sub in raw.values():                       # a text sub-config carrying its own copy
-        if isinstance(sub, dict):
-            sub.pop("quantization_config", None)
+    for c in (raw, *(sub for sub in raw.values() if isinstance(sub, dict))):   # a text sub-config: its own copy
+        c.pop("quantization_config", None)
+        c.pop("expert_dtype", None)
     return json.dumps(raw, indent=2) + "\n"
 
 
@@ -203,12 +212,17 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         for k in range(blocks.shape[0]):
             out[k] = mxfp4_dequantize(blocks[k], scales[k], dtype)
         return out
+    out = _e2m1_rows(blocks, scales).t().contiguous()                # transposed in float32, then converted:
+    return out if dtype == torch.float32 else out.to(dtype)          # a converting transpose is 2x slower
+
+
+def _e2m1_rows(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """blocks uint8 [R, G, 16] with e8m0 scales uint8 [R, G] -> float32 [R, G*32], row by row as stored."""
     rows, groups, _ = blocks.shape
     values = _FP4_PAIRS.index_select(0, blocks.reshape(-1).to(torch.int32)).view(rows, groups, MX_GROUP)
     exp = (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1)                   # -127..128: 2^128 is no float32,
     values.mul_(torch.pow(2.0, exp // 2)).mul_(torch.pow(2.0, exp - exp // 2))  # two exact steps are ldexp
-    out = values.view(rows, groups * MX_GROUP).t().contiguous()       # transposed in float32, then converted:
-    return out if dtype == torch.float32 else out.to(dtype)          # a converting transpose is 2x slower
+    return values.view(rows, groups * MX_GROUP)
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +275,38 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (torch.where(lower, low, high) + E8M0_BIAS).to(torch.uint8)
     return blocks.view(*lead, R, G, MX_GROUP // 2), scales.view(*lead, R, G)
+
+
+def fp4_dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DeepSeek-V4's FP4 experts: q int8 [..., N, K/2] (two e2m1 codes a byte, element 2k in the low nibble of
+    byte k) with e8m0 scales (uint8 or float8_e8m0fnu) [..., N, K/32] -> [..., N, K], as stored (not transposed):
+    MXFP4's values (`_e2m1_rows`), exact. Fused experts are dequantized one expert at a time."""
+    if scales.dtype == _E8M0:
+        scales = scales.view(torch.uint8)
+    *lead, rows, half = q.shape
+    if half % (MX_GROUP // 2) or tuple(scales.shape) != (*lead, rows, half // (MX_GROUP // 2)):
+        raise MoePruneError(f"FP4 weight {list(q.shape)} and scales {list(scales.shape)} do not match (scales "
+                            f"[..., N, K/32] for a weight [..., N, K/2])")
+    if q.dim() > 2:
+        out = torch.empty(*lead, rows, 2 * half, dtype=dtype)
+        for k in range(q.shape[0]):
+            out[k] = fp4_dequantize(q[k], scales[k], dtype)
+        return out
+    blocks = q.contiguous().view(torch.uint8).view(rows, half // (MX_GROUP // 2), MX_GROUP // 2)
+    out = _e2m1_rows(blocks, scales)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def fp4_quantize(w: torch.Tensor, scale_dtype: str = "F8_E8M0") -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [..., N, K/2], e8m0 scales [..., N, K/32] as `scale_dtype`, "U8" or "F8_E8M0") of w [..., N, K]:
+    `mxfp4_quantize` (the same codes and scales, chosen the same way) on the transposed view, its blocks laid out
+    as DeepSeek-V4 stores them."""
+    if w.shape[-1] % MX_GROUP:
+        raise MoePruneError(f"FP4 experts need a multiple of {MX_GROUP} values per row, this tensor has "
+                            f"{w.shape[-1]}")
+    blocks, scales = mxfp4_quantize(w.transpose(-1, -2))                          # [..., N, K/32, 16], [..., N, K/32]
+    q = blocks.flatten(-2).view(torch.int8)
+    return q, (scales.view(_E8M0) if scale_dtype == "F8_E8M0" else scales)
 
 
 # ---------------------------------------------------------------- a checkpoint's scheme
@@ -342,6 +388,11 @@ class FP8Scheme(Scheme):
             raise MoePruneError(f"{ckpt.folder}: FP8 format {fmt!r} is not supported (moeprune reads e4m3)")
         self.block = (int(block[0]), int(block[1]))
         self.pow2 = qconfig.get("scale_fmt") == "ue8m0"
+        self.expert_dtype = str(qconfig.get("expert_dtype") or "fp8")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise MoePruneError(f"{ckpt.folder}: quantization_config.expert_dtype is {self.expert_dtype!r}; moeprune "
+                                f"reads FP8 checkpoints whose experts are {' or '.join(EXPERT_DTYPES)}")
+        self.fp4: set[str] = set()                 # plain names of the FP4 expert tensors
         scales = {}
         for name, t in ckpt.tensors.items():
             if t.dtype == "F8_E5M2":
@@ -349,10 +400,14 @@ class FP8Scheme(Scheme):
             if name.endswith("_scale_inv"):
                 scales[name] = t
         for name, t in ckpt.tensors.items():
+            scale = self.scale_name(name)
+            if t.dtype == "I8" and scale in ckpt.tensors:
+                self._add_fp4(name, t, ckpt.tensors[scale])
+                scales.pop(scale, None)
+                continue
             if t.dtype != "F8_E4M3":
                 continue
-            scale = self.scale_name(name)
-            s = scales.pop(scale, None)
+            s = scales.pop(scale, None) if scale.endswith("_scale_inv") else ckpt.tensors.get(scale)
             if s is None:
                 raise MoePruneError(f"{ckpt.folder}: {name} is F8_E4M3 but the checkpoint has no {scale}; it is "
                                     "incomplete (re-download it)")
@@ -372,27 +427,59 @@ class FP8Scheme(Scheme):
             raise MoePruneError(f"{ckpt.folder}: {stray[0]} (and {len(stray) - 1} more) is a scale without an "
                                 "F8_E4M3 weight; the checkpoint is damaged or of another FP8 layout")
 
-    @staticmethod
-    def scale_name(weight: str) -> str:
-        """X.weight -> X.weight_scale_inv; a fused tensor X -> X_scale_inv (transformers' Fp8Quantize)."""
+    def scale_name(self, weight: str) -> str:
+        """X.weight -> X.weight_scale_inv, or X.scale where the checkpoint names it so (DeepSeek-V4); a fused tensor
+        X -> X_scale_inv (transformers' Fp8Quantize)."""
+        if weight.endswith(".weight"):
+            short = weight[: -len(".weight")] + ".scale"
+            if short in self.ckpt.tensors and weight + "_scale_inv" not in self.ckpt.tensors:
+                return short
         return weight + "_scale_inv"
+
+    def _add_fp4(self, name: str, t, s) -> None:
+        """An FP4 expert tensor (I8 beside e8m0 scales), checked against DeepSeek-V4's layout."""
+        folder, scale = self.ckpt.folder, self.scale_name(name)
+        if self.expert_dtype != "fp4":
+            raise MoePruneError(f"{folder}: {name} is I8 beside {scale} (FP4 experts) but quantization_config."
+                                f"expert_dtype is {self.expert_dtype!r}: restore config.json (DeepSeek-V4 says "
+                                "expert_dtype \"fp4\")")
+        *lead, rows, half = t.shape if len(t.shape) >= 2 else (0, 0)
+        want = (*lead, rows, half // (MX_GROUP // 2))
+        if len(t.shape) < 2 or half % (MX_GROUP // 2) or s.shape != want or s.dtype not in E8M0_DTYPES:
+            expect = f"F8_E8M0 {list(want)}" if len(t.shape) >= 2 and not half % (MX_GROUP // 2) else \
+                f"a weight whose last axis is a multiple of {MX_GROUP // 2}"
+            raise MoePruneError(f"{folder}: {name} I8{list(t.shape)} with {scale} {s.dtype}{list(s.shape)} is not the "
+                                f"FP4 expert layout (int8 [..., N, K/2] beside e8m0 scales [..., N, K/32]); "
+                                f"expected {scale} {expect}")
+        self.fp4.add(name)
+        self._add(QTensor(name, (*lead, rows, 2 * half), (name, scale), ("I8", s.dtype)))
 
     def _scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape[:-2]) + (math.ceil(shape[-2] / self.block[0]), math.ceil(shape[-1] / self.block[1]))
 
     def dequantize(self, name, parts, dtype):
+        if name in self.fp4:
+            return fp4_dequantize(parts[0], parts[1], dtype)
         return fp8_dequantize(parts[0], parts[1], self.block, dtype)
 
     def quantize(self, name, t):
+        if name in self.fp4:
+            return list(fp4_quantize(t, self.tensors[name].dtypes[1]))
         q, s = fp8_quantize(t, self.block, self.tensors[name].dtypes[1], self.pow2)
         return [q, s]
 
     def part_shapes(self, name, shape):
+        if name in self.fp4:
+            *lead, rows, k = shape
+            return [(*lead, rows, k // 2), (*lead, rows, k // MX_GROUP)]
         return [tuple(shape), self._scale_shape(tuple(shape))]
 
     def describe(self):
-        return {**super().describe(), "weight_block_size": list(self.block),
-                "scale_dtypes": sorted({q.dtypes[1] for q in self.tensors.values()})}
+        out = {**super().describe(), "weight_block_size": list(self.block),
+               "scale_dtypes": sorted({q.dtypes[1] for q in self.tensors.values()})}
+        if self.fp4:
+            out.update(expert_dtype="fp4", fp4_expert_tensors=len(self.fp4))
+        return out
 
 
 class MXFP4Scheme(Scheme):
@@ -451,7 +538,11 @@ def scheme_of(config, ckpt: Checkpoint) -> Scheme | None:
                             f"quant_method); moeprune reads {' and '.join(SUPPORTED)} checkpoints and plain "
                             "bf16/fp16/fp32 ones: dequantize it to bf16 first (e.g. with transformers: "
                             "from_pretrained, then save_pretrained)")
-    scheme = SCHEMES[method](quantization_config(config), ckpt)
+    qconfig = quantization_config(config)
+    top = getattr(config, "expert_dtype", None)              # older DeepSeek-V4 configs: at the top level
+    if top is not None and "expert_dtype" not in qconfig:
+        qconfig = {**qconfig, "expert_dtype": top}
+    scheme = SCHEMES[method](qconfig, ckpt)
     if not scheme.tensors:
         raise MoePruneError(f"{folder} is a quantized checkpoint by its config.json (quantization_config says "
                             f"{method!r}), but no tensor is stored quantized: config.json does not match the weights")
