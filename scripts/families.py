@@ -303,8 +303,9 @@ def write_page(rows: list[dict], path: Path) -> None:
         keys = ", ".join(row.get("n_experts_keys") or []) or "-"
         if row.get("n_experts_aliases"):
             keys += f" (alias {', '.join(row['n_experts_aliases'])})"
-        if row.get("identity_key"):             # LongCat-Flash: the routers also score identity experts
-            keys += f"; the routers also score {row['identity_key']} = {row['identity_slots']} identity experts"
+        if row.get("identity_key"):             # the routers also score identity (LongCat) or shared (Inkling) experts
+            kind = "shared experts, every token's" if "shared" in row["identity_key"] else "identity experts"
+            keys += f"; the routers also score {row['identity_key']} = {row['identity_slots']} {kind}"
         where = "-"
         if row.get("experts"):
             where = f"`{row.get('block')}.{row.get('router')}` / `{row.get('experts')}`"

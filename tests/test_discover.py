@@ -181,5 +181,7 @@ def test_working_types_by_structure(model_type):
     assert rebuilt.num_experts == 4
     for layer in rebuilt.layers:       # (not shared norms; a folded tensor [E * I, H] per expert: DBRX)
         assert all(t.view_shape[0] == 4 for t in layer.expert_tensors if t.expert_axis is not None)
-        # a router's identity slots after the experts (LongCat-Flash's zero experts) are not experts: they stay
-        assert all(t.shape[t.expert_axis] == 4 + layer.identity_slots for t in layer.router_tensors)
+        # a router's slots after the experts (LongCat-Flash's zero experts, Inkling's shared experts) are not experts:
+        # they stay, in its weight (and in LongCat's correction bias; Inkling's biases the routed experts only)
+        assert layer.router_tensors[0].shape[layer.router_tensors[0].expert_axis] == 4 + layer.identity_slots
+        assert all(t.shape[t.expert_axis] in (4, 4 + layer.identity_slots) for t in layer.router_tensors)

@@ -217,13 +217,43 @@ class MoeLayer:
             out = self.router(x, *args)
         except (ValueError, RuntimeError):
             out = self.router(x[None], *args)
-        return self.decisions(out)
+        return self.decisions(out, x)
 
-    def decisions(self, output: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits [n, E], top-k weights [n, k], top-k indices [n, k]) from what the router returned."""
+    def decisions(self, output: tuple, hidden: torch.Tensor | None = None) \
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [n, E], top-k weights [n, k], top-k indices [n, k]) from what the router returned (its input
+        `hidden`). A router that routes every token to its slots as well and returns their weights apart (Inkling's
+        shared experts: logits [n, E], then their gammas [n, S]) gives them as LongCat's identity slots are given:
+        logits [n, E + S] (the slots' computed from its rows after the experts'), weights and indices [n, k + S]
+        with the slots as ids E .. E + S - 1."""
         read = self.family.read_router if self.family else None
         out = read(self, output) if read is not None else output[:3]
-        return tuple(t.reshape(-1, t.shape[-1]) for t in out)
+        logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in out)
+        S = self.identity_slots
+        if read is None and S and len(output) > 3 and logits.shape[-1] == self.num_experts:
+            if hidden is None:
+                raise MoePruneError(f"layer {self.index}: the router routes to {S} slots apart from its experts; "
+                                    "their logits need its input: decisions(output, hidden)")
+            E, n = self.num_experts, logits.shape[0]
+            logits = torch.cat([logits, self.slot_logits(hidden, logits).to(logits.dtype)], dim=-1)
+            weights = torch.cat([weights, output[3].reshape(n, S).to(weights.dtype)], dim=-1)
+            indices = torch.cat([indices, torch.arange(E, E + S, device=indices.device).expand(n, S)
+                                 .to(indices.dtype)], dim=-1)
+        return logits, weights, indices
+
+    def slot_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[n, S]: the router's logits of its slot rows (those after the experts' rows) on its input `hidden`, as it
+        computes the experts' `logits` [n, E]: the hidden states times its weight's rows (checked on the experts')."""
+        name, axis = self.family.router_tensors[0]
+        weight = get_tensor(self.router, name)
+        x = hidden.reshape(-1, weight.shape[1 - axis]).float()
+        full = torch.nn.functional.linear(x, (weight if axis == 0 else weight.T).float())
+        E = self.num_experts
+        if not torch.allclose(full[:, :E], logits.float(), rtol=1e-3, atol=1e-4):
+            raise MoePruneError(f"layer {self.index}: the router's logits are not its input times its {name} rows, "
+                                f"so the logits of its {full.shape[1] - E} rows after the experts' cannot be "
+                                "computed; moeprune cannot observe this router")
+        return full[:, E:]
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """E_e(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""

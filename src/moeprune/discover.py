@@ -33,9 +33,13 @@ _TOP_K_NAME = ("per_tok", "top_k", "topk", "moe_k", "activated", "experts_per", 
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "moe_k", "k", "num_selected_experts")
 _GROUP_FIELDS = (("n_group", "topk_group"), ("num_expert_group", "topk_group"), ("moe_n_group", "moe_topk_group"))
 _NOT_TEXT = ("vision", "visual", "audio", "speech", "image", "talker", "code2wav", "mtp")
-# a config int that counts zero-computation (identity) experts: the router scores them after the real ones and the
-# block adds w * x for a token routed to one (LongCat-Flash's zero_expert_num)
+# config ints that count experts a router scores after the E routed ones, their rows last ("slots"): zero-computation
+# (identity) experts, chosen beside the routed ones, the block adding w * x for a token routed to one (LongCat-Flash's
+# zero_expert_num); or shared experts that every token goes to, their weights normalised with the chosen experts'
+# and returned apart (Inkling's n_shared_experts: the router's fourth output, the shared experts' gammas)
 _IDENTITY = re.compile(r"zero.*expert|expert.*zero")
+_SHARED = re.compile(r"shared.*expert|expert.*shared")
+_NOT_A_COUNT = re.compile(r"size|dim|hidden|intermediate|gate|factor|scale|sink")
 
 # how routers turn logits into the scores that weight (and, with a correction bias, choose) their experts: softmax
 # over the experts, or one expert at a time (sigmoid; DeepSeek-V4's sqrt(softplus))
@@ -229,19 +233,23 @@ def _int_paths(d: dict, value: int | None, prefix: str = ""):
 
 
 def identity_experts(config) -> tuple[str | None, int]:
-    """(config path, count) of the zero-computation experts the routers score after the real ones (LongCat-Flash's
-    zero_expert_num: a token routed to one gets w * x, the identity, from the block); (None, 0) when the config
-    names none. Discovery accepts a router of E + count rows beside E experts only when this count says so."""
+    """(config path, count) of the experts the routers may score after the E routed ones (their "slots"): a count of
+    zero-computation experts (LongCat-Flash's zero_expert_num: a token routed to one gets w * x, the identity, from
+    the block), else of shared experts (Inkling's n_shared_experts: every token goes to them, weighted by the router
+    with the chosen experts); (None, 0) when the config names neither. Discovery accepts a router of E + count rows
+    beside E experts only when this count says so; how the slots are routed is read off the router's output."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     prefix = _text_prefix(config) if hasattr(config, "to_dict") else ""
-    paths = sorted((p for p in _int_paths(d, None) if _IDENTITY.search(p.rpartition(".")[2])),
-                   key=lambda p: _rank_key(p, ("zero",), prefix))
-    for path in paths:
-        value = d
-        for part in path.split("."):
-            value = value[part]
-        if value > 0:
-            return path, value
+    for pattern, word in ((_IDENTITY, "zero"), (_SHARED, "shared")):
+        leaf = lambda p: p.rpartition(".")[2]      # noqa: E731
+        paths = sorted((p for p in _int_paths(d, None) if pattern.search(leaf(p)) and not _NOT_A_COUNT.search(leaf(p))),
+                       key=lambda p: _rank_key(p, (word,), prefix))
+        for path in paths:
+            value = d
+            for part in path.split("."):
+                value = value[part]
+            if value > 0:
+                return path, value
     return None, 0
 
 
@@ -452,14 +460,16 @@ def _probe_scoring(router: nn.Module, H: int, E: int, extra: tuple = ()) -> str 
     out = _call_router(router, torch.randn(16, H, dtype=next(router.parameters()).dtype) * 3, extra=extra)
     if out is None:
         return None
-    logits, weights, index = out
-    logits = logits.reshape(-1, E).double()
+    logits, weights, index, *apart = out
+    logits = logits.reshape(-1, logits.shape[-1]).double()
     weights, index = weights.reshape(logits.shape[0], -1).double(), index.reshape(logits.shape[0], -1)
     for name, scores in SCORINGS.items():
         picked = scores(logits).gather(-1, index)
         for cand in (picked, picked / picked.sum(-1, keepdim=True)):
             ratio = weights / cand
-            if torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4, atol=1e-6):
+            # slots routed apart (Inkling's shared experts) share each token's normalisation: a ratio per token
+            like = ratio[:, :1].expand_as(ratio) if apart else ratio.flatten()[0].expand_as(ratio)
+            if torch.allclose(ratio, like, rtol=1e-4, atol=1e-6):
                 return name
     return None
 
@@ -475,8 +485,9 @@ def _describe(out) -> str:
 
 
 def _call_router(router: nn.Module, hidden: torch.Tensor, why: list | None = None, extra: tuple = ()):
-    """The router's (logits, weights, indices) on `hidden` ([n, H], else [1, n, H]); None, with the reason
-    appended to `why`, when its forward is of another contract."""
+    """The router's (logits, weights, indices) on `hidden` ([n, H], else [1, n, H]), and the weights of the slots it
+    routes every token to (Inkling's shared experts' gammas) when it returns them as a fourth tensor; None, with the
+    reason appended to `why`, when its forward is of another contract."""
     errors = []
     for x in (hidden, hidden[None]):
         try:
@@ -484,7 +495,7 @@ def _call_router(router: nn.Module, hidden: torch.Tensor, why: list | None = Non
         except Exception as e:                          # noqa: BLE001  a router of another contract
             errors.append(f"{type(e).__name__}: {str(e)[:100]}")
             continue
-        if isinstance(out, tuple) and len(out) == 3 and all(isinstance(o, torch.Tensor) for o in out):
+        if isinstance(out, tuple) and len(out) in (3, 4) and all(isinstance(o, torch.Tensor) for o in out):
             return out
         if why is not None:
             why.append(f"returns {_describe(out)}")
@@ -583,7 +594,7 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
                             and (H is None or H in t.shape or "router" in n or "gate" in n)})
             extra = f" (a {wider[0]} weight: the router scores {wider[0][0] - E} more experts than the experts " \
                     "module holds - shared, zero or no-op experts routed too - and no config int names " \
-                    f"{wider[0][0] - E} zero-computation experts)" if wider else ""
+                    f"{wider[0][0] - E} zero-computation or shared experts)" if wider else ""
             notes.append(f"layer {index}: no router with {E} rows next to {path}{extra}")
             continue
         experts_rel = _relative(path, block_path)
@@ -612,7 +623,8 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
     prefix = _text_prefix(config)
     n_keys = tuple(sorted((p for p in _int_paths(d, E) if "expert" in p.rpartition(".")[2]
                            and not re.search(r"size|dim|per_tok|top|capacity", p.rpartition(".")[2])
-                           and not _IDENTITY.search(p.rpartition(".")[2])),
+                           and not _IDENTITY.search(p.rpartition(".")[2])
+                           and not _SHARED.search(p.rpartition(".")[2])),
                           key=lambda p: _rank_key(p, ("expert",), prefix)))
     k_keys = ()
     if top_k is not None:
@@ -695,9 +707,18 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
             returns = why[0] if why else "not a 3-tuple of tensors"
             diffs.append(f"router {type(router).__name__}.forward {returns}, not (logits, weights, indices)")
         else:
-            logits, weights, index = out
-            returns = f"({list(logits.shape)}, {list(weights.shape)}, {list(index.shape)} {str(index.dtype)[6:]})"
-            R = E + first.identity_slots                # the real experts, then the identity experts
+            logits, weights, index, *apart = out
+            returns = f"({list(logits.shape)}, {list(weights.shape)}, {list(index.shape)} {str(index.dtype)[6:]}" + \
+                "".join(f", {list(a.shape)}" for a in apart) + ")"
+            S = first.identity_slots
+            R = E + S                                   # the real experts, then the slots (identity experts)
+            if apart:                                   # the slots' weights returned apart: the logits are the E's
+                if not S or apart[0].shape[-1] != S or apart[0].numel() != n * S:
+                    diffs.append(f"router returns a fourth tensor {list(apart[0].shape)}, not the weights [{n}, "
+                                 f"{S}] of {S} slots scored after the experts (shared experts) that every token "
+                                 "goes to" if S else f"router returns a fourth tensor {list(apart[0].shape)} and "
+                                 "scores no slots after the experts")
+                R = E
             if logits.shape[-1] != R or logits.numel() != n * R:
                 diffs.append(f"router logits have shape {list(logits.shape)}, not [{n}, {R}]")
             if index.dtype not in (torch.int64, torch.int32) or weights.shape != index.shape \

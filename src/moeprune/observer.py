@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import Layout, MoeLayer, MoePruneError
+from .arch import Layout, MoeLayer, MoePruneError, get_tensor
 from .layer_inputs import advance
 from .discover import SCORINGS
 from .routing import hash_rule, inferred_rule, routing_rule
@@ -46,6 +46,10 @@ class Observer:
         self.prob_sums = {name: z() for name in SCORINGS}
         self.inputs, self.logits, self.outputs = [], [], []
         self.chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # the sample's (top-k weights, indices)
+        # slots that every token is routed to apart from the experts (Inkling's shared experts): on the sample, their
+        # output per unit of their summed weight, what they add once pruning changes that weight (LayerStats.surplus)
+        self.surplus: list[torch.Tensor] = []
+        self._apart, self._slots = False, None         # the current batch's sample positions and slot weights
 
     @torch.no_grad()
     def routed(self, module, args, kwargs, output) -> None:
@@ -53,9 +57,12 @@ class Observer:
         block passes: a correction bias, [1, n, d] hidden states). They are observed with the input the experts
         then receive (Muse Spark projects and normalises it first); experts that run on every token (Llama 4) are
         observed on the router's input."""
-        decisions = self.layer.decisions(output)
+        self._flush_slots()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        decisions = self.layer.decisions(output, hidden)
+        # slots routed apart (Inkling's shared experts): their weights are returned as the router's fourth output
+        self._apart = bool(self.layer.identity_slots) and isinstance(output, tuple) and len(output) > 3
         if self.layer.family is not None and self.layer.family.expert_fn is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
             self.observe(hidden.reshape(-1, hidden.shape[-1]), *decisions)
             return
         self._check_consumed()
@@ -69,6 +76,25 @@ class Observer:
         if decisions is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             self.observe(hidden.reshape(-1, hidden.shape[-1]), *decisions)
+
+    @torch.no_grad()
+    def shared_called(self, module, args, output) -> None:
+        """A forward hook on each of the block's shared modules, when the router routes to its slots apart (Inkling):
+        their outputs on the batch's sample tokens, summed and divided by the slots' summed weight (the block adds
+        them with those weights: a subset of experts changes their weight, not their direction)."""
+        if self._slots is None or not isinstance(output, torch.Tensor):
+            return
+        local, total, parts = self._slots
+        parts.append(output.reshape(-1, output.shape[-1])[local].double() / total.clamp_min(1e-30))
+
+    def _flush_slots(self) -> None:
+        if self._slots is not None:
+            parts = self._slots[2]
+            if not parts:
+                raise MoePruneError(f"layer {self.layer.index}: the router routes every token to "
+                                    f"{self.layer.identity_slots} shared slots, but no shared module of the block ran")
+            self.surplus.append(sum(parts).float().cpu())
+            self._slots = None
 
     def _check_consumed(self) -> None:
         if getattr(self, "_pending", None) is not None:
@@ -94,6 +120,9 @@ class Observer:
         # the seeded sample of tokens that falls into this batch
         lo, hi = self.offset, self.offset + x.shape[0]
         local = self.sample_positions[(self.sample_positions >= lo) & (self.sample_positions < hi)] - lo
+        if local.numel() and self._apart:               # the shared experts' hook (shared_called) completes it
+            self._slots = (local.to(x.device), weights[local.to(x.device)].masked_fill(
+                indices[local.to(x.device)] < E, 0).double().sum(-1, keepdim=True), [])
         if local.numel():
             xs = x[local.to(x.device)]
             self.inputs.append(xs.float().cpu())
@@ -111,12 +140,13 @@ class Observer:
         """The layer's statistics; the sample's logits of the real experts ([n, E]: the logits of identity slots,
         `all_logits()[:, E:]`, go into the routing rule)."""
         self._check_consumed()
+        self._flush_slots()
         E = self.counts.numel()
         logits = self.all_logits()
         return LayerStats(layer=self.layer.index, top_k=self.top_k, tokens=self.tokens, counts=self.counts,
                           prob_sum=self.prob_sums[self.scoring], weight_sum=self.weight_sum, reap_sum=self.reap_sum,
                           inputs=_cat(self.inputs), logits=logits[:, :E].contiguous() if logits.numel() else logits,
-                          outputs=_cat(self.outputs, dim=1))
+                          outputs=_cat(self.outputs, dim=1), surplus=_cat(self.surplus))
 
     def all_logits(self) -> torch.Tensor:
         """The sample's router logits, every row the router scores (identity slots included)."""
@@ -136,6 +166,9 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     observer = Observer(moe, layout.family.scoring, layout.top_k, positions, expert_outputs)
     handles = [moe.router.register_forward_hook(observer.routed, with_kwargs=True),
                moe.experts.register_forward_pre_hook(observer.experts_called, with_kwargs=True)]
+    if moe.identity_slots:                              # shared slots: their outputs (Observer.shared_called)
+        shared = (get_tensor(moe.block, name) for name in layout.family.shared)
+        handles += [m.register_forward_hook(observer.shared_called) for m in shared if isinstance(m, torch.nn.Module)]
     try:
         outputs = advance(decoder_layer, moe.index, batches)
     finally:

@@ -32,7 +32,11 @@ A router that also scores identity (zero-computation) experts after the real one
 a token routed to one gets w * x from the block) keeps them in every subset: its rule holds their count
 ("identity_slots") and the sample's logits for them ("identity_logits" [n, Z]; the statistics' logits are the real
 experts'), and the replay of a subset S scores S and the Z identity slots together, returning the slots as ids
-E .. E + Z - 1 (what the pruned router, K + Z rows, does).
+E .. E + Z - 1 (what the pruned router, K + Z rows, does). A router whose slots are shared experts that every token
+goes to (Inkling: rows E .. E + S - 1 of its weight, n_shared_experts) is recorded the same way, with "slots":
+"shared": the choice is among the experts alone, and the chosen experts' scores and the slots' are renormalised
+together, so the replay returns the slots' weights beside the experts' (ids E .., in every token's row) and a
+subset changes them too.
 
 Group-limited routing of a subset follows what surgery does to the pruned model: the kept experts, in
 id order, form n_group consecutive groups when n_group divides their number; otherwise routing falls
@@ -40,6 +44,8 @@ back to one group (surgery._group_routing).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -123,20 +129,22 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
     if logits.shape[1] > E:                # identity slots scored after the real experts (LongCat-Flash)
         identity = {"identity_slots": logits.shape[1] - E, "identity_logits": logits[:, E:].tolist()}
         logits = logits[:, :E]
-    for scoring in SCORINGS:
-        for topk_softmax in (False, True):
-            for renormalize in (True, False):
-                rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
-                        "correction_bias": bias, **identity}
-                w, idx = restricted_routing(logits, range(E), rule, top_k)
-                order = idx.sort(dim=-1)
-                if not torch.equal(order.values, chosen):
-                    continue
-                got = w.gather(-1, order.indices)
-                mine = want.gather(-1, indices.argsort(dim=-1))
-                scale = float((mine.sum() / got.sum().clamp_min(1e-30)))
-                if torch.allclose(got * scale, mine, rtol=1e-3, atol=1e-6):
-                    return {**rule, "scale": round(scale, 6)}
+    # identity slots are chosen beside the experts (LongCat); shared slots are every token's (Inkling)
+    modes = ({}, {"slots": "shared"}) if identity else ({},)
+    for scoring, topk_softmax, renormalize, mode in itertools.product(SCORINGS, (False, True), (True, False), modes):
+        if mode and topk_softmax or identity and not mode and bias is not None and len(bias) == E:
+            continue                       # no such router: identity slots chosen beside the experts have a bias
+        rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
+                "correction_bias": bias, **identity, **mode}
+        w, idx = restricted_routing(logits, range(E), rule, top_k)
+        order = idx.sort(dim=-1)
+        if order.values.shape != chosen.shape or not torch.equal(order.values, chosen):
+            continue
+        got = w.gather(-1, order.indices)
+        mine = want.gather(-1, indices.argsort(dim=-1))
+        scale = float((mine.sum() / got.sum().clamp_min(1e-30)))
+        if torch.allclose(got * scale, mine, rtol=1e-3, atol=1e-6):
+            return {**rule, "scale": round(scale, 6)}
     return {}
 
 
@@ -264,6 +272,9 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
     n = logits.shape[0]
     real_k = K
     Z = int(routing.get("identity_slots") or 0)
+    shared = Z and routing.get("slots") == "shared"
+    if shared and routing["select"] != "topk":
+        raise MoePruneError(f"a router with shared slots selects by top-k, not {routing['select']!r}")
     if Z:                                       # identity experts after the real ones: in every subset, ids E ..
         extra = torch.as_tensor(routing["identity_logits"], dtype=torch.float64).reshape(-1, Z)
         if extra.shape[0] != n:
@@ -274,7 +285,7 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
         logits = torch.cat([logits.double(), extra], dim=1)
         ids = torch.cat([ids, torch.arange(E, E + Z).expand(B, Z)], dim=1)
         K += Z
-    k = min(top_k, K)
+    k = min(top_k, K - Z if shared else K)
     x = logits.double().T[ids].transpose(1, 2)                           # [B, n, K]
 
     def done(weights: torch.Tensor, local: torch.Tensor):
@@ -302,6 +313,8 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
     if routing["topk_softmax"]:                                           # GPT-OSS
         top, local = x.topk(k, dim=-1)
         return done(torch.softmax(top, dim=-1), local)
+    if shared:                                  # the slots: every token's, after the top-k of the experts alone
+        return _with_shared_slots(x, K - Z, k, routing, ids, done)
     scores = SCORINGS[routing["scoring"]](x)
     choice = scores
     if routing["correction_bias"] is not None:
@@ -314,6 +327,25 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
         # DeepSeek-V2 masks with 0 (softmax scores are >= 0), DeepSeek-V3/GLM with -inf
         choice = choice.masked_fill(~keep, 0.0 if routing["group_score"] == "max" else float("-inf"))
     local = choice.topk(k, dim=-1).indices
+    weights = scores.gather(-1, local)
+    if routing["renormalize"]:
+        weights = _renormalised(weights, routing)
+    return done(weights * routing["scale"], local)
+
+
+def _with_shared_slots(x: torch.Tensor, K: int, k: int, routing: dict, ids: torch.Tensor, done):
+    """Inkling's router on the logits x [B, n, K + S] of a subset's K experts and the S shared slots: the top-k of
+    the experts' scores (plus the correction bias) are chosen, and their scores and the slots' are renormalised
+    together and scaled; returns the chosen experts' then the slots' (weights, local positions) [B, n, k + S]."""
+    if routing["topk_softmax"] or routing["n_group"] > 1:
+        raise MoePruneError("shared slots beside top-k softmax or group-limited routing is not a router moeprune knows")
+    scores = SCORINGS[routing["scoring"]](x)
+    choice = scores[..., :K]
+    if routing["correction_bias"] is not None:
+        choice = choice + torch.tensor(routing["correction_bias"], dtype=torch.float64)[ids[:, :K]].unsqueeze(1)
+    B, n = x.shape[:2]
+    local = torch.cat([choice.topk(k, dim=-1).indices,
+                       torch.arange(K, x.shape[-1]).expand(B, n, x.shape[-1] - K)], dim=-1)
     weights = scores.gather(-1, local)
     if routing["renormalize"]:
         weights = _renormalised(weights, routing)

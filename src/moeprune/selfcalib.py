@@ -175,7 +175,8 @@ def combine_layer(text: LayerStats, own: LayerStats) -> LayerStats:
                       inputs=torch.cat([text.inputs, own.inputs]), logits=torch.cat([text.logits, own.logits]),
                       outputs=torch.cat([text.outputs, own.outputs], dim=1),
                       cache={k: v for k, v in text.cache.items() if k.endswith("/weight")},
-                      routing=join_rules(text.routing, own.routing))
+                      routing=join_rules(text.routing, own.routing),
+                      surplus=torch.cat([text.surplus, own.surplus]) if text.surplus.numel() else own.surplus)
 
 
 def combine(text: Stats, own: Stats) -> Stats:

@@ -49,6 +49,9 @@ class LayerStats:
     # the layer's routing rule as data (routing.routing_rule), so that routing restricted to a subset of
     # experts can be replayed on `logits` without the model (NAEE); {} in statistics from before it existed
     routing: dict = field(default_factory=dict)
+    # [n, d] float32, on the sample: the output of the slots the router sends every token to beside its experts
+    # (Inkling's shared experts), per unit of their summed weight; empty when it has none (moeprune.observer)
+    surplus: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @property
     def num_experts(self) -> int:
@@ -76,11 +79,13 @@ class LayerStats:
         if similarity:
             self.cached("similarity/cka/output", lambda: cka_matrix(self.outputs).float())
         empty = torch.empty(0)
-        return replace(self, inputs=empty, logits=empty, outputs=empty, cache=dict(self.cache))
+        return replace(self, inputs=empty, logits=empty, outputs=empty, surplus=empty, cache=dict(self.cache))
 
     def save(self, path: Path) -> None:
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         tensors.update({f"cache.{k}": v.contiguous() for k, v in self.cache.items()})
+        if self.surplus.numel():
+            tensors["surplus"] = self.surplus.contiguous()
         save_file(tensors, str(path), metadata={"meta": json.dumps(
             {"layer": self.layer, "top_k": self.top_k, "tokens": self.tokens, "routing": self.routing})})
 
@@ -90,7 +95,8 @@ class LayerStats:
             meta = json.loads(f.metadata()["meta"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         cache = {k[len("cache."):]: v for k, v in tensors.items() if k.startswith("cache.")}
-        return cls(**meta, cache=cache, **{name: tensors[name] for name in _TENSORS})
+        surplus = tensors.get("surplus", torch.empty(0))
+        return cls(**meta, cache=cache, surplus=surplus, **{name: tensors[name] for name in _TENSORS})
 
 
 _TENSORS = ("counts", "prob_sum", "weight_sum", "reap_sum", "inputs", "logits", "outputs")
@@ -265,6 +271,8 @@ def check_layer_file(path: Path, i: int, expert_outputs: bool, weight_similarity
             d = shape["inputs"][1]
             if shape["outputs"] != (E, n, d) and not (math.prod(shape["outputs"]) == 0 and not expert_outputs):
                 return f"the expert outputs are {list(shape['outputs'])}, not {[E, n, d]}"
+            if "surplus" in shape and shape["surplus"] != (n, d):
+                return f"the token sample's slot outputs are {list(shape['surplus'])}, not {[n, d]}"
             if weight_similarity and not any(k.startswith("cache.similarity/") and k.endswith("/weight") for k in keys):
                 return "it has no weight similarity (needed by --representation weight)"
             for k in sorted(keys):

@@ -24,7 +24,8 @@ from .stats import LayerStats, Stats
 
 FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts")
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts",
+                "n_total_experts")   # Inkling's router: its experts and shared slots together
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:

@@ -61,9 +61,16 @@ class Reconstruction:
         outputs = ls.outputs
         # a router that also scores identity experts (LongCat-Flash): every one of them outputs the layer's input,
         # one more "expert" E in the Gram matrices, whatever slot the replay names (ids E ..)
+        # shared slots (Inkling's shared experts, every token's): their output per unit weight, recorded on the sample
         self.identity = bool(ls.routing.get("identity_slots"))
         if self.identity:
-            outputs = torch.cat([outputs, ls.inputs.to(outputs.dtype)[None]])
+            slot = ls.inputs
+            if ls.routing.get("slots") == "shared":
+                if ls.surplus.shape != ls.inputs.shape:
+                    raise MoePruneError(f"layer {ls.layer} routes every token to shared slots whose output these "
+                                        "statistics do not hold; recollect them with this version of moeprune")
+                slot = ls.surplus
+            outputs = torch.cat([outputs, slot.to(outputs.dtype)[None]])
         width = outputs.shape[0]
         self.gram = torch.empty(n, width, width, dtype=torch.float64)    # G_t[i, j] = <E_i(x_t), E_j(x_t)>
         for lo in range(0, n, chunk):
