@@ -5,9 +5,10 @@ The checkpoint is the tiny DeepSeek-V4 of test_layer_inputs (hash layers 0, 1; t
 by transformers and written here in that layout: the experts' w1/w2/w3 as I8 [N, K/2] (two e2m1 codes a byte, low
 nibble first) beside F8_E8M0 [N, K/32]; attention (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b) and the shared
 expert as F8_E4M3 beside F8_E8M0 block scales; router, compressors, norms, hyper-connections and embeddings plain,
-as V4-Flash's shards hold them. Its config.json is V4-Flash's: quantization_config {fp8, e4m3, ue8m0, [128, 128],
-dynamic} with expert_dtype at the top level (or, as transformers' DeepseekV4Config rewrites it, inside
-quantization_config). Names keep the `model.` prefix save_pretrained writes (see the note on `write_v4`).
+as V4-Flash's shards hold them, under V4-Flash's names (`layers.*`, `embed.weight`, `hc_head_fn`: no `model.`
+prefix; also with the prefix save_pretrained writes). Its config.json is V4-Flash's: quantization_config {fp8,
+e4m3, ue8m0, [128, 128], dynamic} with expert_dtype at the top level (or, as transformers' DeepseekV4Config
+rewrites it, inside quantization_config).
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ def deepseek_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (exp.to(torch.int32) + Q.E8M0_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
-def write_v4(path: Path, top_level: bool = True) -> Path:
-    """The tiny DeepSeek-V4 in V4-Flash's quantized layout (one shard). moeprune's key map of deepseek_v4 is that of
-    transformers' save_pretrained (`model.layers.*`, `model.embed_tokens`, `head`); V4-Flash's own files drop the
-    `model.` prefix (`layers.*`, `embed.weight`), which moeprune's hubmap does not yet map, so the layout inside a
-    layer, where the experts and their scales are, is the published one, the prefix save_pretrained's."""
+def published_name(name: str) -> str:
+    """save_pretrained's name of a deepseek_v4 tensor (model.layers.*, model.embed_tokens, model.hc_head.hc_fn) ->
+    V4-Flash's (layers.*, embed.weight, hc_head_fn): transformers' loader adds the base model's prefix back."""
+    name = name.removeprefix("model.")
+    return {"embed_tokens.weight": "embed.weight"}.get(name, name.replace("hc_head.hc_", "hc_head_"))
+
+
+def write_v4(path: Path, prefixed: bool = False) -> Path:
+    """The tiny DeepSeek-V4 in V4-Flash's quantized layout (one shard), under V4-Flash's names, or, `prefixed`,
+    save_pretrained's."""
     model = test_layer_inputs.build("deepseek_v4")
     plain = path.parent / (path.name + "-plain")
     model.save_pretrained(plain)
@@ -74,14 +80,10 @@ def write_v4(path: Path, top_level: bool = True) -> Path:
         else:
             stored[name] = t.to(torch.bfloat16)
     path.mkdir(parents=True)
-    save_file({n: t.contiguous() for n, t in stored.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    save_file({(n if prefixed else published_name(n)): t.contiguous() for n, t in stored.items()},
+              path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((plain / "config.json").read_text())
-    config["quantization_config"] = dict(V4_QCONFIG)
-    if top_level:
-        config["expert_dtype"] = "fp4"
-    else:
-        config["quantization_config"]["expert_dtype"] = "fp4"
-    config["dtype"] = "bfloat16"
+    config.update(quantization_config=dict(V4_QCONFIG), expert_dtype="fp4", dtype="bfloat16")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     char_tokenizer_files(path)
     return path
@@ -172,19 +174,23 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=_v4_ids(), use_cache=False).logits
 
 
+def _prefix(ckpt: Checkpoint) -> str:
+    return "model." if "model.norm.weight" in ckpt.tensors else ""
+
+
 def _expert_bytes(ckpt: Checkpoint, layer: int, e: int) -> dict[str, bytes]:
-    head = f"model.layers.{layer}.ffn.experts.{e}."
+    head = f"{_prefix(ckpt)}layers.{layer}.ffn.experts.{e}."
     return {n[len(head):]: bytes(ckpt.raw(n)) for n in ckpt.tensors if n.startswith(head)}
 
 
-@pytest.mark.parametrize("top_level", [True, False])
-def test_selection_keeps_the_fp4_experts_bytes_and_loads_with_the_same_logits(top_level, v4, tmp_path):
+@pytest.mark.parametrize("prefixed, top_level", [(False, True), (False, False), (True, True)])
+def test_selection_keeps_the_fp4_experts_bytes_and_loads_with_the_same_logits(prefixed, top_level, v4, tmp_path):
     """Each kept expert's I8 weights and e8m0 scales are the input's, byte for byte (w1, w2, w3 with their .scale);
     every other tensor too (the FP8 attention and shared expert with their scales), but the routers and the hash
     tables; config.json keeps quantization_config and expert_dtype where the input has it. transformers 5 loads
     the output (dequantizing FP8 and FP4 on the CPU) with no missing, unexpected or mismatched key, and its logits
     are those of the input, dequantized by transformers, pruned in memory by the same plan."""
-    src = v4
+    src = write_v4(tmp_path / "in", prefixed=True) if prefixed else v4
     if not top_level:                                      # V4.1 / transformers' own: expert_dtype in the qconfig
         src = tmp_path / "in"
         shutil.copytree(v4, src)
@@ -196,7 +202,7 @@ def test_selection_keeps_the_fp4_experts_bytes_and_loads_with_the_same_logits(to
     inp, got, plan = Checkpoint(src), Checkpoint(out), Plan.load(out / "plan.json")
     a, b = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
     assert b["quantization_config"] == a["quantization_config"] and b.get("expert_dtype") == a.get("expert_dtype")
-    assert b["n_routed_experts"] == 3
+    assert b["n_routed_experts"] == 3 and sorted(got.tensors) == sorted(n for n in inp.tensors if ".experts.3." not in n)
     assert all(got.info(n).dtype == inp.info(n).dtype for n in got.tensors)
     assert {"I8", "F8_E8M0", "F8_E4M3"} <= {t.dtype for t in got.tensors.values()}
     experts = [n for n in inp.tensors if FP4_EXPERT.search(n)]       # quantized again, some would differ: a copy
@@ -245,14 +251,14 @@ def test_merged_fp4_experts_are_quantized_again_with_their_errors_recorded(v4, t
     for i, j in single:
         assert _expert_bytes(got, i, j) == _expert_bytes(inp, i, plan.layers[i].groups[j][0])
     for i, j in merged:                                     # FP4 again: I8 beside e8m0 scales of the input's shapes
-        assert {p: got.info(f"model.layers.{i}.ffn.experts.{j}.{p}").dtype for p in ("w1.weight", "w1.scale")} == \
+        assert {p: got.info(f"layers.{i}.ffn.experts.{j}.{p}").dtype for p in ("w1.weight", "w1.scale")} == \
             {"w1.weight": "I8", "w1.scale": "F8_E8M0"}
     reference = _load(v4)
     apply_plan(reference, moe_layout(reference), plan)
     source = CheckpointSource(out, "cpu", torch.float32)
     i, j = min(merged)
     for k in (1, 2, 3):
-        name = f"model.layers.{i}.ffn.experts.{j}.w{k}.weight"
+        name = f"layers.{i}.ffn.experts.{j}.w{k}.weight"
         stored, exact = source.quant.read(name, torch.float32), _merged_value(reference, source, name)
         assert math.isclose(float((stored - exact).norm() / exact.norm()), writer.tensor_quantization_errors[name],
                             rel_tol=1e-4)
@@ -270,7 +276,7 @@ def test_dequantize_writes_bf16_without_quantization_config_or_expert_dtype(v4, 
     got = Checkpoint(out)
     assert {t.dtype for t in got.tensors.values()} <= {"BF16", "F32", "I64"}
     assert not [n for n in got.tensors if n.endswith(".scale")]
-    assert got.info("model.layers.0.ffn.experts.0.w1.weight").shape == (32, 64)
+    assert got.info("layers.0.ffn.experts.0.w1.weight").shape == (32, 64)
     reference = _load(v4, torch.bfloat16)
     apply_plan(reference, moe_layout(reference), result.plan)
     pruned, state = _load(out, torch.bfloat16), reference.state_dict()
@@ -281,12 +287,12 @@ def test_dequantize_writes_bf16_without_quantization_config_or_expert_dtype(v4, 
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda t: {"model.layers.2.ffn.experts.1.w1.scale": torch.zeros(32, 4, dtype=torch.uint8)},
+    (lambda t: {"layers.2.ffn.experts.1.w1.scale": torch.zeros(32, 4, dtype=torch.uint8)},
      (r"experts\.1\.w1\.weight I8\[32, 32\] with .*w1\.scale U8\[32, 4\] is not the FP4 expert layout .* expected "
       r".*w1\.scale F8_E8M0 \[32, 2\]")),
-    (lambda t: {"model.layers.2.ffn.experts.1.w1.scale": torch.ones(32, 2)},
+    (lambda t: {"layers.2.ffn.experts.1.w1.scale": torch.ones(32, 2)},
      r"w1\.scale F32\[32, 2\] is not the FP4 expert layout"),
-    (lambda t: {"model.layers.2.ffn.experts.1.w2.weight": torch.zeros(64, 15, dtype=torch.int8)},
+    (lambda t: {"layers.2.ffn.experts.1.w2.weight": torch.zeros(64, 15, dtype=torch.int8)},
      r"w2\.weight I8\[64, 15\] .* expected .*a weight whose last axis is a multiple of 16"),
 ])
 def test_a_bad_fp4_layout_is_refused_naming_the_tensor(damage, message, v4, tmp_path, capsys):

@@ -498,7 +498,17 @@ class HubMap:
         stored = {k: v for k, v in shapes.items() if k not in tied}
         files, plain = cls._reverse(model, model_type, stored)
         if file_names is not None:
-            files = cls._as_stored(model_type, stored, files, plain, set(file_names))
+            try:
+                files = cls._as_stored(model_type, stored, files, plain, set(file_names))
+            except MoePruneError:
+                # names that lack the base model's prefix (DeepSeek-V4-Flash: layers.*, embed.weight), which
+                # transformers' loader adds back: the tables apply to the module names without it
+                base = f"{getattr(model, 'base_model_prefix', '') or ''}."
+                if base == "." or any(n.startswith(base) for n in file_names) \
+                        or not any(k.startswith(base) for k in stored):
+                    raise
+                files, plain = cls._reverse(model, model_type, stored, base)
+                files = cls._as_stored(model_type, stored, files, plain, set(file_names))
             if isinstance(file_names, Mapping):
                 files = {name: _stored_swapped(f, file_names.get(name)) for name, f in files.items()}
         E = _expert_count(model.config)
@@ -543,9 +553,13 @@ class HubMap:
         return out
 
     @staticmethod
-    def _reverse(model, model_type: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, FileTensor],
-                                                                                      dict[str, str]]:
-        """The file tensors, and each module tensor's name with the renamings alone (no converter)."""
+    def _reverse(model, model_type: str, shapes: dict[str, tuple[int, ...]], strip: str = "") \
+            -> tuple[dict[str, FileTensor], dict[str, str]]:
+        """The file tensors, and each module tensor's name with the renamings alone (no converter); `strip`, a
+        prefix the file names lack, is taken off the module names before the tables apply."""
+        def bare(key: str) -> str:
+            return key[len(strip):] if strip and key.startswith(strip) else key
+
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
         forward = _conversions(model)
         reverse = [t.reverse_transform() for t in forward[::-1]]
@@ -562,13 +576,13 @@ class HubMap:
 
         for key in sorted(shapes, key=dot_natural_key):
             for conv in converters:
-                renamed, pattern = conv.rename_source_key(key)
+                renamed, pattern = conv.rename_source_key(bare(key))
                 if pattern is not None:
                     entry = groups.setdefault(renamed, (conv, defaultdict(list)))
                     entry[1][pattern].append(key)
                     break
             else:
-                add(_rename(key, renamings), _Sym(shapes[key], [Piece(key)]), key)
+                add(_rename(bare(key), renamings), _Sym(shapes[key], [Piece(key)]), key)
 
         for renamed, (conv, by_pattern) in groups.items():
             first = next(iter(by_pattern.values()))[0]
@@ -576,7 +590,7 @@ class HubMap:
             try:
                 for op in conv.operations:
                     data = _run_op(op, data, conv.source_patterns, conv.target_patterns, model.config,
-                                   shapes.get(renamed))
+                                   shapes.get(renamed) or shapes.get(strip + renamed))
             except _Unsupported as e:
                 raise MoePruneError(
                     f"{first}: transformers saves this {model_type} tensor with {type(conv).__name__}"
@@ -598,7 +612,7 @@ class HubMap:
                                             f"{len(sym)} tensors under one name {k}")
                     sym = sym[0]
                 add(_rename(prefix + k + suffix, renamings), sym, first)
-        return files, {k: _rename(k, renamings) for k in shapes}
+        return files, {k: _rename(bare(k), renamings) for k in shapes}
 
     def _check(self) -> None:
         """Every element of every stored module tensor and every file tensor is covered exactly once (by size)."""
