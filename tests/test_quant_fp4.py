@@ -284,6 +284,27 @@ def test_dequantize_writes_bf16_without_quantization_config_or_expert_dtype(v4, 
         assert torch.equal(t, state[name]), name
 
 
+def test_quantized_multi_token_prediction_tensors_are_left_out(v4, tmp_path):
+    """V4-Flash's mtp.* layer holds FP4 experts and FP8 linears with their scales too; transformers' loader drops
+    it by name, and so does the prune (with its warning): the output has none of it and loads cleanly."""
+    from safetensors.torch import load_file
+    src = tmp_path / "in"
+    shutil.copytree(v4, src)
+    mtp = {"mtp.0.ffn.gate.tid2eid": torch.zeros(256, 2, dtype=torch.long)}
+    for e in range(4):
+        mtp[f"mtp.0.ffn.experts.{e}.w1.weight"], mtp[f"mtp.0.ffn.experts.{e}.w1.scale"] = \
+            Q.fp4_quantize(torch.randn(32, 64))
+    mtp["mtp.0.attn.wq_a.weight"], mtp["mtp.0.attn.wq_a.scale"] = \
+        Q.fp8_quantize(torch.randn(16, 64), (128, 128), "F8_E8M0")
+    save_file({**load_file(src / "model.safetensors"), **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=f"{len(mtp)} tensors .* transformers does not load"):
+        assert main(["prune", str(src), "--method", "frequency", "--keep", "3", *PRUNE,
+                     "--out", str(tmp_path / "out")]) == 0
+    assert not [n for n in Checkpoint(tmp_path / "out").tensors if n.startswith("mtp.")]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    _load(tmp_path / "out")
+
+
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("damage, message", [

@@ -582,6 +582,8 @@ class ExpertIndex:
         self.units: dict[str, dict[int, str]] = defaultdict(dict)     # role -> expert -> plain name
         self.fused: dict[str, str] = {}                               # plain name of a fused tensor -> its role
         for name, q in scheme.tensors.items():
+            if name not in hub.files:                                 # not loaded, left out (DeepSeek-V4's mtp.*)
+                continue
             expert = hub.expert_of(name)
             if expert is not None:
                 self.units[role(name, expert[1])][expert[1]] = name
