@@ -29,6 +29,7 @@ from test_quant import PRUNE, _ids, _load, _merged_value, _reference_fp4_codes, 
 from moeprune import quant as Q
 from moeprune.arch import MoePruneError, moe_layout
 from moeprune.cli import main
+from moeprune.hub import output_bytes
 from moeprune.plan import Plan
 from moeprune.shards import Checkpoint
 from moeprune.sources import CheckpointSource
@@ -203,6 +204,8 @@ def test_selection_keeps_the_fp4_experts_bytes_and_loads_with_the_same_logits(pr
     a, b = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
     assert b["quantization_config"] == a["quantization_config"] and b.get("expert_dtype") == a.get("expert_dtype")
     assert b["n_routed_experts"] == 3 and sorted(got.tensors) == sorted(n for n in inp.tensors if ".experts.3." not in n)
+    source = CheckpointSource(src, "cpu", torch.float32)
+    assert output_bytes(source, source.layout, 3) == sum(t.nbytes for t in got.tensors.values())
     assert all(got.info(n).dtype == inp.info(n).dtype for n in got.tensors)
     assert {"I8", "F8_E8M0", "F8_E4M3"} <= {t.dtype for t in got.tensors.values()}
     experts = [n for n in inp.tensors if FP4_EXPERT.search(n)]       # quantized again, some would differ: a copy
@@ -277,6 +280,8 @@ def test_dequantize_writes_bf16_without_quantization_config_or_expert_dtype(v4, 
     assert {t.dtype for t in got.tensors.values()} <= {"BF16", "F32", "I64"}
     assert not [n for n in got.tensors if n.endswith(".scale")]
     assert got.info("layers.0.ffn.experts.0.w1.weight").shape == (32, 64)
+    source = CheckpointSource(v4, "cpu", torch.float32)             # the output's size, known from the headers
+    assert output_bytes(source, source.layout, 3, dequantize=True) == sum(t.nbytes for t in got.tensors.values())
     reference = _load(v4, torch.bfloat16)
     apply_plan(reference, moe_layout(reference), result.plan)
     pruned, state = _load(out, torch.bfloat16), reference.state_dict()

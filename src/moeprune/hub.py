@@ -121,7 +121,8 @@ def output_layout(ckpt: Checkpoint, hub: HubMap, layout: Layout, keep: int, quan
 
 def output_bytes(source, layout: Layout, keep: int, dequantize: bool = False) -> int:
     """The bytes of the pruned checkpoint's tensors (headers aside), from the input's headers alone: at most the
-    input's, except a quantized input written dequantized (FP8 -> BF16 doubles, MXFP4 -> BF16 quadruples)."""
+    input's, except a quantized input written dequantized (FP8 -> BF16 doubles, MXFP4 and DeepSeek-V4's FP4
+    experts -> BF16 quadruple)."""
     quant = getattr(source, "quant", None)
     out = output_layout(source.ckpt, source.hub, layout, keep, quant, dequantize and quant is not None)
     return sum(tensor_bytes(s.dtype, s.shape) for slots in out.shards.values() for s in slots)
