@@ -306,6 +306,9 @@ def write_page(rows: list[dict], path: Path) -> None:
         if row.get("identity_key"):             # the routers also score identity (LongCat) or shared (Inkling) experts
             kind = "shared experts, every token's" if "shared" in row["identity_key"] else "identity experts"
             keys += f"; the routers also score {row['identity_key']} = {row['identity_slots']} {kind}"
+        elif row.get("identity_slots"):         # counted by the router alone (Zaya's skip expert)
+            keys += (f"; the routers also score {row['identity_slots']} slot(s) they count themselves "
+                     f"({row['router_class']})")
         where = "-"
         if row.get("experts"):
             where = f"`{row.get('block')}.{row.get('router')}` / `{row.get('experts')}`"

@@ -183,3 +183,14 @@ def test_every_method_prunes_longcat(method):
         assert weight.shape[0] == 4 + Z and torch.equal(weight[4:], before.router.classifier.weight[E:])
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=tokens(1)).logits).all()
+
+
+def test_slot_kind_is_probed_as_identity():
+    """Where a layer's sample never chooses an identity slot, the rule reads the slots' kind off the router with its
+    correction bias raised on them (routing.slot_kind): LongCat's give a weight (identity), Zaya's none (skip)."""
+    from moeprune.routing import slot_kind
+    model = longcat()
+    layer = moe_layout(model).layers[0]
+    x = torch.randn(8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    bias = layer.router.e_score_correction_bias.clone()
+    assert slot_kind(layer, x) == "identity" and torch.equal(layer.router.e_score_correction_bias, bias)

@@ -188,12 +188,13 @@ class MoeLayer:
 
     @property
     def identity_slots(self) -> int:
-        """How many identity (zero-computation) experts the router scores after the real ones (LongCat-Flash): its
-        rows beyond the experts module's count; 0 for a family without them."""
-        if self.family is None or not self.family.identity_experts:
+        """How many slots the router scores after the experts: its rows beyond the experts module's count (LongCat-
+        Flash's identity experts, Inkling's shared experts, Zaya's skip expert); 0 for a router of E rows."""
+        if self.family is None:
             return 0
         name, axis = self.family.router_tensors[0]
-        return get_tensor(self.router, name).shape[axis] - self.num_experts
+        weight = get_tensor(self.router, name)
+        return max(weight.shape[axis] - self.num_experts, 0) if weight is not None else 0
 
     @property
     def hash_table(self) -> torch.Tensor | None:
@@ -215,7 +216,7 @@ class MoeLayer:
             args = (input_ids.reshape(-1), *args)
         try:
             out = self.router(x, *args)
-        except (ValueError, RuntimeError):
+        except (ValueError, RuntimeError, IndexError):      # a router of [1, n, d] (AFMoE, Zaya)
             out = self.router(x[None], *args)
         return self.decisions(out, x)
 
@@ -230,6 +231,12 @@ class MoeLayer:
         out = read(self, output) if read is not None else output[:3]
         logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in out)
         S = self.identity_slots
+        if read is None and S and logits.shape[-1] == self.num_experts + S:
+            # a router that masks a chosen slot as expert 0 of weight 0 (Zaya's skip expert: no output) names it again
+            masked = weights == 0
+            if bool(masked.any()):
+                slot = self.num_experts + logits[:, self.num_experts:].argmax(-1, keepdim=True).to(indices.dtype)
+                indices = torch.where(masked, slot.expand_as(indices), indices)
         if read is None and S and len(output) > 3 and logits.shape[-1] == self.num_experts:
             if hidden is None:
                 raise MoePruneError(f"layer {self.index}: the router routes to {S} slots apart from its experts; "

@@ -253,6 +253,15 @@ def identity_experts(config) -> tuple[str | None, int]:
     return None, 0
 
 
+def router_slots(model: nn.Module) -> int:
+    """How many rows the routers hold after their experts' (their slots: LongCat-Flash's identity experts, Inkling's
+    shared experts, Zaya's skip expert), found by structure (on the meta skeleton too); 0 when none or no MoE."""
+    try:
+        return max(layer.identity_slots for layer in find_moe(model, probe=False).layers)
+    except MoePruneError:
+        return identity_experts(model.config)[1]
+
+
 def _rank_key(path: str, words: tuple[str, ...], text_prefix: str = "") -> tuple:
     """Best first: the leaf names the thing, the key sits in the config that builds the decoder (the text
     config of a multimodal model), not in a vision/audio sub-config, not a shared-expert field."""
@@ -318,13 +327,20 @@ def _find_router(block: nn.Module, experts_rel: str, E: int, H: int | None):
     if not found:
         return None, None
     # the router is the outermost such module (a router wrapping a Linear is the router, not the Linear)
+    # (Zaya's router MLP inside its router: the outermost Router or Gate around the weight)
     path = min(found, key=lambda p: p.count("."))
     parent = path.rpartition(".")[0]
-    if parent and parent != experts_rel and not isinstance(_get(block, parent), nn.ModuleList) \
+    while parent and parent != experts_rel and not isinstance(_get(block, parent), nn.ModuleList) \
             and "forward" in type(_get(block, parent)).__dict__ \
             and any(w in type(_get(block, parent)).__name__ for w in ("Router", "Gate")):
-        path = parent
+        path, parent = parent, parent.rpartition(".")[0]
     return path, _get(block, path)
+
+
+def _counts_own_rows(router: nn.Module, rows: int) -> bool:
+    """The router holds an int attribute equal to its row count (Zaya's num_router_classes, num_experts + 1): it
+    says itself that it scores that many, the experts and its slots after them."""
+    return any(isinstance(v, int) and not isinstance(v, bool) and v == rows for v in vars(router).values())
 
 
 def _expert_axis_tensors(module: nn.Module, E: int, skip: tuple[str, ...] = (),
@@ -461,15 +477,19 @@ def _probe_scoring(router: nn.Module, H: int, E: int, extra: tuple = ()) -> str 
     if out is None:
         return None
     logits, weights, index, *apart = out
+    apart = apart and logits.shape[-1] < E          # E counts the slots: slot weights returned apart (Inkling)
     logits = logits.reshape(-1, logits.shape[-1]).double()
     weights, index = weights.reshape(logits.shape[0], -1).double(), index.reshape(logits.shape[0], -1)
+    live = weights != 0                             # a masked choice (Zaya's skip slot: weight 0) says nothing
+    if apart:
+        live = torch.ones_like(live)
     for name, scores in SCORINGS.items():
-        picked = scores(logits).gather(-1, index)
+        picked = scores(logits).gather(-1, index.clamp_max(logits.shape[-1] - 1))
         for cand in (picked, picked / picked.sum(-1, keepdim=True)):
             ratio = weights / cand
             # slots routed apart (Inkling's shared experts) share each token's normalisation: a ratio per token
-            like = ratio[:, :1].expand_as(ratio) if apart else ratio.flatten()[0].expand_as(ratio)
-            if torch.allclose(ratio, like, rtol=1e-4, atol=1e-6):
+            like = ratio[:, :1].expand_as(ratio) if apart else ratio[live][:1].expand_as(ratio)
+            if live.any() and torch.allclose(ratio[live], like[live], rtol=1e-4, atol=1e-6):
                 return name
     return None
 
@@ -583,6 +603,11 @@ def find_moe(model: nn.Module, probe: bool | None = None) -> MoeStructure:
             if router is None and 0 < Z <= E:           # E real experts and Z identity experts the config names
                 router_path, router = _find_router(block, _relative(path, block_path), E + Z, H)
                 identity = Z if router is not None else 0
+            for extra in range(1, E + 1) if router is None and not Z else ():   # or that the router counts itself
+                found = _find_router(block, _relative(path, block_path), E + extra, H)
+                if found[1] is not None and _counts_own_rows(found[1], E + extra):
+                    (router_path, router), identity = found, extra
+                    break
             if router is not None or block_path == layer_prefix or not block_path.startswith(layer_prefix):
                 break
             block_path = block_path.rpartition(".")[0]
@@ -712,7 +737,10 @@ def check_contract(structure: MoeStructure, model: nn.Module) -> Contract:
                 "".join(f", {list(a.shape)}" for a in apart) + ")"
             S = first.identity_slots
             R = E + S                                   # the real experts, then the slots (identity experts)
-            if apart:                                   # the slots' weights returned apart: the logits are the E's
+            # a fourth output beside logits of the E experts alone: the weights of the slots every token goes to,
+            # returned apart (Inkling's shared experts); beside logits of every row it is not routing (Zaya's router
+            # state for the next layer's router, which the engine hands on: moeprune.layer_inputs)
+            if apart and logits.shape[-1] != R:
                 if not S or apart[0].shape[-1] != S or apart[0].numel() != n * S:
                     diffs.append(f"router returns a fourth tensor {list(apart[0].shape)}, not the weights [{n}, "
                                  f"{S}] of {S} slots scored after the experts (shared experts) that every token "

@@ -13,7 +13,7 @@ import torch
 from .arch import Layout, MoeLayer, MoePruneError, get_tensor
 from .layer_inputs import advance
 from .discover import SCORINGS
-from .routing import hash_rule, inferred_rule, routing_rule
+from .routing import hash_rule, inferred_rule, routing_rule, slot_kind
 from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats
 
@@ -61,7 +61,8 @@ class Observer:
         hidden = args[0] if args else kwargs["hidden_states"]
         decisions = self.layer.decisions(output, hidden)
         # slots routed apart (Inkling's shared experts): their weights are returned as the router's fourth output
-        self._apart = bool(self.layer.identity_slots) and isinstance(output, tuple) and len(output) > 3
+        self._apart = bool(self.layer.identity_slots) and isinstance(output, tuple) and len(output) > 3 \
+            and output[0].shape[-1] == self.layer.num_experts
         if self.layer.family is not None and self.layer.family.expert_fn is not None:
             self.observe(hidden.reshape(-1, hidden.shape[-1]), *decisions)
             return
@@ -179,8 +180,12 @@ def observe_layer(decoder_layer, moe: MoeLayer, layout: Layout, batches, positio
     if not ls.routing and observer.chosen:             # a family found by structure: read off its router
         w, i = (torch.cat(parts) for parts in zip(*observer.chosen))
         # a router that chooses by token id (DeepSeek-V4's hash layers): its recorded choices, not a rule of logits
+        logits = observer.all_logits().double()
+        # slots chosen beside the experts (logits of every row) but not on the sample: what they give is probed
+        kind = slot_kind(moe, ls.inputs) if moe.identity_slots and logits.shape[1] > moe.num_experts \
+            and not bool((i >= moe.num_experts).any()) else None
         ls.routing = hash_rule(ls.logits, w, i) if moe.hash_table is not None else \
-            inferred_rule(moe, observer.all_logits().double(), w, i, layout.top_k)
+            inferred_rule(moe, logits, w, i, layout.top_k, kind)
     if ls.routing and ls.routing["scoring"] != observer.scoring:         # the guess was wrong: the router's own
         ls.prob_sum = observer.prob_sums[ls.routing["scoring"]]
     if weight_similarity:

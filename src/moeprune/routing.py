@@ -101,18 +101,45 @@ def _base_rule(scoring: str) -> dict:
             "jitter_eps": 0.0}
 
 
+# a router's own bias of the scores for the choice: DeepSeek-V3 style, Zaya's (its skip slot's entry -1)
+_BIASES = ("e_score_correction_bias", "balancing_biases")
+
+
 def correction_bias(layer: MoeLayer) -> torch.Tensor | None:
-    """The per-expert bias added to the scores for the choice only: the router's own (DeepSeek-V3 style), or the
-    block's that the router is handed (MiniMax-M2's e_score_correction_bias, AFMoE's expert_bias)."""
-    bias = getattr(layer.router, "e_score_correction_bias", None)
+    """The per-expert bias added to the scores for the choice only: the router's own (DeepSeek-V3 style, Zaya's
+    balancing_biases), or the block's that the router is handed (MiniMax-M2's e_score_correction_bias, AFMoE's
+    expert_bias)."""
+    bias = next((b for b in (getattr(layer.router, n, None) for n in _BIASES) if torch.is_tensor(b)), None)
     args = layer.family.router_args if layer.family else ()
     if bias is None and args:
         bias = get_tensor(layer.block, args[0])
     return bias
 
 
+@torch.no_grad()
+def slot_kind(layer: MoeLayer, x: torch.Tensor) -> str | None:
+    """What a router that chooses its slots beside its experts gives a token routed to one: "identity" (a weight:
+    LongCat-Flash's block adds w * x) or "skip" (none: Zaya masks it as expert 0 of weight 0), probed on inputs x
+    with its choice bias raised on the slots; None when it cannot be probed (no bias over the slots)."""
+    E, S = layer.num_experts, layer.identity_slots
+    bias = correction_bias(layer)
+    if not torch.is_tensor(bias) or bias.is_meta or bias.numel() != E + S or not x.numel():
+        return None
+    saved = bias.detach().clone()
+    try:
+        bias.data[E:] += 1e4
+        weight = next(layer.router.parameters())
+        _, w, i = layer.route(x[:8].to(weight.device, weight.dtype))
+    finally:
+        bias.data.copy_(saved)
+    slot = i >= E
+    if not bool(slot.any()):
+        return None
+    return "skip" if bool((w[slot] == 0).all()) else "identity"
+
+
 def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                  top_k: int) -> dict:
+                  top_k: int, slots: str | None = None) -> dict:
     """The routing rule of a family moeprune has no entry for, read off the router's own decisions on calibration
     tokens: the candidate (softmax or sigmoid scores, plus the router's correction bias if it has one; top-k of the
     scores or softmax over the top-k logits; renormalised or not; a constant scale) that reproduces every token's
@@ -129,11 +156,15 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
     if logits.shape[1] > E:                # identity slots scored after the real experts (LongCat-Flash)
         identity = {"identity_slots": logits.shape[1] - E, "identity_logits": logits[:, E:].tolist()}
         logits = logits[:, :E]
-    # identity slots are chosen beside the experts (LongCat); shared slots are every token's (Inkling)
-    modes = ({}, {"slots": "shared"}) if identity else ({},)
+    # identity slots are chosen beside the experts (LongCat), skip slots too but give nothing (Zaya: weight 0);
+    # shared slots are every token's (Inkling)
+    # ("slots": the kind slot_kind probed, where the sample's choices cannot tell)
+    modes = ({}, {"slots": "skip"}, {"slots": "shared"}) if identity else ({},)
+    modes = tuple(m for m in modes if slots is None or m.get("slots", "identity") in (slots, "shared"))
     for scoring, topk_softmax, renormalize, mode in itertools.product(SCORINGS, (False, True), (True, False), modes):
-        if mode and topk_softmax or identity and not mode and bias is not None and len(bias) == E:
-            continue                       # no such router: identity slots chosen beside the experts have a bias
+        biased = E if mode.get("slots") == "shared" else E + identity.get("identity_slots", 0)
+        if mode and topk_softmax or bias is not None and len(bias) != biased:
+            continue                       # no such router: its bias covers the rows its choice is among
         rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
                 "correction_bias": bias, **identity, **mode}
         w, idx = restricted_routing(logits, range(E), rule, top_k)
@@ -330,6 +361,8 @@ def restricted_routing(logits: torch.Tensor, subset, routing: dict, top_k: int,
     weights = scores.gather(-1, local)
     if routing["renormalize"]:
         weights = _renormalised(weights, routing)
+    if Z and routing.get("slots") == "skip":      # a token routed to a skip slot gets nothing (Zaya)
+        weights = weights.masked_fill(local >= K - Z, 0.0)
     return done(weights * routing["scale"], local)
 
 

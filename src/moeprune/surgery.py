@@ -25,7 +25,7 @@ from .stats import LayerStats, Stats
 FIT_RIDGE = 0.1   # ridge toward the averaged down projection, relative to the mean activation energy
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts",
-                "n_total_experts")   # Inkling's router: its experts and shared slots together
+                "n_total_experts", "num_router_classes")   # Inkling's, Zaya's: the experts and the slots
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
