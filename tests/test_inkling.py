@@ -27,7 +27,7 @@ from moeprune.methods.registry import METHODS
 from moeprune.plan import LayerPlan, Plan
 from moeprune.routing import correction_bias, join_rules, restricted_routing
 from moeprune.stats import LayerStats
-from moeprune.tiny import tiny_model_any
+from moeprune.tiny import tiny_config_any, tiny_model_any
 
 torch.set_num_threads(1)
 E, S = 8, 1
@@ -205,3 +205,28 @@ def test_multimodal_wrapper_prunes_in_memory():
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=ids).logits).all()
         assert torch.equal(keep_all(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_two_shared_experts():
+    """Inkling's default of two shared experts (S = 2: their gammas differ per token, but a subset scales both by one
+    factor): the routers keep both rows after the kept experts', and NAEE's error is the pruned block's."""
+    config = tiny_config_any("inkling_text")
+    config.n_shared_experts = 2
+    model = tiny_model_any("inkling_text", config=config)
+    with torch.no_grad():
+        for layer in moe_layout(model).layers:
+            g = torch.Generator().manual_seed(layer.index)
+            layer.router.weight.normal_(0.0, 0.3, generator=g)
+            correction_bias(layer).copy_(torch.randn(E, generator=g) * 0.1)
+            for p in layer.block.shared_experts.parameters():
+                p.normal_(0.0, 0.2, generator=g)
+    layout, stats = calibrated(model, tokens())
+    plan = Plan("test", {}, {m.index: LayerPlan.selection(E, KEPT) for m in layout.layers})
+    after = moe_layout(pruned_copy(model, plan)).by_index()
+    for m in layout.layers:
+        ls, p = stats.layers[m.index], after[m.index]
+        assert (ls.routing["slots"], ls.routing["identity_slots"], p.identity_slots) == ("shared", 2, 2)
+        assert torch.equal(p.router.weight, m.router.weight[KEPT + [E, E + 1]])
+        with torch.no_grad():
+            real = float((m.block(ls.inputs[None]) - p.block(ls.inputs[None])).double().square().sum())
+        assert real > 0 and Reconstruction(ls)(tuple(KEPT)) == pytest.approx(real, rel=1e-4), m.index
