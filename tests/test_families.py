@@ -28,20 +28,7 @@ LOOPED = ("its looped layers: the forward runs decoder layers loop_layer_index_s
           "statistics and plan see one pass. Running them as the forward does needs the loop's layers resident "
           "together (or read once per pass) and statistics over every pass before a plan: steps that run a segment "
           "of layers several times, not one layer at a time")
-# Inkling's multimodal checkpoints store the shared experts' gate and up projections as one interleaved tensor
-# (conversion_mapping: shared_w13_weight <- Interleave(dim=1), Chunk(dim=1)), which the hub map cannot yet read or
-# write as views; the in-memory prune works (tests/test_inkling.py)
-INTERLEAVED = ("its hub layout: transformers saves the shared experts' gate_proj and up_proj as one interleaved "
-               "shared_w13_weight (WeightConverter Concatenate, Interleave), and moeprune.hubmap cannot map Interleave "
-               "of a tensor assembled from several parts; it prunes in memory (tests/test_inkling.py)")
-# Zaya's skip slot is counted by its router alone (num_router_classes), not by a config int, which is what the hub
-# map reads; and its decoder applies its own input_hidden_states_scale and _bias before the first layer, which the
-# streamed engine leaves on the meta device; it prunes in memory (tests/test_zaya.py)
-SKIP_SLOT = ("its checkpoint: the router's skip row (num_router_classes = num_experts + 1) is named by no config int, "
-             "so moeprune.hubmap does not cut router_mlp.out_proj and balancing_biases to K + 1 rows, and the streamed "
-             "engine does not load ZayaModel's own input_hidden_states_scale and _bias, applied before the first layer "
-             "(sources.before_layers loads child modules only); it prunes in memory (tests/test_zaya.py)")
-NOT_YET = {"inkling2_loop": LOOPED, "inkling2_loop_text": LOOPED, "inkling_mm_model": INTERLEAVED, "zaya": SKIP_SLOT}
+NOT_YET = {"inkling2_loop": LOOPED, "inkling2_loop_text": LOOPED}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

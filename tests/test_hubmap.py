@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from moeprune.arch import MoePruneError
-from moeprune.discover import identity_experts
+from moeprune.discover import router_slots
 from moeprune.hubmap import HubMap, _expert_count
 
 torch.set_num_threads(1)
@@ -35,10 +35,12 @@ MODEL_TYPES = [
     # PermuteForRope (a vision tower's q/k rows, alone or before Concatenate), Inkling2UnpadVocab (lm_head),
     # Inkling2LoopDequantizeExperts and Inkling2LoopMergeMessageQueries, ErnieSplitAndDecoupleTextVisionExperts
     "mistral_large4", "step3p7", "inkling2_text", "inkling2_loop_text", "ernie4_5_vl_moe",
+    # Interleave of the shared experts' gate and up projections, concatenated (shared_w13_weight)
+    "inkling_mm_model",
 ]
 # model types whose tables hold an operation the map cannot describe as views: refused, naming the tensor
 # (muse_spark also passes, checked by hand: 12 s of vision tower, left out for speed)
-REFUSED = {"inkling_mm_model": "Interleave"}
+REFUSED: dict[str, str] = {}
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                head_dim=32, intermediate_size=48, moe_intermediate_size=24, max_position_embeddings=128,
@@ -177,7 +179,7 @@ def test_hubmap_matches_save_and_load(model_type, saved):
     # routed experts: per layer, the per-expert file tensors name every expert 0..E-1 equally often, and an
     # expert axis has the expert count's length (a router's, plus the identity experts it also scores: LongCat's)
     n_experts = _expert_count(config)
-    identity = identity_experts(config)[1]
+    identity = router_slots(_build(config, "meta"))        # rows a router scores after its experts
     per_layer: dict = {}
     for file_name in files:
         e = hub.expert_of(file_name)

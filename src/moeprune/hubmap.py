@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import MoePruneError
-from .discover import identity_experts
+from .discover import router_slots
 
 View = tuple[str, tuple]          # ("select", (dim, i)) | ("narrow", (dim, start, length)) | ("transpose", (a, b))
                                   # | ("unflatten", (dim, sizes))
@@ -157,11 +157,21 @@ class _Sym:
     def interleave(self, dim: int, inverse: bool) -> _Sym:
         """transformers' Interleave: F' = F.unflatten(d, (n/2, 2)).transpose(d, d+1).reshape(shape) (inverse: 2, n/2),
         so F'.unflatten(d, (b, a)).transpose(d, d+1) == F.unflatten(d, (a, b))."""
-        if not self.pure:
-            raise _Unsupported("Interleave of a tensor assembled from several parts")
         dim = dim % len(self.shape)
         n = self.shape[dim]
         a, b = (2, n // 2) if inverse else (n // 2, 2)
+        if not self.pure:
+            # parts concatenated along `dim` in blocks of b (Inkling's shared gate and up projections): F.narrow(d,
+            # j * b, b) == F.unflatten(d, (a, b)).select(d, j) == F'.unflatten(d, (b, a)).transpose(d, d+1).select(d, j)
+            pieces = []
+            for p in self.pieces:
+                head = p.file_view[0] if p.file_view else None
+                if head is None or head[0] != "narrow" or head[1][0] != dim or head[1][2] != b or head[1][1] % b:
+                    raise _Unsupported("Interleave of a tensor assembled from parts other than its halves")
+                j = head[1][1] // b
+                block = (("unflatten", (dim, (b, a))), ("transpose", (dim, dim + 1)), ("select", (dim, j)))
+                pieces.append(Piece(p.module, p.module_view, block + p.file_view[1:]))
+            return _Sym(self.shape, pieces, zeros=self.zeros)
         p = self.pieces[0]
         return _Sym(self.shape, [Piece(p.module, p.module_view + (("unflatten", (dim, (a, b))),),
                                        (("unflatten", (dim, (b, a))), ("transpose", (dim, dim + 1))))])
@@ -512,7 +522,7 @@ class HubMap:
             if isinstance(file_names, Mapping):
                 files = {name: _stored_swapped(f, file_names.get(name)) for name, f in files.items()}
         E = _expert_count(model.config)
-        axes, rows = _module_expert_axes(stored, E, identity_experts(model.config)[1])
+        axes, rows = _module_expert_axes(stored, E, router_slots(model))
         return cls(model_type, shapes, files, tied, axes, E, rows)
 
     @staticmethod
