@@ -36,10 +36,10 @@ from moeprune.hub import output_layout
 from moeprune.shards import Checkpoint
 
 
-def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int) -> float:
+def streamed_forward(ckpt: Path, samples: int, seq_len: int, batch_size: int, dtype: str = "float32") -> float:
     """Seconds for one forward of `samples` random windows through the checkpoint, a layer at a time."""
     start = time.perf_counter()
-    source = CheckpointSource(ckpt, "cpu", torch.float32)
+    source = CheckpointSource(ckpt, "cpu", getattr(torch, dtype))
     ids = calibration_tokens("random", None, samples, seq_len, 0, vocab_size=source.model.config.vocab_size)
     step = Evaluate(list(ids.split(batch_size)))
     run(source, [step], progress=False)
@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--self-calib", default=None,
                         help="passed to moeprune prune (default: its own, 0.5 when the model fits in memory, else 0)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="compute dtype of both runs (default: prune's own, float32 on the CPU; bfloat16 for a "
+                             "layer too large for memory in float32)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep-output", action="store_true", help="do not delete --out afterwards")
     args = parser.parse_args()
@@ -99,13 +102,16 @@ def main() -> None:
     prune = [str(bin_dir / "moeprune"), "prune", str(args.ckpt), "--method", args.method, "--keep", str(args.keep),
              "--calib", "random", "--samples", str(args.samples), "--seq-len", str(args.seq_len),
              "--batch-size", str(args.batch_size), "--no-eval", "--out", str(args.out), "--overwrite", "--quiet"]
+    if args.dtype is not None:
+        prune += ["--dtype", args.dtype]
     if args.self_calib is not None:
         prune += ["--self-calib", args.self_calib]
     # this module again, as `-m` from the same working directory as this run (the repository root)
     forward = [sys.executable, "-m", "benchmarks.scale", "forward", str(args.ckpt), str(args.samples),
-               str(args.seq_len), str(args.batch_size)]
+               str(args.seq_len), str(args.batch_size), args.dtype or "float32"]
     result = {"ckpt": str(args.ckpt), "method": args.method, "keep": args.keep, "samples": args.samples,
-              "seq_len": args.seq_len, "machine": machine()}
+              "seq_len": args.seq_len, "dtype": args.dtype or "float32",
+              "machine": machine()}
     result["page_cache"] = "dropped before each run" if drop_page_cache() else "as it was (not root)"
     result["prune"] = {k: v for k, v in watch(prune, 0.2).items() if k != "samples"}
     if result["prune"]["exit_code"] != 0:
@@ -149,7 +155,8 @@ def machine() -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["forward"]:
-        seconds = streamed_forward(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        seconds = streamed_forward(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                                   *sys.argv[6:7])
         print(f"streamed forward: {seconds:.1f} s")
     else:
         main()
