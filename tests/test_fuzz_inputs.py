@@ -379,3 +379,86 @@ def test_generated_info_and_eval_arguments(tmp_path_factory, cli_model, data):
     work = cli_work(tmp_path_factory)
     before = digest(cli_model)
     check_command(data.draw(other_commands(cli_model, work)), cli_model, work, before)
+
+
+# ---------------------------------------------------------------- quantized checkpoints
+
+QUANT_KEYS = ["expert_dtype", "scale_fmt", "weight_block_size", "activation_scheme", "fmt", "quant_method"]
+QUANT_VALUES = st.one_of(st.sampled_from(["fp4", "fp8", "mxfp4", "ue8m0", "float", "dynamic", "static", "e4m3", "e5m2",
+                                          [128, 128], [1, 32], [0, 128], [128], "gptq"]), json_values)
+TORCH_DTYPES = [torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def v4_fp4(tmp_path_factory) -> Path:
+    """The tiny DeepSeek-V4 in V4-Flash's precision (tests/test_quant_fp4.py): FP8 ue8m0 linears, FP4 experts."""
+    from test_quant_fp4 import write_v4
+    return write_v4(tmp_path_factory.mktemp("fuzzv4") / "v4")
+
+
+@st.composite
+def quantized_damage(draw, folder: Path) -> tuple[dict | None, dict[str, torch.Tensor | None]]:
+    """(config.json's new contents or None, {tensor name: its new value, None to drop it}): the quantization_config
+    or top-level expert_dtype changed, or a quantized weight or scale dropped, recast to another dtype, cut, or
+    given another's name."""
+    from safetensors import safe_open
+    with safe_open(str(folder / SINGLE), "pt") as f:
+        names = sorted(n for n in f.keys() if n.endswith(".scale") or f.get_slice(n).get_dtype() in ("I8", "F8_E4M3"))
+        tensors: dict[str, torch.Tensor | None] = {}
+        for _ in range(draw(st.integers(0, 2))):
+            name = draw(st.sampled_from(names))
+            t = f.get_tensor(name)
+            kind = draw(st.sampled_from(["drop", "dtype", "cut", "rename"]))
+            if kind == "drop":
+                tensors[name] = None
+            elif kind == "dtype":
+                to = draw(st.sampled_from(TORCH_DTYPES))
+                tensors[name] = t.view(torch.uint8).view(to) if t.shape[-1] * t.element_size() % to.itemsize == 0 \
+                    else t.to(to)
+            elif kind == "cut" and t.shape[-1] > 1:
+                tensors[name] = t[..., : draw(st.integers(1, t.shape[-1] - 1))].contiguous()
+            elif kind == "rename":
+                tensors[name] = None
+                tensors[name.replace(".scale", ".weight_scale_inv") if name.endswith(".scale") else name + "2"] = t
+    config = None
+    if draw(st.booleans()) or not tensors:
+        config = json.loads((folder / "config.json").read_text())
+        for _ in range(draw(st.integers(1, 3))):
+            key = draw(st.sampled_from(QUANT_KEYS))
+            where = config if key == "expert_dtype" and draw(st.booleans()) else config["quantization_config"]
+            if rarely(draw):
+                where.pop(key, None)
+            else:
+                where[key] = draw(QUANT_VALUES)
+    return config, tensors
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_damage_to_a_quantized_checkpoint(tmp_path_factory, v4_fp4, data):
+    """A DeepSeek-V4 FP8 + FP4 checkpoint with its quantization_config or its quantized tensors damaged: `moeprune
+    info` succeeds or refuses in one line (never a traceback), and the folder is unchanged; where info accepts it,
+    so does `moeprune prune` or it refuses in one line (an internal error, exit 3, fails), leaving no output.
+    (Found so: one expert's e8m0 scales stored as uint8 beside F8_E8M0 ones was an internal error at the write.)"""
+    from safetensors.torch import load_file, save_file
+    folder = fresh(tmp_path_factory, v4_fp4)
+    config, tensors = data.draw(quantized_damage(folder))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    if tensors:
+        state = load_file(str(folder / SINGLE))
+        for name, t in tensors.items():
+            state.pop(name, None)
+            if t is not None:
+                state[name] = t
+        save_file(state, str(folder / SINGLE), metadata={"format": "pt"})
+    if check_info(folder) == 0:
+        work = cli_work(tmp_path_factory)
+        check_command(["prune", str(folder), "--method", "frequency", "--keep", "3", "--calib", "random",
+                       "--samples", "2", "--seq-len", "16", "--no-eval", "--quiet", "--out", str(work / "out")],
+                      folder, work, digest(folder))
+
+
+def test_the_undamaged_quantized_checkpoint_is_accepted(v4_fp4):
+    """The quantized generator starts from a good folder: `moeprune info` accepts it."""
+    assert info(v4_fp4)[0] == 0

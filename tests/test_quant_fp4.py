@@ -347,3 +347,25 @@ def test_fp4_experts_without_expert_dtype_are_refused(v4, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoePruneError, match="expert_dtype is 'fp6'"):
         CheckpointSource(folder, "cpu", torch.float32)
+
+
+def test_experts_stored_in_different_precisions_are_refused_before_the_work(v4, tmp_path, capsys):
+    """One expert's e8m0 scales stored as uint8 beside the others' F8_E8M0 (the same values) read fine, but a kept
+    expert is written into another's file slot: refused by name before any layer runs (it was an internal error at
+    the write), nothing written; --dequantize writes bf16 and does not care."""
+    from safetensors.torch import load_file
+    folder = tmp_path / "mixed"
+    shutil.copytree(v4, folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "layers.3.ffn.experts.2.w2.scale"
+    tensors[name] = tensors[name].view(torch.uint8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert main(["info", str(folder)]) == 0
+    out = tmp_path / "out"
+    assert main(["prune", str(folder), "--method", "frequency", "--keep", "3", *PRUNE, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"experts\.0\.w2\.scale is F8_E8M0 but layers\.3\.ffn\.experts\.2\.w2\.scale "
+                                       r"is U8: the experts of one tensor differ in precision", err[0]), err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mixed"]
+    assert main(["prune", str(folder), "--method", "frequency", "--keep", "3", *PRUNE, "--out", str(out),
+                 "--dequantize"]) == 0

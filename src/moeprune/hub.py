@@ -282,6 +282,7 @@ class CheckpointWriter:
         self._sums: dict[tuple[int, int], list[float]] = {}        # (layer, expert) -> [error^2, norm^2]
         self.copied_experts = 0                                      # expert tensors written as the input's bytes
         if self.quant is not None and not self.dequantize:
+            source.experts.check_alike()
             source.experts.enabled = True                            # the reads index the experts' values
 
     def write_layer(self, i: int, layer: torch.nn.Module) -> None:

@@ -595,6 +595,21 @@ class ExpertIndex:
         self.done: dict[str, set[int]] = defaultdict(set)
         self.enabled = False                                          # set by a writer: only a prune needs it
 
+    def check_alike(self) -> None:
+        """Every expert of a per-expert tensor stored in one precision (weight and scale dtypes): a pruned expert
+        is written into the file slot of the input expert at its position, as that one's dtypes, so a kept expert's
+        bytes in other dtypes would not fit (one expert's e8m0 scales stored as uint8, the rest as F8_E8M0)."""
+        for r, experts in self.units.items():
+            qs = [self.scheme.tensors[name] for _, name in sorted(experts.items())]
+            odd = next((q for q in qs if q.dtypes != qs[0].dtypes), None)
+            if odd is not None:
+                k = next(k for k, (a, b) in enumerate(zip(qs[0].dtypes, odd.dtypes)) if a != b)
+                raise MoePruneError(f"{self.scheme.ckpt.folder}: {qs[0].parts[k]} is {qs[0].dtypes[k]} but "
+                                    f"{odd.parts[k]} is {odd.dtypes[k]}: the experts of one tensor differ in "
+                                    "precision, and a pruned expert takes another's place in the files; re-save the "
+                                    "checkpoint with every expert stored alike, or prune with --dequantize (bf16 "
+                                    "output)")
+
     def record(self, name: str, t: torch.Tensor, hub) -> None:
         """Index the value `t` of the plain tensor `name` as it was read (for every expert a fused one holds)."""
         if not self.enabled:
