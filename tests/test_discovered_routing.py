@@ -22,7 +22,9 @@ from moeprune.surgery import apply_plan
 from moeprune.tiny import tiny_model_any
 
 TYPES = ["minimax_m2", "afmoe", "hy_v3", "lfm2_moe", "hunyuan_v1_moe", "exaone_moe", "muse_spark", "llama4_text",
-         "ergo", "longcat_flash", "inkling2_text"]
+         "ergo", "longcat_flash", "inkling2_text",
+         # group-limited choice (num_group 2, topk_group 1 in the tiny configs), read off the router's attributes
+         "deepseek_v32", "axk1", "beam"]
 KEPT = [0, 2, 3, 5, 6, 7]
 
 
@@ -118,3 +120,22 @@ def test_statistics_of_two_samples_joined_keep_every_tokens_record(model_type):
     E = next(iter(joined.layers.values())).num_experts
     plan = get_method("naee").plan(joined, keep=E // 2)
     assert all(lp.keep == E // 2 for lp in plan.layers.values())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "granitemoe", "qwen3_moe"])
+def test_a_router_run_in_bfloat16_is_read_off_too(model_type):
+    """A model run in bfloat16 (as on a GPU) returns its routing weights rounded to bfloat16: the rule is still read
+    off (within two of its epsilons; Qwen3-Next's and Granite's layers had none, so NAEE and auto's NAEE refused
+    them), and it replays the router's choice exactly and its weights to bfloat16's precision."""
+    model = live_model(model_type).to(torch.bfloat16)
+    layout = moe_layout(model)
+    ids = torch.randint(3, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, layout, ids, sample_tokens=96, progress=False, weight_similarity=False)
+    for layer in layout.layers:
+        ls = stats.layers[layer.index]
+        assert ls.routing and ls.routing["scale"] == pytest.approx(1.0, abs=2e-3), layer.index
+        _, w, i = layer.route(ls.inputs.to(torch.bfloat16))
+        assert w.dtype == torch.bfloat16
+        (w, i), (w2, i2) = by_expert(w, i), by_expert(*restricted_routing(ls.logits, range(layer.num_experts),
+                                                                          ls.routing, layout.top_k))
+        assert torch.equal(i, i2) and torch.allclose(w, w2, rtol=2 ** -7, atol=1e-6)

@@ -138,17 +138,31 @@ def slot_kind(layer: MoeLayer, x: torch.Tensor) -> str | None:
     return "skip" if bool((w[slot] == 0).all()) else "identity"
 
 
+def _group_limits(router, E: int) -> list[dict]:
+    """The group-limited choices a router may make, most specific first: DeepSeek-V3-style routers (26 families in
+    transformers 5.25: DeepSeek-V3.2, AXK1, Beam, ...) hold num_group and topk_group and choose among the experts of
+    the topk_group groups of highest score (the sum of each group's two best, or its best, as DeepSeek-V2 does)."""
+    n, k = getattr(router, "num_group", None), getattr(router, "topk_group", None)
+    if isinstance(n, int) and isinstance(k, int) and 1 < n and E % n == 0 and 0 < k < n:
+        return [{"n_group": n, "topk_group": k, "group_score": score} for score in ("top2_sum", "max")] + [{}]
+    return [{}]
+
+
 def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                   top_k: int, slots: str | None = None) -> dict:
     """The routing rule of a family moeprune has no entry for, read off the router's own decisions on calibration
     tokens: the candidate (softmax or sigmoid scores, plus the router's correction bias if it has one; top-k of the
-    scores or softmax over the top-k logits; renormalised or not; a constant scale) that reproduces every token's
+    scores, within the router's best groups where it holds num_group and topk_group, or softmax over the top-k
+    logits; renormalised or not; a constant scale) that reproduces every token's
     chosen experts and their weights. {} when none does (then NAEE, which replays routing, refuses the layer).
     A layer that chooses by token id is read by `hash_rule` instead."""
     if logits.numel() == 0:
         return {}
     bias = correction_bias(layer)
     bias = bias.detach().float().flatten().tolist() if torch.is_tensor(bias) and not bias.is_meta else None
+    # a router that returns its weights in bfloat16 / float16 (a model run in it) rounds them: within two of its
+    # epsilons of the rule's, against 1e-3 in float32
+    rtol = max(1e-3, 2 * torch.finfo(weights.dtype).eps) if weights.is_floating_point() else 1e-3
     want = weights.double()
     chosen = indices.sort(dim=-1).values
     E = layer.num_experts
@@ -161,12 +175,13 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
     # ("slots": the kind slot_kind probed, where the sample's choices cannot tell)
     modes = ({}, {"slots": "skip"}, {"slots": "shared"}) if identity else ({},)
     modes = tuple(m for m in modes if slots is None or m.get("slots", "identity") in (slots, "shared"))
-    for scoring, topk_softmax, renormalize, mode in itertools.product(SCORINGS, (False, True), (True, False), modes):
+    for scoring, topk_softmax, renormalize, mode, groups in itertools.product(
+            SCORINGS, (False, True), (True, False), modes, _group_limits(layer.router, E)):
         biased = E if mode.get("slots") == "shared" else E + identity.get("identity_slots", 0)
         if mode and topk_softmax or bias is not None and len(bias) != biased:
             continue                       # no such router: its bias covers the rows its choice is among
         rule = {**_base_rule(scoring), "topk_softmax": topk_softmax, "renormalize": renormalize,
-                "correction_bias": bias, **identity, **mode}
+                "correction_bias": bias, **identity, **mode, **groups}
         w, idx = restricted_routing(logits, range(E), rule, top_k)
         order = idx.sort(dim=-1)
         if order.values.shape != chosen.shape or not torch.equal(order.values, chosen):
@@ -174,7 +189,7 @@ def inferred_rule(layer: MoeLayer, logits: torch.Tensor, weights: torch.Tensor, 
         got = w.gather(-1, order.indices)
         mine = want.gather(-1, indices.argsort(dim=-1))
         scale = float((mine.sum() / got.sum().clamp_min(1e-30)))
-        if torch.allclose(got * scale, mine, rtol=1e-3, atol=1e-6):
+        if torch.allclose(got * scale, mine, rtol=rtol, atol=1e-6):
             return {**rule, "scale": round(scale, 6)}
     return {}
 
