@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ from moeprune.calibration import collect
 from moeprune.checkpoint import load
 from moeprune.cli import main
 from moeprune.selfcalib import combine
-from moeprune.tradeoff import (AUTO_METHODS, AUTO_STATS, SELF_GROUP, WORST_WINDOW, auto_choose, auto_label, auto_stats,
-                               pick, summary)
+from moeprune.report import tradeoff_table
+from moeprune.tradeoff import (AUTO_METHODS, AUTO_STATS, SELF_GROUP, WORST_WINDOW, auto_choose, auto_label, auto_plans,
+                               auto_stats, pick, summary)
 from moeprune.tiny import tiny_model
 
 RARE = 7            # the expert only the model's own text reaches
@@ -109,6 +111,26 @@ def test_combined_statistics_are_the_sums_of_one_pass():
     assert both.calibration["samples"] == 5
 
 
+def test_a_candidate_whose_method_refuses_the_model_is_left_out():
+    """Statistics without a routing rule (a router no rule reproduces, or statistics older than the rules): NAEE
+    refuses them, so auto leaves its two NAEE plans out with a warning naming why and plans the other six; the
+    trade-off table says what was left out."""
+    model = make("qwen2_moe")
+    layout = moe_layout(model)
+    ids = torch.randint(3, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    stats = collect(model, layout, ids, sample_tokens=20, progress=False)
+    for ls in stats.layers.values():
+        ls.routing = {}
+    with pytest.warns(UserWarning, match=r"auto leaves out naee \(text\): naee replays the router's top-k routing"):
+        plans = auto_plans(stats, stats, keep=4, seed=0)
+    assert sorted(plans) == sorted(auto_label(name, which) for which in AUTO_STATS for name, _ in AUTO_METHODS
+                                   if name != "naee")
+    reap = {"ratio": {"a": 1.01, "b": 1.02}, "mean": 1.015, "worst": {"domain": "b", "ratio": 1.02}}
+    table = tradeoff_table({"chosen": "reap (text)", "rows": {"reap (text)": reap},
+                            "left_out": {"naee (text)": "layer 0: no rule"}})
+    assert table.endswith("Left out: naee (text), whose method refuses this model (layer 0: no rule).")
+
+
 def row(**ratio):
     return {"ratio": ratio}
 
@@ -181,12 +203,20 @@ def test_the_default_is_auto_where_it_can_run(calib, tmp_path):
     common = {"keep": 4, "samples": 16, "seq_len": 32, "sample_tokens": 128, "quiet": True, "no_eval": True}
     chosen = api.prune(api.PruneConfig(model=str(folder), calib=str(calib), **common))
     assert chosen.plan.method == "auto" and RARE in chosen.plan.layers[0].representatives
-    for given, options in (({"calib": "random"}, {}), ({"calib": str(calib)}, {"diversity": 0.5}),
-                           ({"calib": str(calib), "self_calib": 0.0}, {}),      # no self-written windows to score on
-                           ({"calib": str(calib), "stats_cache": str(tmp_path / "cache")}, {}),
-                           ({"calib": str(calib), "report_tradeoff": True}, {})):
-        result = api.prune(api.PruneConfig(model=str(folder), **given, **common), **options)
+    # where auto cannot run, a warning says why (the options that name another method's world need none)
+    for given, options, why in (({"calib": "random"}, {}, "--calib random is no text"),
+                                ({"calib": str(calib)}, {"diversity": 0.5}, None),
+                                ({"calib": str(calib), "self_calib": 0.0}, {}, "writes no calibration windows"),
+                                ({"calib": str(calib), "stats_cache": str(tmp_path / "cache")}, {}, None),
+                                ({"calib": str(calib), "report_tradeoff": True}, {}, None)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = api.prune(api.PruneConfig(model=str(folder), **given, **common), **options)
+        said = [str(w.message) for w in caught if "the default method auto" in str(w.message)]
         assert result.plan.method == "diverse", given
-    assert api.prune(api.PruneConfig(model="tiny:mixtral", **common)).plan.method == "diverse"    # no tokenizer
+        assert (said == []) if why is None else (len(said) == 1 and why in said[0] and said[0].endswith(
+            "pruning with diverse")), (given, said)
+    with pytest.warns(UserWarning, match="the default method auto .* but the model folder has no tokenizer files"):
+        assert api.prune(api.PruneConfig(model="tiny:mixtral", **common)).plan.method == "diverse"
     with pytest.raises(MoePruneError, match="held-out calibration text"):
         api.prune(api.PruneConfig(model="tiny:mixtral", method="auto", **common))

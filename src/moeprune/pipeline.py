@@ -151,8 +151,7 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
                                 + (" (0: all)" if least == 0 else ""))
     method = options = None
     if cfg.plan is None and cfg.method is None:         # the default: auto, unless the options rule it out
-        cfg.method = FALLBACK if method_options or cfg.report_tradeoff or cfg.stats_cache or cfg.calib == "random" \
-            else AUTO
+        cfg.method = FALLBACK if method_options or cfg.report_tradeoff or cfg.stats_cache else AUTO
     if cfg.plan is None and cfg.method == AUTO:
         for bad, why in ((method_options, "method options"), (cfg.report_tradeoff, "--report-tradeoff"),
                          (cfg.stats_cache, "--stats-cache")):
@@ -184,19 +183,26 @@ def _check_options(cfg: PruneConfig, method_options: dict) -> tuple[Method | Non
     return method, options
 
 
-def _auto_can_run(cfg: PruneConfig, tokenizer) -> bool:
-    """Whether auto, the default, can run: a tokenizer, and calibration text (read whole: at most LAZY_BYTES) of which
-    some documents can be held out."""
+def _why_not_auto(cfg: PruneConfig, tokenizer, share: float) -> str | None:
+    """Why auto, the default, cannot run here (None: it can): it needs a tokenizer, calibration text (read whole: at
+    most LAZY_BYTES) of which some documents can be held out, and windows the model writes itself."""
     spec = calibration_spec(cfg, tokenizer)
-    if tokenizer is None or spec == "random":
-        return False
+    if tokenizer is None:
+        return "the model folder has no tokenizer files"
+    if spec == "random":
+        return "--calib random is no text"
     files = source_files(spec)
     if files is not None and sum(f.stat().st_size for f in files) > LAZY_BYTES:
-        return False
+        return f"the calibration text is larger than {LAZY_BYTES // 2**20} MiB, read a window at a time"
     try:
-        return bool(split_held_out(text_domains(spec), HELD_OUT, cfg.seed)[1])
+        held = split_held_out(text_domains(spec), HELD_OUT, cfg.seed)[1]
     except MoePruneError:
-        return False
+        held = None
+    if not held:
+        return "no document of the calibration text can be held out"
+    if share == 0:
+        return "the model writes no calibration windows of its own (--self-calib 0, or too large to sample here)"
+    return None
 
 
 def prepare(cfg: PruneConfig, method_options: dict) -> Run:
@@ -231,10 +237,13 @@ def prepare(cfg: PruneConfig, method_options: dict) -> Run:
         raise MoePruneError("--self-text is text: the model folder needs tokenizer files to encode it")
     share, note = resolve_share(cfg.self_calib, source, start_token(layout.config, tokenizer),
                                 cfg.self_text is not None) if needs_stats else (0.0, None)
-    if auto and defaulted and (not _auto_can_run(cfg, tokenizer) or share == 0):
+    why = _why_not_auto(cfg, tokenizer, share) if auto and defaulted else None
+    if why is not None:
         # no text to hold out, or no windows written by the model (too large to sample here, or --self-calib 0):
         # auto was chosen for scoring its plans on those windows (docs/ABLATION.md step 6), and it reads a
         # checkpoint twice; without them the default is diverse
+        warnings.warn(f"the default method auto scores its candidate plans on held-out text and on windows the "
+                      f"model writes itself, but {why}: pruning with {FALLBACK}")
         cfg.method, auto = FALLBACK, False
         method, options = get_method(FALLBACK), get_method(FALLBACK).make_options()
     # the alternatives of the trade-off include diverse

@@ -487,6 +487,8 @@ def tradeoff_table(tradeoff: dict) -> str:
         name = f"**{label}** (written)" if label == tradeoff["chosen"] else label
         lines.append(f"| {name} | {r['mean']:.3f} | {r['worst']['ratio']:.3f} {r['worst']['domain']} | "
                      + " | ".join(f"{r['ratio'][d]:.3f}" for d in domains) + " |")
+    for label, why in tradeoff.get("left_out", {}).items():
+        lines.append(f"\nLeft out: {label}, whose method refuses this model ({why}).")
     return "\n".join(lines)
 
 

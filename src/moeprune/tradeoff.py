@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class Tradeoff(Step):
         self.plans: dict[str, dict[int, LayerPlan]] = {label: {} for label in self.methods}
         self.held: list[LayerInputs] | None = None
         self.alt: dict[str, list[LayerInputs]] = {}
+        self.dropped: dict[str, str] = {}       # label -> why its method cannot plan this model
 
     def begin(self, source: ModelSource) -> None:
         self.held = source.embed(self.evaluation.batches)
@@ -78,14 +80,28 @@ class Tradeoff(Step):
     def layer(self, work: LayerWork) -> None:
         """Before the chosen plan changes the layer: the original, then each alternative on a copy of the block."""
         held_in, self.held = self.held, advance(work.module, work.index, self.held)
-        for label, (method, options) in self.methods.items():
+        for label, (method, options) in list(self.methods.items()):
             if work.moe is None:                  # a dense layer: a stream that still is the original's is shared
                 self.alt[label] = self.held if self.alt[label] is held_in else advance(work.module, work.index,
                                                                                        self.alt[label])
                 continue
-            lp = self.plans[label][work.index] = method.plan_layer(self.stats_of(label, work), self.keep, options,
-                                                                    self.seed)
+            try:
+                lp = method.plan_layer(self.stats_of(label, work), self.keep, options, self.seed)
+            except MoePruneError as e:
+                if label == self.chosen:          # the written plan itself: its own error
+                    raise
+                self.drop(label, f"layer {work.index}: {e}")
+                continue
+            self.plans[label][work.index] = lp
             self.alt[label] = self._with_plan(work, lp, self.surgery[label], self.alt[label])
+
+    def drop(self, label: str, why: str) -> None:
+        """An alternative whose method refuses this model (NAEE where a router's rule cannot be replayed) leaves the
+        comparison, said in a warning and in the result, and the others go on."""
+        warnings.warn(f"{self.name} leaves out {label}: {why}")
+        self.dropped[label] = why
+        for table in (self.methods, self.tallies, self.surgery, self.plans, self.alt):
+            table.pop(label, None)
 
     def stats_of(self, label: str, work: LayerWork):
         """The statistics `label`'s plan is made from: the layer's."""
@@ -125,7 +141,8 @@ class Tradeoff(Step):
                 path.parent.mkdir(exist_ok=True)
                 self._plan(method, options, self.plans[label]).save(path)
                 rows[label]["plan"] = path.relative_to(folder).as_posix()
-        return {"chosen": self.chosen, "held_out_tokens": {d: v["tokens"] for d, v in base.items()}, "rows": rows}
+        return {"chosen": self.chosen, "held_out_tokens": {d: v["tokens"] for d, v in base.items()}, "rows": rows,
+                **({"left_out": dict(self.dropped)} if self.dropped else {})}
 
 
 # ---------------------------------------------------------------- `auto`: the plan chosen per model on held-out windows
@@ -219,7 +236,10 @@ def auto_plans(text, mixed, keep: int, seed: int) -> dict[str, Plan]:
     plans = {}
     for which, stats in zip(AUTO_STATS, (text, mixed)):
         for name, options in AUTO_METHODS:
-            plans[auto_label(name, which)] = get_method(name).plan(stats, keep, seed, **options)
+            try:
+                plans[auto_label(name, which)] = get_method(name).plan(stats, keep, seed, **options)
+            except MoePruneError as e:          # the method refuses this model: left out, as the engine's Auto does
+                warnings.warn(f"auto leaves out {auto_label(name, which)}: {e}")
     return plans
 
 
@@ -309,7 +329,7 @@ class Auto(Tradeoff):
         self.plans = {label: {} for label in self.methods}
         self.kept: dict[str, dict] = {kind: {} for kind in self.kinds}
         self.chosen: str | None = None
-        self.held, self.alt, self.window_rule = None, {}, windows
+        self.held, self.alt, self.window_rule, self.dropped = None, {}, windows, {}
 
     def windows(self, text: Callable[[int, list[str]], torch.Tensor],
                 written: Callable[[int], torch.Tensor] | None) -> torch.Tensor:
@@ -371,6 +391,9 @@ class Auto(Tradeoff):
     def choose(self, source: ModelSource) -> str:
         """Score every plan on the held-out windows (the original model's too) and pick (`pick`)."""
         from .engine import score
+        if not self.methods:
+            raise MoePruneError("--method auto: none of its candidate plans could be made for this model ("
+                                + "; ".join(f"{k}: {v}" for k, v in self.dropped.items()) + "); choose a --method")
         score(source, self.streams())
         self.chosen = pick(self.result(None)["rows"], windows=self.window_rule)
         return self.chosen
