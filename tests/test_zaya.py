@@ -161,3 +161,20 @@ def test_every_method_prunes_zaya(method):
         assert torch.equal(m.router.balancing_biases[4:], before.router.balancing_biases[E:])
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=tokens(1)).logits).all()
+
+
+def test_the_streamed_checkpoint_writes_what_the_model_in_memory_writes(tmp_path):
+    """Self-calibration samples from the whole streamed model (CheckpointSource.whole): ZayaModel's own
+    input_hidden_states_scale and _bias, outside any child module, are read for it as for the embeddings (the
+    default auto stopped on a meta tensor), and the windows are those the model in memory writes."""
+    from moeprune.selfcalib import sample_windows
+    from moeprune.sources import CheckpointSource
+    model = zaya()
+    with torch.no_grad():
+        model.model.input_hidden_states_scale.normal_(1.0, 0.5)     # not the identity, so a lost one shows
+    model.save_pretrained(tmp_path / "in")
+    source = CheckpointSource(tmp_path / "in", "cpu", torch.float32)
+    with source.whole() as streamed:
+        got = sample_windows(streamed, 1, 3, 16, seed=0, progress=False)
+    assert source.model.model.input_hidden_states_scale.is_meta          # back on meta after
+    assert torch.equal(got, sample_windows(model, 1, 3, 16, seed=0, progress=False))

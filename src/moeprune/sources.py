@@ -204,32 +204,38 @@ class CheckpointSource(ModelSource):
         inside = any(embed is m for c in children for m in c.modules())
         return children if inside else [embed, *children]
 
-    def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
-        modules = self.before_layers()
+    @contextmanager
+    def own_tensors(self):
+        """The language model's own tensors, outside any child module (Zaya's input_hidden_states_scale and _bias,
+        applied to the embeddings before the first layer), read while the block runs; back on meta after."""
         base = text_model(self.model)
-        # the language model's own tensors, outside any child (Zaya's input_hidden_states_scale and _bias, applied to
-        # the embeddings before the first layer)
         own = {n: t for n, t in [*base._parameters.items(), *base._buffers.items()]
                if t is not None and t.is_meta and n not in base._non_persistent_buffers_set}
+
+        def put(n: str, value: torch.Tensor) -> None:
+            if n in base._parameters:
+                base._parameters[n] = nn.Parameter(value, requires_grad=False)
+            else:
+                base._buffers[n] = value
+        try:
+            for n, t in own.items():
+                value = self.hub.to_module(self.prefix(base) + n, tuple(t.shape), self._read, self.dtype)
+                put(n, value.to(self.device, self.dtype if value.is_floating_point() else value.dtype))
+            yield
+        finally:
+            for n, t in own.items():
+                put(n, t)
+
+    def embed(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
+        modules = self.before_layers()
         try:
             for module in modules:
                 self.materialise(module, self.prefix(module))
-            for n, t in own.items():
-                value = self.hub.to_module(self.prefix(base) + n, tuple(t.shape), self._read, self.dtype)
-                value = value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
-                if n in base._parameters:
-                    base._parameters[n] = nn.Parameter(value, requires_grad=False)
-                else:
-                    base._buffers[n] = value
-            return capture(self.model, batches, self.device)
+            with self.own_tensors():
+                return capture(self.model, batches, self.device)
         finally:
             for module in modules:
                 unload(module)
-            for n, t in own.items():                        # back on the meta device
-                if n in base._parameters:
-                    base._parameters[n] = nn.Parameter(t, requires_grad=False)
-                else:
-                    base._buffers[n] = t
             _return_memory()
 
     def logits(self, hidden: torch.Tensor, kwargs: list[dict] | None = None) -> torch.Tensor:
@@ -254,7 +260,8 @@ class CheckpointSource(ModelSource):
         try:
             for module, prefix in parts:
                 self.materialise(module, prefix)
-            yield self.model
+            with self.own_tensors():
+                yield self.model
         finally:
             for module, _ in parts:
                 unload(module)
