@@ -31,6 +31,7 @@ from moeprune.arch import MoePruneError, moe_layout
 from moeprune.cli import main
 from moeprune.hub import output_bytes
 from moeprune.plan import Plan
+from moeprune.routing import correction_bias
 from moeprune.shards import Checkpoint
 from moeprune.sources import CheckpointSource
 from moeprune.surgery import apply_plan
@@ -369,3 +370,24 @@ def test_experts_stored_in_different_precisions_are_refused_before_the_work(v4, 
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mixed"]
     assert main(["prune", str(folder), "--method", "frequency", "--keep", "3", *PRUNE, "--out", str(out),
                  "--dequantize"]) == 0
+
+
+def test_float32_tensors_stay_float32_when_computing_in_bfloat16(v4, tmp_path):
+    """--dtype bfloat16 (one V4-Flash layer's experts do not fit this machine in float32): the tensors the model
+    declares float32 (the learned gate's bias, the hyper-connections) are read and kept in float32, as transformers
+    keeps them, so the pruned gate bias is the input's kept rows bit for bit (read in bfloat16 they were off by up
+    to 1e-4)."""
+    out = tmp_path / "out"
+    assert main(["prune", str(v4), "--method", "frequency", "--keep", "3", *PRUNE, "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    inp, got, plan = Checkpoint(v4), Checkpoint(out), Plan.load(out / "plan.json")
+    biases = [n for n in got.tensors if n.endswith("ffn.gate.bias")]
+    assert biases and all(got.info(n).dtype == "F32" for n in biases)
+    for name in biases:
+        layer = int(name.split(".")[1])
+        kept = [g[0] for g in plan.layers[layer].groups]
+        assert _same_bytes(got.get(name), inp.get(name)[kept]), name
+    source = CheckpointSource(v4, "cpu", torch.bfloat16)
+    source.layer(3)
+    moe = source.layout.by_index()[3]
+    assert correction_bias(moe).dtype == torch.float32 and moe.experts.gate_up_proj.dtype == torch.bfloat16

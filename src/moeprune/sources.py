@@ -173,12 +173,18 @@ class CheckpointSource(ModelSource):
     def materialise(self, module: nn.Module, prefix: str) -> None:
         """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype: each assembled
         from its file tensors (fused experts expert by expert, straight into the compute dtype)."""
-        expected = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
-        tensors = {k: self.hub.to_module(k, shape, self._read, self.dtype) for k, shape in expected.items()}
+        skeleton = {prefix + k: v for k, v in module.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in skeleton.items()}
+        tensors = {k: self.hub.to_module(k, expected[k], self._read, self._dtype_of(v)) for k, v in skeleton.items()}
         check_shapes(expected, tensors, str(self.ckpt.folder))
-        state = {k[len(prefix):]: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+        state = {k[len(prefix):]: t.to(self.device, self._dtype_of(skeleton[k]) if t.is_floating_point() else t.dtype)
                  for k, t in tensors.items()}
         module.load_state_dict(state, assign=True, strict=True)
+
+    def _dtype_of(self, skeleton: torch.Tensor) -> torch.dtype:
+        """The dtype a tensor is read into: the compute dtype, except a float32 tensor the module declares so
+        whatever the model's dtype (DeepSeek-V4's gate bias, routers' correction biases), as transformers keeps it."""
+        return torch.float32 if skeleton.dtype == torch.float32 else self.dtype
 
     def layer(self, i: int) -> nn.Module:
         layer = decoder_layers(self.model)[i]
@@ -219,8 +225,8 @@ class CheckpointSource(ModelSource):
                 base._buffers[n] = value
         try:
             for n, t in own.items():
-                value = self.hub.to_module(self.prefix(base) + n, tuple(t.shape), self._read, self.dtype)
-                put(n, value.to(self.device, self.dtype if value.is_floating_point() else value.dtype))
+                value = self.hub.to_module(self.prefix(base) + n, tuple(t.shape), self._read, self._dtype_of(t))
+                put(n, value.to(self.device, self._dtype_of(t) if value.is_floating_point() else value.dtype))
             yield
         finally:
             for n, t in own.items():
