@@ -12,7 +12,6 @@ from conftest import make
 from moeprune.align import align_to, match, neuron_activations, neuron_features, permute_expert
 from moeprune.arch import FAMILIES, moe_layout
 from moeprune.calibration import collect
-from moeprune.observer import expert_output
 from moeprune.grouping import agglomerative, anchored, anchors, coverage_anchors, group, spectral
 from moeprune.methods import get_method
 from moeprune.methods.diverse import merge_weights
@@ -215,8 +214,8 @@ def test_alignment_recovers_a_permutation_and_merging_is_identity(family, mode):
     with torch.no_grad():
         for n, p in layer.experts.named_parameters():
             p[5] = shuffled[n]
-    want = expert_output(layer, x, 2)
-    assert torch.allclose(expert_output(layer, x, 5), want, atol=1e-5)
+    want = layer.expert(x, 2)
+    assert torch.allclose(layer.expert(x, 5), want, atol=1e-5)
     from moeprune.plan import LayerPlan, Plan
     groups = [[0], [1], [2, 5], [3], [4], [6], [7]]
     plan = Plan("t", {}, {l.index: LayerPlan(8, groups, [[1.0], [1.0], [0.5, 0.5]] + [[1.0]] * 4,
@@ -227,7 +226,7 @@ def test_alignment_recovers_a_permutation_and_merging_is_identity(family, mode):
         for ls in stats.layers.values():
             ls.inputs = x
     apply_plan(model, layout, plan, stats)
-    assert torch.allclose(expert_output(layer, x, 2), want, atol=1e-5)
+    assert torch.allclose(layer.expert(x, 2), want, atol=1e-5)
 
 
 def test_anchored_groupings_represent_each_group_by_its_anchor():
@@ -299,7 +298,7 @@ def test_fitted_merge_reproduces_the_group_better_than_averaging(family):
             p = probabilities(ls.logits, layout.family.scoring)[:, [0, 1, 2]]
             w = p.sum(1)
             target = torch.einsum("tg,gtd->td", p, ls.outputs[[0, 1, 2]].double()) / w[:, None]
-            out = expert_output(layer, ls.inputs, 0).double()
+            out = layer.expert(ls.inputs, 0).double()
             total += float((w[:, None] * (out - target).square()).sum())
         errors[merge] = total
     assert errors["fit"] < errors["average"]

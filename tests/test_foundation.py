@@ -12,7 +12,6 @@ from safetensors import safe_open
 from conftest import hand_set_router, make, pin_routing
 from moeprune.arch import moe_layout
 from moeprune.calibration import collect
-from moeprune.observer import expert_output
 from moeprune.plan import LayerPlan, Plan
 from moeprune.stats import Stats
 from moeprune.surgery import apply_plan
@@ -69,11 +68,11 @@ def test_merging_identical_copies_reproduces_the_expert(family):
                 p[3] = p[2]
     layer0 = layout.layers[0]
     x = torch.randn(10, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    want = expert_output(layer0, x, 2)
+    want = layer0.expert(x, 2)
     groups = [[0], [1], [2, 3], [4], [5], [6], [7]]
     weights = [[1.0], [1.0], [0.3, 0.7], [1.0], [1.0], [1.0], [1.0]]
     apply_plan(model, layout, plan_for(layout, groups, weights))
-    assert torch.allclose(expert_output(layer0, x, 2), want, atol=1e-5)
+    assert torch.allclose(layer0.expert(x, 2), want, atol=1e-5)
     assert layer0.num_experts == 7
 
 
@@ -149,7 +148,7 @@ def test_statistics_on_a_hand_set_router(tmp_path):
         assert ls.tokens == N and ls.inputs.shape == (20, 64) and ls.outputs.shape == (8, 20, 64)
         # each sampled output is the expert run on the sampled input
         layer = layout.by_index()[ls.layer]
-        assert torch.allclose(ls.outputs[4], expert_output(layer, ls.inputs, 4), atol=1e-5)
+        assert torch.allclose(ls.outputs[4], layer.expert(ls.inputs, 4), atol=1e-5)
     stats.layers[0].cache["similarity/x"] = torch.eye(8)
     stats.save(tmp_path / "s")
     back = Stats.load(tmp_path / "s")
@@ -207,3 +206,22 @@ def test_pruned_model_trains_with_the_router_loss(family, tokens):
     assert out.loss.isfinite()
     assert getattr(out, "aux_loss", None) is None or out.aux_loss.isfinite()   # DeepSeek/GLM have no aux loss
     assert getattr(model, "num_experts", 6) == 6
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "dbrx", "llama4_text", "gpt_oss"])
+def test_many_experts_in_one_call_are_each_expert_alone(model_type):
+    """expert_rows runs each row through its own expert in one call of the experts module (the observer's REAP
+    sums and expert outputs, the hash-slot distances): the same values as one expert at a time, for fused experts,
+    DBRX's folded ones, an entry's own expert function (Llama 4) and GPT-OSS's biased, clamped ones."""
+    from moeprune.tiny import tiny_model_any
+    layer = moe_layout(tiny_model_any(model_type)).layers[0]
+    d = next(layer.router.parameters()).shape[-1]
+    x = torch.randn(10, d, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([3, 0, 3, 7, 1, 1, 5, 2, 6, 4])
+    with torch.no_grad():
+        got = layer.expert_rows(x, ids)
+        one = torch.stack([layer.expert(x[m:m + 1], int(e))[0] for m, e in enumerate(ids)])
+        every = layer.every_expert(x[:3])
+    assert torch.allclose(got, one, rtol=1e-5, atol=1e-6)
+    assert every.shape == (layer.num_experts, 3, got.shape[1])
+    assert all(torch.allclose(every[e], layer.expert(x[:3], e), rtol=1e-5, atol=1e-6) for e in range(8))

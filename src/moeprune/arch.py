@@ -264,12 +264,31 @@ class MoeLayer:
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """E_e(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""
+        return self.expert_rows(x, torch.full((x.shape[0],), e, dtype=torch.long, device=x.device))
+
+    def expert_rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """E_ids[m](x[m]) for every row m of x [m, d]: each row through its own expert, in one call of the model's
+        experts module (each row routed to its expert alone with weight 1), so that many experts' outputs cost one
+        dispatch, not one per expert (256 per chunk for DeepSeek-V4)."""
         if self.family is not None and self.family.expert_fn is not None:
-            return self.family.expert_fn(self.experts, x, e)
-        n = x.shape[0]
-        index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
-        # [n, d] (DBRX's experts return [n, 1, d] for a 2-D input)
-        return self.experts(x, index, torch.ones((n, 1), dtype=x.dtype, device=x.device)).reshape(n, -1)
+            out = torch.empty((x.shape[0], self.output_width(x)), dtype=x.dtype, device=x.device)
+            for e in ids.unique().tolist():
+                rows = (ids == e).nonzero().flatten()
+                out[rows] = self.family.expert_fn(self.experts, x[rows], e).reshape(rows.numel(), -1)
+            return out
+        m = x.shape[0]
+        # [m, d] (DBRX's experts return [m, 1, d] for a 2-D input)
+        return self.experts(x, ids.reshape(m, 1), torch.ones((m, 1), dtype=x.dtype, device=x.device)).reshape(m, -1)
+
+    def output_width(self, x: torch.Tensor) -> int:
+        """The width of an expert's output (the hidden size), from one row through expert 0."""
+        return self.family.expert_fn(self.experts, x[:1], 0).reshape(1, -1).shape[1]
+
+    def every_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """[E, n, d]: every expert on every row of x [n, d], in one call (expert_rows)."""
+        E, n = self.num_experts, x.shape[0]
+        ids = torch.arange(E, device=x.device).repeat_interleave(n)
+        return self.expert_rows(x.repeat(E, 1), ids).reshape(E, n, -1)
 
     def per_expert_tensors(self, family: Family) -> list[tuple[nn.Module, str, int]]:
         """(module, dotted name, expert axis) of every tensor outside the experts with one entry per expert: the

@@ -18,11 +18,6 @@ from .similarity import SIMILARITIES, weight_representation
 from .stats import LayerStats
 
 
-def expert_output(layer: MoeLayer, x: torch.Tensor, expert: int) -> torch.Tensor:
-    """E_i(x) for every row of x [n, d], through the model's own experts module (weight 1, no routing)."""
-    return layer.expert(x, expert)
-
-
 def probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     """The router's scores of its logits (float64): softmax, sigmoid or sqrt(softplus) (discover.SCORINGS)."""
     return SCORINGS[scoring](logits.double())
@@ -114,10 +109,10 @@ class Observer:
         for scoring, total in self.prob_sums.items():
             total += probabilities(logits, scoring)[:, :E].sum(0).cpu()
         self.weight_sum.index_add_(0, chosen, chosen_w)
-        for e in chosen.unique().tolist():
-            tok, slot = torch.where(indices == e)
-            norms = expert_output(self.layer, x[tok], e).double().norm(dim=-1)
-            self.reap_sum[e] += (weights[tok, slot].double() * norms).sum().cpu()
+        tok, slot = torch.where(real)                  # every (token, chosen expert): one call of the experts
+        ids = indices[tok, slot]
+        norms = self.layer.expert_rows(x[tok], ids).double().norm(dim=-1)
+        self.reap_sum.index_add_(0, ids.cpu(), (weights[tok, slot].double() * norms).cpu())
         # the seeded sample of tokens that falls into this batch
         lo, hi = self.offset, self.offset + x.shape[0]
         local = self.sample_positions[(self.sample_positions >= lo) & (self.sample_positions < hi)] - lo
@@ -130,10 +125,7 @@ class Observer:
             self.logits.append(logits[local.to(x.device)].float().cpu())
             self.chosen.append((weights[local.to(x.device)].cpu(), indices[local.to(x.device)].cpu()))
             if self.expert_outputs:     # every expert on every sample token: E / top-k times the routed compute
-                out = torch.empty((E, *xs.shape), dtype=torch.float32)
-                for e in range(E):
-                    out[e] = expert_output(self.layer, xs, e)
-                self.outputs.append(out)
+                self.outputs.append(self.layer.every_expert(xs).float().cpu())
         self.offset = hi
         self.tokens += x.shape[0]
 

@@ -82,8 +82,7 @@ def _distance(layer: MoeLayer, ls: LayerStats, chunk: int = 64) -> torch.Tensor:
         return output_distance(ls.outputs.split(chunk, dim=1))
     p = next(layer.experts.parameters())
     xs = ls.inputs.to(p.device, p.dtype).split(chunk)
-    return output_distance(torch.stack([layer.expert(x, e).float().cpu() for e in range(layer.num_experts)])
-                           for x in xs)
+    return output_distance(layer.every_expert(x).float().cpu() for x in xs)
 
 
 def hash_slots(layer: MoeLayer, lp: LayerPlan, ls: LayerStats | None) -> list[int] | None:
