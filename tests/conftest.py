@@ -84,6 +84,37 @@ def pruned_copy(model, plan, stats=None):
     return pruned
 
 
+def block_inputs(model, ids) -> dict[int, torch.Tensor]:
+    """{MoE layer index: the [n, d] hidden states its MoE block receives in the model's own forward on ids}."""
+    seen = {}
+    layers = moe_layout(model).layers
+    handles = [m.block.register_forward_pre_hook(lambda mod, args, i=m.index: seen.__setitem__(i, args[0]))
+               for m in layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: x.reshape(-1, x.shape[-1]) for i, x in seen.items()}
+
+
+def check_standard_and_keep_all(model, pruned, ids) -> None:
+    """The pruned model is standard: built afresh from its config, it loads its state and gives its logits; and a
+    plan that keeps every expert gives the model's own logits, bit for bit."""
+    import copy
+
+    from moeprune.plan import LayerPlan, Plan
+    fresh = type(model)(copy.deepcopy(pruned.config)).eval()
+    fresh.load_state_dict(pruned.state_dict())
+    layers = moe_layout(model).layers
+    E = layers[0].num_experts
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, fresh(ids).logits, atol=1e-6)
+        keep_all = pruned_copy(model, Plan("test", {}, {m.index: LayerPlan.selection(E, range(E)) for m in layers}))
+        assert torch.equal(keep_all(ids).logits, model(ids).logits)
+
+
 def hand_set_router(model, logits: dict[int, float]):
     """Every router scores expert e as logits[e] * x0 (x0 > 0 is the constant coordinate of pin_routing)
     and every other expert 0, so routing is known by hand for every token."""

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calibrated, pruned_copy
+from conftest import block_inputs, calibrated, check_standard_and_keep_all, pruned_copy
 from conftest import token_rows as tokens
 
 import moeprune.methods  # noqa: F401  registers the methods
@@ -75,16 +75,10 @@ def test_statistics_see_the_models_own_forward():
     model = inkling()
     ids = tokens()
     layout, stats = calibrated(model, ids)
-    seen = {}
-    handles = [m.block.register_forward_pre_hook(lambda mod, args, i=m.index: seen.__setitem__(i, args[0]))
-               for m in layout.layers]
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for h in handles:
-        h.remove()
+    seen = block_inputs(model, ids)
     for m in layout.layers:
         ls = stats.layers[m.index]
-        x = seen[m.index].reshape(-1, seen[m.index].shape[-1])
+        x = seen[m.index]
         assert torch.allclose(ls.inputs, x, atol=1e-5), m.index
         with torch.no_grad():
             logits, w, i, gammas = m.router(x)
@@ -122,14 +116,7 @@ def test_pruned_router_keeps_the_shared_rows():
     assert (after.gate.num_experts, after.gate.n_total_experts, after.gate.n_shared_experts,
             after.experts.num_experts) == (6, 7, S, 6)
     assert (pruned.config.n_routed_experts, pruned.config.n_shared_experts) == (6, S)
-    fresh = type(model)(copy.deepcopy(pruned.config)).eval()
-    fresh.load_state_dict(pruned.state_dict())
-    ids = tokens(1, seed=3)
-    with torch.no_grad():
-        assert torch.allclose(pruned(ids).logits, fresh(ids).logits, atol=1e-6)
-        keep_all = pruned_copy(model, Plan("test", {}, {m.index: LayerPlan.selection(E, range(E))
-                                                         for m in moe_layout(model).layers}))
-        assert torch.equal(keep_all(ids).logits, model(ids).logits)
+    check_standard_and_keep_all(model, pruned, tokens(1, seed=3))
 
 
 def test_replayed_routing_and_naee_are_the_pruned_blocks():

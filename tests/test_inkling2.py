@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calibrated, pruned_copy
+from conftest import block_inputs, calibrated, pruned_copy
 from conftest import token_rows as tokens
 
 import moeprune.methods  # noqa: F401  registers the methods
@@ -53,16 +53,9 @@ def test_statistics_see_the_models_own_layer_inputs():
     model = inkling2()
     ids = tokens()
     layout, stats = calibrated(model, ids)
-    seen = {}
-    handles = [m.block.register_forward_pre_hook(lambda mod, args, i=m.index: seen.__setitem__(i, args[0]))
-               for m in layout.layers]
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for h in handles:
-        h.remove()
+    seen = block_inputs(model, ids)
     for m in layout.layers:
-        x = seen[m.index].reshape(-1, seen[m.index].shape[-1])
-        assert torch.allclose(stats.layers[m.index].inputs, x, atol=1e-5), m.index
+        assert torch.allclose(stats.layers[m.index].inputs, seen[m.index], atol=1e-5), m.index
 
 
 def test_naee_error_is_the_pruned_blocks():

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calibrated, pruned_copy
+from conftest import calibrated, check_standard_and_keep_all, pruned_copy
 from conftest import token_rows as tokens
 
 import moeprune.methods  # noqa: F401  registers the methods
@@ -113,14 +113,7 @@ def test_pruned_router_keeps_the_identity_rows():
     assert (after.router.n_routed_experts, after.router.num_experts, after.num_routed_experts,
             after.experts.num_experts, after.zero_expert_num) == (len(KEPT) + Z, len(KEPT), len(KEPT), len(KEPT), Z)
     assert (pruned.config.n_routed_experts, pruned.config.zero_expert_num) == (len(KEPT), Z)
-    fresh = type(model)(copy.deepcopy(pruned.config)).eval()
-    fresh.load_state_dict(pruned.state_dict())
-    ids = tokens(1, seed=3)
-    with torch.no_grad():
-        assert torch.allclose(pruned(ids).logits, fresh(ids).logits, atol=1e-6)
-        keep_all = pruned_copy(model, Plan("test", {}, {m.index: LayerPlan.selection(E, range(E))
-                                                         for m in moe_layout(model).layers}))
-        assert torch.equal(keep_all(ids).logits, model(ids).logits)
+    check_standard_and_keep_all(model, pruned, tokens(1, seed=3))
 
 
 def test_replayed_routing_and_naee_are_the_pruned_blocks():
