@@ -401,8 +401,14 @@ def test_dequantize_writes_bf16_without_quantization_config(case, folders, tmp_p
     source = CheckpointSource(src, "cpu", torch.float32)          # the output's size, known from the headers
     assert hub.output_bytes(source, source.layout, 5, dequantize=True) == sum(t.nbytes for t in got.tensors.values())
     assert hub.output_bytes(source, source.layout, 5) < Checkpoint(src).total_bytes()
+    assert_is_the_plan_applied(src, out, result.plan)
+
+
+def assert_is_the_plan_applied(src, out, plan) -> None:
+    """The bf16 output `out` is, tensor for tensor, the input `src` loaded by transformers in bf16 (dequantized)
+    with `plan` applied in memory."""
     reference = _load(src, torch.bfloat16)
-    apply_plan(reference, moe_layout(reference), result.plan)
+    apply_plan(reference, moe_layout(reference), plan)
     pruned, state = _load(out, torch.bfloat16), reference.state_dict()
     for name, t in pruned.state_dict().items():
         assert torch.equal(t, state[name]), name

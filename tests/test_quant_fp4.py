@@ -24,7 +24,8 @@ import test_layer_inputs
 import torch
 from conftest import char_tokenizer_files
 from safetensors.torch import save_file
-from test_quant import PRUNE, _ids, _load, _merged_value, _reference_fp4_codes, _same_bytes
+from test_quant import (PRUNE, _ids, _load, _merged_value, _reference_fp4_codes, _same_bytes,
+                        assert_is_the_plan_applied)
 
 from moeprune import quant as Q
 from moeprune.arch import MoePruneError, moe_layout
@@ -283,11 +284,7 @@ def test_dequantize_writes_bf16_without_quantization_config_or_expert_dtype(v4, 
     assert got.info("layers.0.ffn.experts.0.w1.weight").shape == (32, 64)
     source = CheckpointSource(v4, "cpu", torch.float32)             # the output's size, known from the headers
     assert output_bytes(source, source.layout, 3, dequantize=True) == sum(t.nbytes for t in got.tensors.values())
-    reference = _load(v4, torch.bfloat16)
-    apply_plan(reference, moe_layout(reference), result.plan)
-    pruned, state = _load(out, torch.bfloat16), reference.state_dict()
-    for name, t in pruned.state_dict().items():
-        assert torch.equal(t, state[name]), name
+    assert_is_the_plan_applied(v4, out, result.plan)
 
 
 def test_quantized_multi_token_prediction_tensors_are_left_out(v4, tmp_path):
