@@ -332,8 +332,9 @@ def test_selection_keeps_the_kept_experts_bytes_and_loads_with_the_same_logits(c
         assert torch.equal(pruned(_ids()).logits, reference(_ids()).logits)
 
 
-@pytest.mark.parametrize("case", [f"{f}-{s}" for f, s in CASES])
-def test_merged_experts_are_quantized_again_with_their_errors_recorded(case, folders, tmp_path, monkeypatch):
+def merged_prune(src, out, keep: int, monkeypatch):
+    """diverse at `keep` from `src` into `out`, recording the writer: (writer, plan, merged (layer, slot) pairs,
+    the slots of one expert)."""
     from moeprune import api, hub
     writers = []
 
@@ -342,12 +343,18 @@ def test_merged_experts_are_quantized_again_with_their_errors_recorded(case, fol
             super().__init__(*args, **kwargs)
             writers.append(self)
     monkeypatch.setattr(api, "CheckpointWriter", Recording)
-    src, out = folders[case], tmp_path / "out"
-    api.prune(api.PruneConfig(model=str(src), method="diverse", keep=5, out=str(out), calib="random", samples=2,
+    api.prune(api.PruneConfig(model=str(src), method="diverse", keep=keep, out=str(out), calib="random", samples=2,
                               seq_len=16, quiet=True, no_eval=True))
-    writer, plan = writers[0], Plan.load(out / "plan.json")
+    plan = Plan.load(out / "plan.json")
     merged = {(i, j) for i, lp in plan.layers.items() for j, g in enumerate(lp.groups) if len(g) > 1}
     single = {(i, j) for i, lp in plan.layers.items() for j, g in enumerate(lp.groups) if len(g) == 1}
+    return writers[0], plan, merged, single
+
+
+@pytest.mark.parametrize("case", [f"{f}-{s}" for f, s in CASES])
+def test_merged_experts_are_quantized_again_with_their_errors_recorded(case, folders, tmp_path, monkeypatch):
+    src, out = folders[case], tmp_path / "out"
+    writer, plan, merged, single = merged_prune(src, out, 5, monkeypatch)
     assert merged and set(writer.quantization_errors) == {f"layers.{i}.experts.{j}" for i, j in merged}
     bound = 0.05 if case.endswith("fp8") else 0.2
     assert writer.copied_experts == len(single) * (3 if case.endswith("fp8") else 2)    # gate, up, down / gate_up, down

@@ -25,7 +25,7 @@ import torch
 from conftest import char_tokenizer_files
 from safetensors.torch import save_file
 from test_quant import (PRUNE, _ids, _load, _merged_value, _reference_fp4_codes, _same_bytes,
-                        assert_is_the_plan_applied)
+                        assert_is_the_plan_applied, merged_prune)
 
 from moeprune import quant as Q
 from moeprune.arch import MoePruneError, moe_layout
@@ -232,20 +232,8 @@ def test_merged_fp4_experts_are_quantized_again_with_their_errors_recorded(v4, t
     """A merge (diverse, 4 -> 2) writes each merged expert as FP4 with fresh e8m0 scales (MXFP4's rounding), an
     expert of one as the input's bytes; the report holds each merged expert's quantization error, which is the
     stored tensor's against the unquantized merge; transformers loads the output."""
-    from moeprune import api, hub
-    writers = []
-
-    class Recording(hub.CheckpointWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            writers.append(self)
-    monkeypatch.setattr(api, "CheckpointWriter", Recording)
     out = tmp_path / "out"
-    api.prune(api.PruneConfig(model=str(v4), method="diverse", keep=2, out=str(out), calib="random", samples=2,
-                              seq_len=16, quiet=True, no_eval=True))
-    writer, plan = writers[0], Plan.load(out / "plan.json")
-    merged = {(i, j) for i, lp in plan.layers.items() for j, g in enumerate(lp.groups) if len(g) > 1}
-    single = {(i, j) for i, lp in plan.layers.items() for j, g in enumerate(lp.groups) if len(g) == 1}
+    writer, plan, merged, single = merged_prune(v4, out, 2, monkeypatch)
     assert merged and set(writer.quantization_errors) == {f"layers.{i}.experts.{j}" for i, j in merged}
     assert all(0 < err < 0.2 for err in writer.quantization_errors.values()), writer.quantization_errors
     assert writer.copied_experts == 3 * len(single)                                          # w1, w2, w3
