@@ -24,12 +24,14 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeprune.shards import tensor_bytes
 
 GIB = 2**30
 COMMON = {"attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
@@ -122,22 +124,32 @@ def random_chunks(name: str, numel: int, dtype: torch.dtype, seed: int, chunk: i
         yield buf[:min(chunk, numel - start)].normal_(0.0, 0.02, generator=gen).to(dtype)
 
 
-def write_shard(path: Path, shard: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int,
-                bar: tqdm) -> None:
-    """A safetensors file written piece by piece (header, then each tensor's bytes), so no tensor is held whole."""
+# a tensor to write: its name, safetensors dtype, shape, and a function giving its bytes as tensors, piece by piece
+Entry = tuple[str, str, tuple[int, ...], Callable[[], Iterator[torch.Tensor]]]
+
+
+def write_shard(path: Path, entries: list[Entry], progress: Callable[[int], object] = lambda n: None) -> int:
+    """A safetensors file written piece by piece (header, then each tensor's bytes), so no tensor is held whole;
+    `progress(bytes)` after each piece. Returns its tensor bytes."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shard:
-        end = offset + math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+    for name, dtype, shape, _ in entries:
+        end = offset + tensor_bytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)       # the tensor data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape in shard:
-            for piece in random_chunks(name, math.prod(shape), dtype, seed):
+        for name, dtype, shape, produce in entries:
+            written = 0
+            for piece in produce():
+                piece = piece.contiguous()
                 f.write(piece.view(torch.uint8).numpy().data)
-                bar.update(piece.nbytes)
+                written += piece.nbytes
+                progress(piece.nbytes)
+            if written != tensor_bytes(dtype, shape):
+                raise AssertionError(f"{name}: wrote {written} bytes, its header says {tensor_bytes(dtype, shape)}")
+    return offset
 
 
 def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int,
@@ -181,7 +193,10 @@ def make_checkpoint(shape: str, out_dir: str | Path, dtype: str = "bfloat16", sh
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=shape) as bar:
         for k, shard in enumerate(shards, 1):
             file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            write_shard(out / file, shard, torch_dtype, seed, bar)
+            write_shard(out / file, [(name, SAFETENSORS_DTYPES[torch_dtype], shape,
+                                      lambda name=name, shape=shape: random_chunks(name, math.prod(shape), torch_dtype,
+                                                                                   seed))
+                                     for name, shape in shard], bar.update)
             weight_map.update({name: file for name, _ in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -29,20 +29,19 @@ import json
 import math
 import re
 import shutil
-import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from benchmarks.make_checkpoint import random_chunks
+from benchmarks.make_checkpoint import Entry, random_chunks, write_shard
 from moeprune import quant as Q
 from moeprune.hubmap import HubMap
-from moeprune.shards import DTYPE_NAMES, INDEX
+from moeprune.shards import DTYPE_NAMES, INDEX, tensor_bytes
 
 GIB = 2**30
 CONFIG = {   # deepseek-ai/DeepSeek-V4-Flash config.json (num_hidden_layers, compress_ratios: see flash_config)
@@ -66,7 +65,6 @@ FP8_LINEAR = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)\.weigh
 FP4_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
 FLOAT32 = re.compile(r"(^|\.)hc_|attn_sink$|\.gate\.bias$|\.ape$")
 FP4_SCALES = (127 - 8, 127 - 6)                 # e8m0 bytes drawn from [lo, hi): 2^-8 or 2^-7
-Entry = tuple[str, str, tuple[int, ...], Callable[[], Iterator[torch.Tensor]]]   # name, dtype, shape, bytes
 
 
 def flash_config(layers: int | None) -> dict:
@@ -136,31 +134,6 @@ def stored_entries(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: 
     return [(name, DTYPE_NAMES[target], shape, lambda: random_chunks(name, numel, target, seed))]
 
 
-def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * {"I8": 1, "F8_E8M0": 1, "F8_E4M3": 1, "BF16": 2, "F32": 4, "I64": 8}[dtype]
-
-
-def write_shard(path: Path, entries: list[Entry]) -> int:
-    """A safetensors file written tensor by tensor; returns its tensor bytes."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape, _ in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes(dtype, shape)]}
-        offset += nbytes(dtype, shape)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, dtype, shape, produce in entries:
-            written = 0
-            for piece in produce():
-                piece = piece.contiguous()
-                f.write(piece.view(torch.uint8).numpy().data)
-                written += piece.nbytes
-            if written != nbytes(dtype, shape):
-                raise AssertionError(f"{name}: wrote {written} bytes, its header says {nbytes(dtype, shape)}")
-    return offset
-
-
 def shard_of(name: str) -> str:
     m = re.match(r"layers\.(\d+)\.", name)
     return f"layer-{int(m.group(1)):03d}" if m else ("embed" if name.startswith("embed.") else "head")
@@ -177,7 +150,7 @@ def make(out: Path, layers: int | None, seed: int) -> dict:
     for name, shape, dtype in plain_tensors(out):
         groups.setdefault(shard_of(name), []).extend(stored_entries(name, shape, dtype, seed))
     order = ["embed", *sorted(g for g in groups if g.startswith("layer-")), "head"]
-    total = sum(nbytes(d, s) for g in order for _, d, s, _ in groups[g])
+    total = sum(tensor_bytes(d, s) for g in order for _, d, s, _ in groups[g])
     free = shutil.disk_usage(out).free
     if free < total + 2 * GIB:
         shutil.rmtree(out)
