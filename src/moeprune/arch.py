@@ -270,19 +270,18 @@ class MoeLayer:
         """E_ids[m](x[m]) for every row m of x [m, d]: each row through its own expert, in one call of the model's
         experts module (each row routed to its expert alone with weight 1), so that many experts' outputs cost one
         dispatch, not one per expert (256 per chunk for DeepSeek-V4)."""
-        if self.family is not None and self.family.expert_fn is not None:
-            out = torch.empty((x.shape[0], self.output_width(x)), dtype=x.dtype, device=x.device)
-            for e in ids.unique().tolist():
-                rows = (ids == e).nonzero().flatten()
-                out[rows] = self.family.expert_fn(self.experts, x[rows], e).reshape(rows.numel(), -1)
-            return out
         m = x.shape[0]
-        # [m, d] (DBRX's experts return [m, 1, d] for a 2-D input)
-        return self.experts(x, ids.reshape(m, 1), torch.ones((m, 1), dtype=x.dtype, device=x.device)).reshape(m, -1)
-
-    def output_width(self, x: torch.Tensor) -> int:
-        """The width of an expert's output (the hidden size), from one row through expert 0."""
-        return self.family.expert_fn(self.experts, x[:1], 0).reshape(1, -1).shape[1]
+        if self.family is None or self.family.expert_fn is None:
+            # [m, d] (DBRX's experts return [m, 1, d] for a 2-D input)
+            return self.experts(x, ids.reshape(m, 1), torch.ones((m, 1), dtype=x.dtype, device=x.device)).reshape(m, -1)
+        parts = []                                   # an entry's own expert function: one expert at a time
+        for e in ids.unique().tolist():
+            rows = (ids == e).nonzero().flatten()
+            parts.append((rows, self.family.expert_fn(self.experts, x[rows], e).reshape(rows.numel(), -1)))
+        out = x.new_empty((m, parts[0][1].shape[1] if parts else x.shape[1]))
+        for rows, y in parts:
+            out[rows] = y
+        return out
 
     def every_expert(self, x: torch.Tensor) -> torch.Tensor:
         """[E, n, d]: every expert on every row of x [n, d], in one call (expert_rows)."""

@@ -199,8 +199,9 @@ def _record(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, as
         heads = set()
     inside = {id(m) for layer in layers for m in layer.modules()} | {id(layers)}
     base = text_model(model)
-    others = [(f"{name}", m) for name, m in base.named_modules() if name and id(m) not in inside]
-    others += [(name, m) for name, m in model.named_modules() if id(m) in heads and m not in dict(others).values()]
+    others = [(name, m) for name, m in base.named_modules() if name and id(m) not in inside]
+    seen = {id(m) for _, m in others}                   # lm_head lies outside the base model
+    others += [(name, m) for name, m in model.named_modules() if id(m) in heads and id(m) not in seen]
     saved = []
     try:
         for i, layer in enumerate(layers):

@@ -174,17 +174,18 @@ class CheckpointSource(ModelSource):
         """Load `module`'s parameters and persistent buffers from the shards, in the compute dtype: each assembled
         from its file tensors (fused experts expert by expert, straight into the compute dtype)."""
         skeleton = {prefix + k: v for k, v in module.state_dict().items()}
-        expected = {k: tuple(v.shape) for k, v in skeleton.items()}
-        tensors = {k: self.hub.to_module(k, expected[k], self._read, self._dtype_of(v)) for k, v in skeleton.items()}
-        check_shapes(expected, tensors, str(self.ckpt.folder))
-        state = {k[len(prefix):]: t.to(self.device, self._dtype_of(skeleton[k]) if t.is_floating_point() else t.dtype)
-                 for k, t in tensors.items()}
+        tensors = {k: self._read_as(k, v) for k, v in skeleton.items()}
+        check_shapes({k: tuple(v.shape) for k, v in skeleton.items()}, tensors, str(self.ckpt.folder))
+        state = {k[len(prefix):]: t for k, t in tensors.items()}
         module.load_state_dict(state, assign=True, strict=True)
 
-    def _dtype_of(self, skeleton: torch.Tensor) -> torch.dtype:
-        """The dtype a tensor is read into: the compute dtype, except a float32 tensor the module declares so
-        whatever the model's dtype (DeepSeek-V4's gate bias, routers' correction biases), as transformers keeps it."""
-        return torch.float32 if skeleton.dtype == torch.float32 else self.dtype
+    def _read_as(self, name: str, skeleton: torch.Tensor) -> torch.Tensor:
+        """The module tensor `name`, assembled from its file tensors, on the device: floating ones in the compute
+        dtype, except a float32 tensor the module declares so whatever the model's dtype (DeepSeek-V4's gate bias,
+        routers' correction biases), as transformers keeps it."""
+        dtype = torch.float32 if skeleton.dtype == torch.float32 else self.dtype
+        t = self.hub.to_module(name, tuple(skeleton.shape), self._read, dtype)
+        return t.to(self.device, dtype if t.is_floating_point() else t.dtype)
 
     def layer(self, i: int) -> nn.Module:
         layer = decoder_layers(self.model)[i]
@@ -225,8 +226,7 @@ class CheckpointSource(ModelSource):
                 base._buffers[n] = value
         try:
             for n, t in own.items():
-                value = self.hub.to_module(self.prefix(base) + n, tuple(t.shape), self._read, self._dtype_of(t))
-                put(n, value.to(self.device, self._dtype_of(t) if value.is_floating_point() else value.dtype))
+                put(n, self._read_as(self.prefix(base) + n, t))
             yield
         finally:
             for n, t in own.items():
